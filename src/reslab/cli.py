@@ -1,0 +1,119 @@
+"""The `reslab` command line. Each subcommand parses its flags into plain values and calls library
+functions; a user error is printed as one line (`reslab: error: ...`) with exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3f}{unit}" if unit == "G" else f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    cells = [[str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+# ---------------------------------------------------------------- models / info
+def cmd_models(a) -> int:
+    from .complexity import count_macs, count_params
+    from .zoo import create_model, list_models
+    rows = []
+    for name in list_models():
+        m = create_model(name)
+        c = m.cfg
+        rows.append(dict(name=name, family=c.family, depth=c.depth, block=c.block,
+                         shortcut=c.shortcut if c.residual else "none",
+                         stride=c.stride_variant, params=count_params(m), macs=count_macs(m)))
+    if a.json:
+        print_json(rows)
+    else:
+        for r in rows:
+            r["params"], r["macs"] = _fmt_count(r["params"]), _fmt_count(r["macs"])
+        print_table(rows, ["name", "family", "depth", "block", "shortcut", "stride", "params", "macs"])
+        print("\nMACs: forward multiply-adds per image at 32x32 (cifar) or 224x224 (imagenet), counted by "
+              "torch.utils.flop_counter. Any CIFAR depth 6n+2 also works: resnet26, plain74, ...")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .complexity import describe
+    from .zoo import create_model
+    overrides = {"shortcut": a.shortcut, "stride_in_1x1": False if a.v15 else None,
+                 "num_classes": a.num_classes}
+    if a.input_size is not None and a.input_size < 8:
+        raise ValueError(f"--input-size must be at least 8 pixels, got {a.input_size}")
+    d = describe(create_model(a.name, **overrides), a.input_size)
+    if a.json:
+        print_json(d)
+        return 0
+    print(f"{d['name']}: {d['family']} family, depth {d['depth']} ({d['layers_weighted']} weighted layers), "
+          f"{d['block']} blocks {d['layers']}, shortcut {d['shortcut']}, stride variant {d['stride_variant']}")
+    print(f"  residual={d['residual']} preact={d['preact']} relu_after_add={d['relu_after_add']} "
+          f"width={d['width']} classes={d['num_classes']} in_channels={d['in_channels']}")
+    print(f"  params {d['params']:,} ({_fmt_count(d['params'])})")
+    print(f"  MACs   {d['macs']:,} ({_fmt_count(d['macs'])}) at {d['input_size']}x{d['input_size']}")
+    print("  output shapes (C, H, W):")
+    for k, v in d["stage_shapes"].items():
+        print(f"    {k:<7} {tuple(v)}")
+    return 0
+
+
+def _register_zoo(sub) -> None:
+    p = sub.add_parser("models", help="table of the model zoo")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("info", help="layers, params, MACs and stage shapes of one model")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--input-size", type=int, default=None, help="square input side (default 32 / 224)")
+    p.add_argument("--shortcut", default=None, help="shortcut option A, B or C (paper §3.3)")
+    p.add_argument("--v1.5", dest="v15", action="store_true",
+                   help="bottleneck stride on the 3x3 (torchvision) instead of the first 1x1 (paper v1)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.set_defaults(func=cmd_info)
+
+
+REGISTER = [_register_zoo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reslab", description="ResNets as the paper defines them: "
+                                "build, train, evaluate, reproduce.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in REGISTER:
+        register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import ReslabError
+    a = build_parser().parse_args(argv)
+    try:
+        return int(a.func(a) or 0)
+    except (ReslabError, ValueError, FileNotFoundError) as e:
+        text = str(e).strip() or type(e).__name__
+        print(f"reslab: error: {' '.join(text.split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("reslab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The command line: JSON contracts and one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from reslab.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "reslab", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_json_resnet110_and_resnet50(capsys):
+    assert main(["info", "resnet110", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["name"] == "resnet110" and d["params"] == 1_727_962
+    assert abs(d["macs"] - 252.89e6) / 252.89e6 < 1e-3
+    assert main(["info", "resnet50", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert abs(d["macs"] - 3.858e9) / 3.858e9 < 1e-3 and d["stride_variant"] == "v1"
+    assert main(["info", "resnet50", "--json", "--v1.5", "--shortcut", "C", "--input-size", "160"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["stride_variant"] == "v1.5" and d["shortcut"] == "C" and d["input_size"] == 160
+
+
+def test_info_text_shows_stage_shapes(capsys):
+    assert main(["info", "resnet20"]) == 0
+    out = capsys.readouterr().out
+    assert "(64, 8, 8)" in out and "269,722" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["info", "resnet21"], "resnet20"),
+    (["info", "resnet22"], "6n+2"),
+    (["info", "resnet20", "--shortcut", "D"], "A, B, C"),
+])
+def test_cli_errors_are_one_line_and_nonzero(args, needle):
+    r = run_cli(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reslab: error:") and needle in lines[0]
+    assert "Traceback" not in r.stderr
