@@ -89,7 +89,41 @@ def _register_zoo(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
-REGISTER = [_register_zoo]
+# ---------------------------------------------------------------- data
+def cmd_data_info(a) -> int:
+    if a.data == "folder":
+        from .data.folder import info
+        if not a.data_dir:
+            raise ValueError("--data folder needs --data-dir pointing at a folder with train/ and val/")
+        d = info(a.data_dir)
+    else:
+        from .data.cifar import info
+        d = info(a.data, a.data_dir)
+    if a.json:
+        print_json(d)
+        return 0
+    print(f"{d['dataset']} from {d['source']}")
+    print(f"  train {d['train']:,}  test {d['test']:,}  classes {len(d['classes'])}  image {tuple(d['image_shape'])}")
+    print(f"  mean pixel (RGB, [0,1]) {d['mean_pixel']}")
+    per = d["train_per_class"]
+    print(f"  train per class: min {min(per):,} max {max(per):,}")
+    ok = d["checksum_official"]
+    print("  checksum: " + ("official" if ok else "n/a (folder)" if ok is None else "differs from the official files"))
+    return 0
+
+
+def _register_data(sub) -> None:
+    p = sub.add_parser("data", help="datasets: sizes, classes, checksums")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = dsub.add_parser("info", help="sizes of each split, per-class counts, shape, mean pixel, checksum")
+    q.add_argument("--data", choices=["cifar10", "cifar100", "folder"], default="cifar10")
+    q.add_argument("--data-dir", default=None, help="archive, extracted folder, or ImageNet-style root "
+                   "(default: $RESLAB_DATA, else download)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_data_info)
+
+
+REGISTER = [_register_zoo, _register_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,60 @@
+"""Input normalisation, saved with every run so that evaluation uses exactly what training used.
+
+  "pixel"   (the paper): subtract the per-pixel mean image of the training split in use; std 1
+  "channel" (an option): subtract the per-channel mean and divide by the per-channel std
+Images are scaled to [0, 1] first. Stored as two tensors, so a checkpoint holding one still loads with
+torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("pixel", "channel")
+
+
+@dataclass
+class Normalizer:
+    mode: str
+    mean: torch.Tensor      # (C, H, W) for "pixel", (C, 1, 1) for "channel"; in [0, 1] units
+    std: torch.Tensor       # (C, 1, 1)
+
+    @classmethod
+    def fit(cls, images_uint8: torch.Tensor, mode: str = "pixel") -> "Normalizer":
+        """Statistics of (N, C, H, W) uint8 training images, accumulated in float64 chunks."""
+        if mode not in MODES:
+            raise ValueError(f"unknown normalisation {mode!r}; valid choices: {', '.join(MODES)}")
+        n, c = images_uint8.shape[:2]
+        total = torch.zeros(images_uint8.shape[1:], dtype=torch.float64)
+        sq = torch.zeros(c, dtype=torch.float64)
+        for chunk in images_uint8.split(4096):
+            f = chunk.to(torch.float64) / 255
+            total += f.sum(0)
+            sq += f.square().sum((0, 2, 3))
+        mean_img = total / n
+        if mode == "pixel":
+            return cls(mode, mean_img.float(), torch.ones(c, 1, 1))
+        mean_c = mean_img.mean((1, 2))
+        var_c = sq / (n * images_uint8.shape[2] * images_uint8.shape[3]) - mean_c.square()
+        return cls(mode, mean_c.float().view(c, 1, 1), var_c.clamp_min(1e-12).sqrt().float().view(c, 1, 1))
+
+    def mean_at(self, h: int, w: int) -> torch.Tensor:
+        """The mean at another resolution (for multi-scale tests): the mean image resized bilinearly."""
+        if self.mean.shape[1:] in ((1, 1), (h, w)):
+            return self.mean
+        return F.interpolate(self.mean[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+
+    def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> normalised float32."""
+        x = x_uint8.float().div_(255)
+        mean = self.mean_at(*x.shape[-2:]).to(x.device)
+        return x.sub_(mean).div_(self.std.to(x.device))
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "mean": self.mean.cpu(), "std": self.std.cpu()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "Normalizer":
+        return cls(d["mode"], torch.as_tensor(d["mean"]), torch.as_tensor(d["std"]))

@@ -1,0 +1,205 @@
+"""The data layer: official formats, safety, splits, the resident loader, folders and views."""
+import hashlib
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from reslab.data import Normalizer, ResidentLoader, cifar
+from reslab.data import folder as fold
+from reslab.data.safe_pickle import load_batch
+from reslab.errors import ReslabError
+
+from conftest import SHARED_CIFAR, make_cifar_archive, make_cifar_batches
+
+
+def test_archive_is_extracted_into_the_cache_not_the_source(cifar_dir, capsys):
+    loc = cifar.locate("cifar10", cifar_dir)
+    assert not loc.official and "differs from the official" in capsys.readouterr().err
+    assert str(loc.folder).startswith(str(cifar.cache_dir()))
+    assert sorted(p.name for p in cifar_dir.iterdir()) == ["cifar-10-python.tar.gz"]
+    tr, te = cifar.load("cifar10", "train", located=loc), cifar.load("cifar10", "test", located=loc)
+    assert tr.images.shape == (500, 3, 32, 32) and tr.images.dtype == torch.uint8 and len(te) == 100
+    assert tr.classes[0] == "class0"
+
+
+def test_extracted_folder_and_archive_path_are_accepted(tmp_path):
+    folder = make_cifar_batches(tmp_path / "cifar-10-batches-py")
+    assert cifar.locate("cifar10", tmp_path).folder == folder
+    assert cifar.locate("cifar10", folder).folder == folder
+    arch = make_cifar_archive(tmp_path / "elsewhere" / "my.tar.gz")
+    assert len(cifar.load("cifar10", "test", arch)) == 100
+
+
+def test_download_checks_the_md5(tmp_path, monkeypatch):
+    arch = make_cifar_archive(tmp_path / "srv" / "cifar-10-python.tar.gz")
+    good = hashlib.md5(arch.read_bytes()).hexdigest()
+    spec = cifar.SPECS["cifar10"]
+    got = cifar.download(spec, url=arch.as_uri(), expected_md5=good)
+    assert got.is_file() and got.parent == cifar.cache_dir() / "downloads"
+    got.unlink()
+    with pytest.raises(ReslabError, match="refusing"):
+        cifar.download(spec, url=arch.as_uri(), expected_md5="0" * 32)
+    assert not (cifar.cache_dir() / "downloads" / spec.archive).exists()
+
+
+def test_malicious_pickle_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "data_batch_1"
+    bad.write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(ReslabError, match="not allowed"):
+        load_batch(bad)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "shape"])
+def test_corrupt_batches_name_the_file(tmp_path, damage):
+    folder = make_cifar_batches(tmp_path / "cifar-10-batches-py")
+    f = folder / "data_batch_3"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:1000])
+    elif damage == "garbage":
+        f.write_bytes(b"\x00not a pickle at all")
+    else:
+        f.write_bytes(pickle.dumps({b"data": np.zeros((5, 100), np.uint8), b"labels": [0] * 5}, protocol=2))
+    with pytest.raises(ReslabError, match="data_batch_3"):
+        cifar.load("cifar10", "train", folder)
+
+
+def test_corrupt_archive_is_an_error(tmp_path):
+    arch = make_cifar_archive(tmp_path / "cifar-10-python.tar.gz")
+    arch.write_bytes(arch.read_bytes()[: arch.stat().st_size // 2])
+    with pytest.raises(ReslabError, match="corrupt or truncated"):
+        cifar.locate("cifar10", tmp_path)
+
+
+def test_45k_5k_split_is_deterministic_balanced_and_disjoint():
+    labels = np.repeat(np.arange(10), 5000)
+    np.random.default_rng(0).shuffle(labels)
+    tr, va = cifar.val_split_indices(labels, 10)
+    assert len(tr) == 45000 and len(va) == 5000 and not set(tr) & set(va)
+    assert np.bincount(labels[va]).tolist() == [500] * 10
+    tr2, va2 = cifar.val_split_indices(labels, 10)
+    assert np.array_equal(va, va2)
+
+
+def _loader(n=100, batch=16, **kw):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.arange(n)
+    return ResidentLoader(x, y, batch, Normalizer.fit(x), **kw), x
+
+
+def test_train_epoch_sees_each_example_once_and_reshuffles():
+    L, _ = _loader(train=True, seed=3)
+    assert len(L) == 100 // 16  # last partial batch dropped in training
+    e0 = torch.cat([y for _, y in L])
+    e1 = torch.cat([y for _, y in L])
+    assert len(e0) == 96 and len(set(e0.tolist())) == 96 and not torch.equal(e0, e1)
+    L2, _ = _loader(train=True, seed=3, drop_last=False)
+    assert sorted(torch.cat([y for _, y in L2]).tolist()) == list(range(100))
+
+
+def test_augmentation_is_the_papers_crop_and_flip():
+    L, x = _loader(n=20, batch=20, train=True, pad=2)
+    xb, yb = next(iter(L))
+    norm = L.normalizer
+    for img, idx in zip(xb, yb):
+        ref = norm(x[idx:idx + 1])[0]
+        padded = torch.nn.functional.pad(ref, (2, 2, 2, 2))  # zero after normalisation
+        hits = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (0, 1)
+                if torch.allclose((lambda c: c.flip(-1) if f else c)(padded[:, dy:dy + 8, dx:dx + 8]), img, atol=1e-5)]
+        assert hits, "a training image is not a padded crop (or its flip) of its source"
+
+
+def test_ddp_sharding_train_and_eval_cover_everything_exactly_once():
+    full, _ = _loader(n=103, batch=12, train=True, seed=1)
+    ranks = [_loader(n=103, batch=12, train=True, seed=1, rank=r, world_size=3)[0] for r in range(3)]
+    for (xf, yf), *parts in zip(full, *ranks):
+        assert torch.equal(torch.cat([p[1] for p in parts]), yf)
+        assert torch.allclose(torch.cat([p[0] for p in parts]), xf)
+    ev = [_loader(n=103, batch=10, train=False, rank=r, world_size=4)[0] for r in range(4)]
+    seen = torch.cat([y for L in ev for _, y in L])
+    assert sorted(seen.tolist()) == list(range(103))
+
+
+def test_loader_state_restores_the_same_next_batch():
+    L, _ = _loader(train=True, seed=5)
+    it = iter(L)
+    next(it), next(it)
+    state = L.state_dict()
+    want = next(it)
+    L2, _ = _loader(train=True, seed=5)
+    L2.load_state_dict(state)
+    got = next(iter(L2))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_channels_last_output_and_normalizer_modes():
+    L, x = _loader(train=True, channels_last=True)
+    xb, _ = next(iter(L))
+    assert xb.is_contiguous(memory_format=torch.channels_last)
+    ch = Normalizer.fit(x, "channel")
+    z = ch(x)
+    assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(z.std((0, 2, 3)), torch.ones(3), atol=1e-2)
+    back = Normalizer.from_state_dict(ch.state_dict())
+    assert torch.equal(back.mean, ch.mean) and back.mode == "channel"
+
+
+def test_folder_views_have_the_right_count_and_sizes(jpeg_dir):
+    norm = fold.imagenet_normalizer()
+    ds = fold.ImageFolderSplit(jpeg_dir, "val", fold.eval_transform(norm, "10crop", size=24, resize=32))
+    x, y = ds[0]
+    assert x.shape == (10, 3, 24, 24) and ds.classes == ["cat", "dog"]
+    # the second five are crops of the flipped image: its centre is the flipped centre, its top-left the
+    # flipped top-right
+    assert torch.allclose(x[9], x[4].flip(-1)) and torch.allclose(x[5], x[1].flip(-1))
+    ms = fold.ImageFolderSplit(jpeg_dir, "val", fold.eval_transform(norm, "multiscale"))
+    views, _ = ms[0]
+    assert [min(v.shape[-2:]) for v in views] == list(fold.MULTISCALE_SIZES)
+    tr = fold.ImageFolderSplit(jpeg_dir, "train", fold.train_transform(norm, size=32, scale=(36, 48)))
+    assert tr[1][0].shape == (3, 32, 32)
+    c = fold.ImageFolderSplit(jpeg_dir, "val", fold.eval_transform(norm, "center", size=24, resize=32))
+    loader = fold.make_loader(c, 4, train=False, workers=0, rank=1, world_size=2)
+    assert sum(len(yb) for _, yb in loader) == 3
+
+
+def test_corrupt_jpeg_stops_with_its_name_or_is_skipped(jpeg_dir, capsys):
+    bad = jpeg_dir / "val" / "cat" / "0.JPEG"
+    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
+    ds = fold.ImageFolderSplit(jpeg_dir, "val")
+    with pytest.raises(ReslabError, match="0.JPEG"):
+        ds[0]
+    skip = fold.ImageFolderSplit(jpeg_dir, "val", on_corrupt="skip")
+    img, _ = skip[0]
+    assert img.dtype == torch.uint8 and skip.skipped == [str(bad)]
+    assert "0.JPEG" in capsys.readouterr().err
+
+
+def test_data_info_cli_json(cifar_dir, capsys):
+    import json
+    from reslab.cli import main
+    assert main(["data", "info", "--data-dir", str(cifar_dir), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["train"] == 500 and d["test"] == 100 and len(d["classes"]) == 10 and d["checksum_official"] is False
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="../shared/datasets/cifar10 not present")
+def test_real_cifar10():
+    loc = cifar.locate("cifar10", SHARED_CIFAR)
+    tr, te = cifar.load("cifar10", "train", located=loc), cifar.load("cifar10", "test", located=loc)
+    assert len(tr) == 50_000 and len(te) == 10_000 and tr.images.shape[1:] == (3, 32, 32)
+    assert torch.bincount(tr.labels).tolist() == [5000] * 10
+    mean = tr.images.double().mean((0, 2, 3)) / 255
+    assert torch.allclose(mean, torch.tensor([0.491, 0.482, 0.447], dtype=torch.float64), atol=0.01)
+    assert len(cifar.load("cifar10", "val5k", located=loc)) == 5000
