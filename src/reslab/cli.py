@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EXIT_USER_ERROR = 2
@@ -123,7 +124,110 @@ def _register_data(sub) -> None:
     q.set_defaults(func=cmd_data_info)
 
 
-REGISTER = [_register_zoo, _register_data]
+# ---------------------------------------------------------------- train / eval
+def _bool_flag(p, name, help):
+    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None,
+                   help=help)
+
+
+def cmd_train(a) -> int:
+    from .engine import TrainSettings, train
+    from .recipes import get_recipe
+    r = get_recipe(a.recipe)
+    if a.budget is not None:
+        r = r.scaled(a.budget)
+    r = r.with_overrides(iters=a.iters, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every,
+                         log_every=a.log_every, val_split=True if a.val_split else None, schedule=a.schedule,
+                         warmup_iters=a.warmup_iters, label_smoothing=a.label_smoothing,
+                         nesterov=True if a.nesterov else None, no_wd_bn_bias=True if a.no_wd_bn_bias else None,
+                         ema_decay=a.ema, normalization=a.normalization)
+    out = a.out or f"runs/{a.arch}-{a.data}-s{a.seed}"
+    s = TrainSettings(recipe=r, out=out, arch=a.arch, model_overrides=_model_overrides(a), data=a.data,
+                      data_dir=a.data_dir, seed=a.seed, device=a.device, precision=a.precision,
+                      channels_last=a.channels_last, compile=a.compile, compile_mode=a.compile_mode, deterministic=a.deterministic,
+                      sync_bn=a.sync_bn, precise_bn_batches=a.precise_bn, resume=a.resume, workers=a.workers,
+                      tensorboard=a.tensorboard, stop_at=a.stop_at)
+    final = train(s)
+    if final and int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {out} step {final['step']} {final['split']} top-1 error {100 * final['top1_err']:.2f}% "
+              f"(top-5 {100 * final['top5_err']:.2f}%, loss {final['loss']:.4f}, n={final['n']})")
+    return 0
+
+
+def _model_overrides(a) -> dict:
+    return {k: v for k, v in {"shortcut": a.shortcut, "stride_in_1x1": False if a.v15 else None,
+                              "preact": True if a.preact else None, "width": a.width,
+                              "zero_init_last": True if a.zero_init_last else None,
+                              "relu_after_add": False if a.no_relu_after_add else None}.items() if v is not None}
+
+
+def cmd_eval(a) -> int:
+    from .predict import evaluate_checkpoint
+    m = evaluate_checkpoint(a.path, data_dir=a.data_dir, view=a.views, device=a.device,
+                            precise_bn_batches=a.precise_bn, batch_size=a.batch_size, workers=a.workers)
+    if a.json:
+        print_json(m)
+    else:
+        print(f"{m['checkpoint']}: {m['arch']} on {m['data']} {m['split']} ({m['view']} view, n={m['n']}): "
+              f"top-1 error {100 * m['top1_err']:.2f}%, top-5 {100 * m['top5_err']:.2f}%, loss {m['loss']:.4f}")
+    return 0
+
+
+def _register_train(sub) -> None:
+    p = sub.add_parser("train", help="train a zoo model with a paper recipe (no arguments: resnet20 on CIFAR-10)")
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--data", default="cifar10", choices=["cifar10", "cifar100", "folder"])
+    p.add_argument("--data-dir", default=None, help="dataset archive or folder (default: $RESLAB_DATA, else download)")
+    p.add_argument("--recipe", default="cifar-paper", help="cifar-paper | imagenet-paper")
+    p.add_argument("--out", default=None, help="run folder (default runs/ARCH-DATA-sSEED)")
+    p.add_argument("--budget", type=float, default=None, help="scale the schedule: 0.1 = a tenth of the iterations")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--val-split", action="store_true", help="train on 45k, evaluate on the held-out 5k")
+    p.add_argument("--schedule", choices=["step", "cosine", "plateau"], default=None)
+    p.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up iterations")
+    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--no-wd-bn-bias", action="store_true", help="no weight decay on BN parameters and biases")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay, e.g. 0.999 (also evaluates the EMA)")
+    p.add_argument("--normalization", choices=["pixel", "channel"], default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    _bool_flag(p, "channels-last", "channels_last memory format (default on)")
+    _bool_flag(p, "compile", "torch.compile the model (default: on for CUDA, off on CPU)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
+    p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--sync-bn", action="store_true")
+    p.add_argument("--precise-bn", type=int, default=0, metavar="N", help="recompute BN stats over N batches before each eval")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers (image folders)")
+    p.add_argument("--tensorboard", action="store_true")
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this step, resumable (for budgets/tests)")
+    p.add_argument("--shortcut", default=None, help="A, B or C")
+    p.add_argument("--v1.5", dest="v15", action="store_true")
+    p.add_argument("--preact", action="store_true")
+    p.add_argument("--width", type=float, default=None)
+    p.add_argument("--zero-init-last", action="store_true")
+    p.add_argument("--no-relu-after-add", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint or run folder with the paper's protocols")
+    p.add_argument("path", help="a checkpoint file, or a run folder (its last.pt)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--views", default="center", choices=["center", "10crop", "multiscale"])
+    p.add_argument("--precise-bn", type=int, default=0, metavar="N")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+REGISTER = [_register_zoo, _register_data, _register_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,111 @@
+"""Assemble a run's data: loaders for training and evaluation, the normaliser and the class names.
+
+CIFAR goes through the device-resident loader; ImageNet-style folders through torchvision DataLoaders
+wrapped to offer the same interface (iterate one epoch; `state_dict()` = {epoch, batch}).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+
+from ..errors import ReslabError
+from . import cifar
+from .normalize import Normalizer
+from .resident import ResidentLoader
+
+DATASETS = ("cifar10", "cifar100", "folder")
+
+
+@dataclass
+class RunData:
+    train: object                 # iterable of (x, y) batches for one epoch, with state_dict()
+    eval: object                  # iterable of (x, y) batches over the evaluation split (this rank's shard)
+    normalizer: Normalizer
+    classes: list[str]
+    eval_split: str               # "test", "val5k" or "val"
+    train_size: int
+    eval_size: int
+
+
+class FolderStream:
+    """A torchvision DataLoader seen as the resident loader is: one epoch per iteration, resumable.
+    Resuming mid-epoch re-reads and discards the batches already used in that epoch."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+        self.epoch, self.batch = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.epoch, self.batch = int(d["epoch"]), int(d["batch"])
+
+    def __iter__(self):
+        if hasattr(self.loader.sampler, "set_epoch"):
+            self.loader.sampler.set_epoch(self.epoch)
+        for x, y in islice(iter(self.loader), self.batch, None):
+            self.batch += 1
+            yield _to(x, self.device), y.to(self.device, non_blocking=True)
+        self.epoch, self.batch = self.epoch + 1, 0
+
+
+def _to(x, device):
+    if isinstance(x, list):  # multi-scale: a list (batch) of lists (scales) of tensors
+        return [[v.to(device, non_blocking=True) for v in views] for views in x]
+    return x.to(device, non_blocking=True)
+
+
+def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: int = 0, world_size: int = 1,
+          val_split: bool = False, normalization: str = "pixel", normalizer: Normalizer | None = None,
+          channels_last: bool = False, view: str = "center", workers: int = 4, eval_batch: int | None = None,
+          with_train: bool = True) -> RunData:
+    """Loaders for a run. `normalizer` (e.g. from a checkpoint) overrides fitting one on the training split."""
+    if data not in DATASETS:
+        raise ReslabError(f"unknown dataset {data!r}; valid choices: {', '.join(DATASETS)}")
+    eval_batch = eval_batch or max(batch_size, 256)
+    if data == "folder":
+        return _build_folder(data_dir, batch_size, device, seed, rank, world_size, normalization, normalizer,
+                             view, workers, eval_batch, with_train)
+    if view != "center":
+        raise ReslabError(f"--views {view} needs an ImageNet-style folder; CIFAR is tested on the single "
+                          "original 32x32 view (paper §4.2)")
+    loc = cifar.locate(data, data_dir)
+    train_split, eval_split = ("train45k", "val5k") if val_split else ("train", "test")
+    tr = cifar.load(data, train_split, located=loc)
+    ev = cifar.load(data, eval_split, located=loc)
+    norm = normalizer or Normalizer.fit(tr.images, normalization)
+    per_rank_eval = max(1, eval_batch // world_size)
+    train = ResidentLoader(tr.images, tr.labels, batch_size, norm, train=True, device=device, seed=seed,
+                           rank=rank, world_size=world_size, channels_last=channels_last) if with_train else None
+    evl = ResidentLoader(ev.images, ev.labels, per_rank_eval, norm, train=False, device=device, rank=rank,
+                         world_size=world_size, channels_last=channels_last)
+    return RunData(train, evl, norm, tr.classes, eval_split, len(tr), len(ev))
+
+
+def _build_folder(root, batch_size, device, seed, rank, world_size, normalization, normalizer, view, workers,
+                  eval_batch, with_train) -> RunData:
+    from . import folder
+    if not root:
+        raise ReslabError("--data folder needs --data-dir pointing at a folder with train/ and val/")
+    if batch_size % world_size:
+        raise ReslabError(f"the global batch ({batch_size}) must be a multiple of the world size ({world_size})")
+    train_ds = folder.ImageFolderSplit(root, "train")
+    if normalizer is None:
+        normalizer = (folder.imagenet_normalizer() if normalization == "channel"
+                      else folder.fit_normalizer(train_ds, "pixel", seed=seed))
+    train = None
+    if with_train:
+        train_ds.transform = folder.train_transform(normalizer)
+        train = FolderStream(folder.make_loader(train_ds, batch_size // world_size, train=True, workers=workers,
+                                                seed=seed, rank=rank, world_size=world_size), device)
+    val_ds = folder.ImageFolderSplit(root, "val", folder.eval_transform(normalizer, view))
+    per_rank = max(1, eval_batch // world_size // (10 if view == "10crop" else 1))
+    evl = FolderStream(folder.make_loader(val_ds, per_rank, train=False, workers=workers, rank=rank,
+                                          world_size=world_size, multiscale=view == "multiscale"), device)
+    return RunData(train, evl, normalizer, train_ds.classes, "val", len(train_ds), len(val_ds))

@@ -1,0 +1,86 @@
+"""Evaluation protocols: loss, top-1 and top-5 error over exact distributed shards, and precise BN.
+
+Views: a batch of images (N, C, H, W) is one view each; a 10-crop batch (N, 10, C, H, W) averages the
+softmax scores of the ten crops; a multi-scale batch (a list of per-image lists of tensors of different
+sizes) averages, over the scales, the softmax of the fully-convolutional score map's spatial mean.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dist
+
+
+def _probs(model: nn.Module, x) -> torch.Tensor:
+    if isinstance(x, list):  # multi-scale: one image at several sizes
+        out = []
+        for views in x:
+            p = torch.stack([F.softmax(model.score_map(model.forward_features(v[None])).mean((2, 3)), 1)[0]
+                             for v in views])
+            out.append(p.mean(0))
+        return torch.stack(out)
+    if x.ndim == 5:  # (N, crops, C, H, W)
+        n, k = x.shape[:2]
+        return F.softmax(model(x.flatten(0, 1)).float(), 1).view(n, k, -1).mean(1)
+    return F.softmax(model(x).float(), 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, autocast=None) -> dict:
+    """Top-1/top-5 error and mean cross-entropy over every example of the (sharded) loader, summed over
+    ranks: each example counts exactly once."""
+    model = dist.unwrap(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1 wrong, top5 wrong, n
+    ctx = autocast or torch.autocast(device.type, enabled=False)
+    try:
+        for x, y in loader:
+            with ctx:
+                p = _probs(model, x)
+            p = p.float()
+            k = min(5, p.shape[1])
+            top = p.topk(k, 1).indices
+            hit = top == y[:, None]
+            sums[0] += F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum").double()
+            sums[1] += (~hit[:, 0]).sum()
+            sums[2] += (~hit.any(1)).sum()
+            sums[3] += len(y)
+    finally:
+        model.train(was_training)
+    dist.all_reduce_sum(sums)
+    n = max(1.0, float(sums[3]))
+    return {"loss": float(sums[0]) / n, "top1_err": float(sums[1]) / n, "top5_err": float(sums[2]) / n,
+            "n": int(sums[3])}
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, batches, num_batches: int) -> int:
+    """Recompute every BN layer's running mean/var as the true average over `num_batches` training batches
+    (what the paper's released models did), instead of the exponential moving average. Returns the number
+    of batches used."""
+    model = dist.unwrap(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or num_batches <= 0:
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = model.training
+    model.train()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: after k batches, the plain mean of k batch stats
+    used = 0
+    try:
+        for x, _ in batches:
+            model(x)
+            used += 1
+            if used >= num_batches:
+                break
+    finally:
+        for m, (mom, tr) in zip(bns, saved):
+            m.momentum = mom
+        model.train(was_training)
+    return used

@@ -1,0 +1,126 @@
+"""Run folders: the resolved config, the environment, JSONL metrics, and a progress display.
+
+    RUN/config.json     everything needed to rerun: model config, recipe, data, seed, precision, ...
+    RUN/env.json        library versions, git revision, hardware
+    RUN/metrics.jsonl   one JSON object per line: {"kind": "train"|"eval", step, epoch, lr, loss, ...}
+    RUN/last.pt, RUN/best.pt
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    import numpy
+    import torchvision
+    from . import __version__
+    env = {
+        "reslab": __version__, "git": git_revision(), "python": platform.python_version(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+        "platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+    }
+    return env
+
+
+def hardware_line(env: dict) -> str:
+    return f"{env['gpus'][0]} x{len(env['gpus'])}" if env.get("gpus") else f"{env['cpu']} ({env['cpu_count']} cores)"
+
+
+class MetricsLog:
+    """Appends JSON lines to RUN/metrics.jsonl (flushed per line) and, optionally, TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package: pip install 'reslab[tensorboard]'")
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A tqdm bar with throughput and ETA on a terminal; plain lines (one per log interval) otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True):
+        self.tty = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, file=sys.stderr)
+        self.total, self.t0, self.s0 = total, time.time(), start
+
+    def update(self, step: int, n: int, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix_str(text)
+        else:
+            rate = (step - self.s0) / max(1e-9, time.time() - self.t0)
+            eta = (self.total - step) / rate if rate > 0 else float("inf")
+            print(f"step {step}/{self.total} {text} | {rate:.1f} it/s, eta {eta / 60:.1f} min", file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
