@@ -2,7 +2,7 @@
 
 The batches are pickles, and a pickle can name any importable callable. This unpickler resolves only the
 globals that the official format needs to rebuild a numpy array (plus the codec helper that Python 3 uses
-for protocol-2 byte strings); anything else — os.system, builtins.eval, subprocess.Popen — is refused
+for protocol-2 byte strings, and bytes itself); anything else — os.system, builtins.eval, subprocess.Popen — is refused
 before it can be called, so a malicious file in a data folder cannot run code.
 """
 from __future__ import annotations
@@ -34,6 +34,9 @@ _ALLOWED = {
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("_codecs", "encode"): lambda: _codecs_encode,
+    # Python 3 writing protocol 2 names builtins by their Python 2 module (fix_imports)
+    ("__builtin__", "bytes"): lambda: bytes,
+    ("builtins", "bytes"): lambda: bytes,
 }
 
 
