@@ -227,7 +227,27 @@ def _register_train(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-REGISTER = [_register_zoo, _register_data, _register_train]
+# ---------------------------------------------------------------- bench
+def cmd_bench(a) -> int:
+    from .bench import markdown, run
+    out = a.out or f"benchmarks/results/{'quick' if a.quick else 'latest'}.json"
+    result = run(device=a.device, quick=a.quick, out=out, archs=a.arch, imagenet_archs=a.imagenet_arch)
+    print(markdown(result))
+    print(f"written: {out} and {out[:-5]}.md")
+    return 0
+
+
+def _register_bench(sub) -> None:
+    p = sub.add_parser("bench", help="training/inference throughput against baselines measured in the same run")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (CI)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--arch", nargs="*", default=None, help="CIFAR nets to bench (default resnet20/56/110)")
+    p.add_argument("--imagenet-arch", nargs="*", default=None, help="224x224 nets (default resnet18/50)")
+    p.add_argument("--out", default=None, help="result JSON (a Markdown table is written beside it)")
+    p.set_defaults(func=cmd_bench)
+
+
+REGISTER = [_register_zoo, _register_data, _register_train, _register_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
