@@ -13,6 +13,7 @@ Precision: "fp32", "bf16" (autocast), "fp16" (autocast + GradScaler). One code p
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import time
@@ -29,7 +30,7 @@ from . import dist
 from .data import build as data_build
 from .errors import ReslabError
 from .evaluate import evaluate, precise_bn
-from .logs import MetricsLog, Progress, environment, write_json
+from .logs import MetricsLog, Progress, environment, write_json, write_text_atomic
 from .recipes import Recipe, ScheduleState, after_eval, lr_at, warmup_rule_applies
 from .zoo import create_model
 
@@ -209,6 +210,16 @@ def _resume(path, model, opt, scaler, ema, data, rs: RunState, s: TrainSettings)
     rs.step, rs.best_err, rs.elapsed = ck["step"], ck["best_err"], ck["elapsed"]
     data.train.load_state_dict(ck["loader"])
     set_rng_state(ck["rng"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        _truncate_metrics(Path(path).parent, rs.step)
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Lines logged after the checkpoint belong to steps that will be run again: drop them."""
+    p = run_dir / "metrics.jsonl"
+    if p.is_file():
+        keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        write_text_atomic(p, "".join(ln + "\n" for ln in keep))
 
 
 def _loop(net, model, opt, scaler, ema, data, rs: RunState, s: TrainSettings, d, out: Path) -> dict:

@@ -120,7 +120,11 @@ class Progress:
             self.bar.close()
 
 
-def write_json(path: Path, obj) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
