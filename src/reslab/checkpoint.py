@@ -7,9 +7,7 @@ loader, rng, recipe, normalizer, classes, data, ema (or None), run (train settin
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -50,7 +48,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     p = resolve(path)
     try:
         ck = torch.load(p, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # torch.load raises many types for bad files (struct.error, UnpicklingError, ...)
         raise ReslabError(f"{p}: not a readable reslab checkpoint ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:

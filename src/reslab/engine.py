@@ -182,6 +182,8 @@ def train(settings: TrainSettings) -> dict:
                                          "world_size": d.world_size, "train_size": data.train_size,
                                          "eval_split": data.eval_split, "eval_size": data.eval_size})
         write_json(out / "env.json", environment())
+    if s.sync_bn and d.device.type == "cpu":
+        raise ReslabError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU)")
     if s.sync_bn and d.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = model

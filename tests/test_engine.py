@@ -1,0 +1,241 @@
+"""The training engine: recipes, schedule, resume, distributed equivalence, failure handling, CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reslab import checkpoint as ckpt
+from reslab.cli import main
+from reslab.data import Normalizer, ResidentLoader, cifar
+from reslab.engine import TrainSettings, TrainingDiverged, make_optimizer, train
+from reslab.errors import ReslabError
+from reslab.logs import read_metrics
+from reslab.recipes import RECIPES, Recipe, ScheduleState, WarmupRule, after_eval, get_recipe, lr_at
+from reslab.zoo import create_model
+
+from conftest import make_cifar_archive
+
+SMALL = dict(batch_size=32, iters=40, eval_every=20, log_every=10)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=320, n_test=101)
+    return d
+
+
+def settings(data_dir, out, recipe=None, **kw):
+    r = recipe or get_recipe("cifar-paper").with_overrides(**SMALL)
+    return TrainSettings(recipe=r, out=str(out), arch="resnet8", data_dir=str(data_dir), progress=False, **kw)
+
+
+def test_cifar_paper_schedule_hits_its_milestones():
+    r, st = RECIPES["cifar-paper"], ScheduleState()
+    assert (r.batch_size, r.momentum, r.weight_decay, r.iters) == (128, 0.9, 1e-4, 64_000)
+    got = [lr_at(s, r, st) for s in (0, 31_999, 32_000, 47_999, 48_000, 63_999)]
+    assert got == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    q = r.scaled(0.1)
+    assert (q.iters, q.milestones) == (6400, (3200, 4800))
+    st.in_warmup_rule = True
+    assert lr_at(0, r, st) == 0.01 and lr_at(40_000, r, st) == 0.01
+    o = r.with_overrides(iters=1000)
+    assert o.milestones == (500, 750)
+
+
+def test_plateau_cosine_and_linear_warmup():
+    r = RECIPES["imagenet-paper"]
+    st = ScheduleState()
+    assert (r.batch_size, r.iters, r.lr) == (256, 600_000, 0.1)
+    for err in (0.5, 0.4, 0.41, 0.42, 0.40):
+        after_eval(r, st, err)
+    assert st.drops == 1 and lr_at(10, r, st) == pytest.approx(0.01)
+    c = Recipe("c", "cifar", 128, 0.1, iters=100, schedule="cosine", warmup_iters=10)
+    assert lr_at(0, c, ScheduleState()) == pytest.approx(0.01)
+    assert lr_at(10, c, ScheduleState()) == pytest.approx(0.1)
+    assert lr_at(99, c, ScheduleState()) < 0.001
+
+
+def test_warmup_rule_holds_lr_until_training_error_drops(data_dir, tmp_path):
+    base = get_recipe("cifar-paper").with_overrides(**SMALL)
+    never = base.with_overrides(warmup_rule=WarmupRule(lr=0.01, until_train_err=0.0, min_depth=8, check_every=10))
+    train(settings(data_dir, tmp_path / "never", never))
+    lrs = [m["lr"] for m in read_metrics(tmp_path / "never") if m["kind"] == "train"]
+    assert lrs and all(lr == 0.01 for lr in lrs)
+    soon = base.with_overrides(warmup_rule=WarmupRule(lr=0.01, until_train_err=1.01, min_depth=8, check_every=10))
+    train(settings(data_dir, tmp_path / "soon", soon))
+    rows = [m for m in read_metrics(tmp_path / "soon") if m["kind"] == "train"]
+    assert rows[0]["warmup_rule"] is False and rows[1]["lr"] == 0.1
+    shallow = base.with_overrides(warmup_rule=WarmupRule(min_depth=110))
+    train(settings(data_dir, tmp_path / "shallow", shallow))  # resnet8 is below the rule's depth
+    assert read_metrics(tmp_path / "shallow")[0]["lr"] == 0.1
+
+
+def test_tiny_model_overfits_a_tiny_batch(tmp_path):
+    d = tmp_path / "tiny"
+    make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=40, n_test=20, per_batch=8)
+    r = get_recipe("cifar-paper").with_overrides(batch_size=40, iters=60, eval_every=60, log_every=20,
+                                                 weight_decay=0.0, milestones=())
+    final = train(TrainSettings(recipe=r, out=str(tmp_path / "run"), arch="resnet8", data_dir=str(d),
+                                progress=False))
+    last = [m for m in read_metrics(tmp_path / "run") if m["kind"] == "train"][-1]
+    assert last["train_err"] == 0.0 and last["loss"] < 0.05
+    assert final["n"] == 20
+
+
+def test_resume_is_bitwise_equal_to_uninterrupted(data_dir, tmp_path):
+    train(settings(data_dir, tmp_path / "a"))
+    train(settings(data_dir, tmp_path / "b", stop_at=15))  # stops mid-epoch, between evaluations
+    assert ckpt.load(tmp_path / "b")["step"] == 15
+    with pytest.raises(ReslabError, match="--resume"):
+        train(settings(data_dir, tmp_path / "b"))
+    train(settings(data_dir, tmp_path / "b", resume=True))
+    a, b = ckpt.load(tmp_path / "a"), ckpt.load(tmp_path / "b")
+    assert a["step"] == b["step"] == 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in ("top1_err", "loss"):
+        assert a["metrics"][k] == b["metrics"][k]
+    steps = [(m["kind"], m["step"]) for m in read_metrics(tmp_path / "b")]
+    assert len(steps) == len(set(steps))  # lines after the checkpoint were not duplicated
+
+
+def test_checkpoint_contents_load_with_weights_only(data_dir, tmp_path):
+    train(settings(data_dir, tmp_path / "r"))
+    ck = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    assert {"model", "optimizer", "schedule", "step", "rng", "loader", "recipe", "normalizer", "classes"} <= set(ck)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    assert ck["recipe"]["name"] == "cifar-paper" and ck["model_config"]["name"] == "resnet8"
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    env = json.loads((tmp_path / "r" / "env.json").read_text())
+    assert cfg["recipe"]["iters"] == 40 and "torch" in env and "git" in env
+
+
+def test_nan_stops_cleanly_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    train(settings(data_dir, out, stop_at=20))
+    before = (out / "last.pt").read_bytes()
+    import reslab.engine as eng
+    real = eng.F.cross_entropy
+    monkeypatch.setattr(eng.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="NaN"):
+        train(settings(data_dir, out, resume=True))
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_bad_checkpoints_give_clear_errors(data_dir, tmp_path):
+    out = tmp_path / "r"
+    train(settings(data_dir, out, stop_at=20))
+    other = create_model("resnet14")
+    with pytest.raises(ReslabError, match="another architecture"):
+        ckpt.load_model_state(other, ckpt.load(out)["model"], "x")
+    with pytest.raises(ReslabError, match="trained as|does not fit"):
+        train(TrainSettings(recipe=get_recipe("cifar-paper").with_overrides(**SMALL), out=str(out),
+                            arch="resnet14", data_dir=str(data_dir), progress=False, resume=True))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(ReslabError, match="not a readable"):
+        ckpt.load(bad)
+    with pytest.raises(FileNotFoundError):
+        ckpt.load(tmp_path / "nothing")
+
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    p = tmp_path / "last.pt"
+    ckpt.save_atomic({"a": torch.ones(2)}, p)
+    old = p.read_bytes()
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        ckpt.save_atomic({"a": torch.zeros(2)}, p)
+    assert p.read_bytes() == old and [f.name for f in tmp_path.iterdir()] == ["last.pt"]
+
+
+def _torchrun(nproc, *args, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "reslab", *args]
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=e)
+
+
+def _half_batch_reference(data_dir, recipe, seed=0):
+    """One process, the same global batches, BN statistics per half batch as on two ranks (SyncBN is
+    GPU-only), running statistics kept from the first half (DDP broadcasts rank 0's buffers)."""
+    torch.manual_seed(seed)
+    model = create_model("resnet8", num_classes=10)
+    opt = make_optimizer(model, recipe)
+    tr = cifar.load("cifar10", "train", data_dir)
+    loader = ResidentLoader(tr.images, tr.labels, recipe.batch_size, Normalizer.fit(tr.images), train=True, seed=seed)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    step, st = 0, ScheduleState()
+    while step < recipe.iters:
+        for x, y in loader:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, recipe, st)
+            opt.zero_grad()
+            half = len(y) // 2
+            loss0 = torch.nn.functional.cross_entropy(model(x[:half]), y[:half])
+            kept = [(b.running_mean.clone(), b.running_var.clone(), b.num_batches_tracked.clone()) for b in bns]
+            loss1 = torch.nn.functional.cross_entropy(model(x[half:]), y[half:])
+            ((loss0 + loss1) / 2).backward()
+            with torch.no_grad():  # after backward: autograd saved the buffers it read
+                for b, (m, v, n) in zip(bns, kept):
+                    b.running_mean.copy_(m), b.running_var.copy_(v), b.num_batches_tracked.copy_(n)
+            opt.step()
+            step += 1
+            if step >= recipe.iters:
+                break
+    return model.state_dict()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_at_the_same_global_batch(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    r = _torchrun(2, "train", "--arch", "resnet8", "--data-dir", str(data_dir), "--batch-size", "32",
+                  "--iters", "12", "--eval-every", "12", "--log-every", "4", "--out", str(out), "--no-compile",
+                  "--no-channels-last")  # the reference below is contiguous; formats differ in rounding
+    assert r.returncode == 0, r.stderr[-2000:]
+    recipe = get_recipe("cifar-paper").with_overrides(batch_size=32, iters=12, eval_every=12, log_every=4)
+    ref = _half_batch_reference(data_dir, recipe)
+    got = ckpt.load(out)["model"]
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+    ev = [m for m in read_metrics(out) if m["kind"] == "eval"][-1]
+    assert ev["n"] == 101  # 101 test images over 2 ranks: 50 + 51, none dropped or repeated
+    single = subprocess.run([sys.executable, "-m", "reslab", "eval", str(out), "--json"], capture_output=True,
+                            text=True, timeout=300)
+    one = json.loads(single.stdout)
+    assert one["n"] == 101 and one["top1_err"] == pytest.approx(ev["top1_err"])
+
+
+def test_cli_train_and_eval_end_to_end(data_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["train", "--arch", "resnet8", "--data-dir", str(data_dir), "--iters", "20", "--batch-size",
+                 "32", "--eval-every", "10", "--out", str(out), "--budget", "1.0", "--ema", "0.9"]) == 0
+    assert "top-1 error" in capsys.readouterr().out
+    assert main(["eval", str(out), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert {"top1_err", "top5_err", "loss", "n"} <= set(m) and m["n"] == 101
+    ev = [x for x in read_metrics(out) if x["kind"] == "eval"]
+    assert "ema_top1_err" in ev[-1]
+    assert main(["eval", str(out), "--views", "10crop"]) == 2  # CIFAR has one test view
+    assert "10crop" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(["eval", str(tmp_path / "junk.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a readable" in err[0]
+
+
+def test_precise_bn_is_a_true_average():
+    from reslab.evaluate import precise_bn
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    batches = [(torch.randn(8, 3, 4, 4) * (i + 1), None) for i in range(3)]
+    used = precise_bn(m, iter(batches), 3)
+    assert used == 3
+    with torch.no_grad():
+        means = torch.stack([m[0](x).mean((0, 2, 3)) for x, _ in batches]).mean(0)
+    torch.testing.assert_close(m[1].running_mean, means, rtol=1e-4, atol=1e-5)
+    assert m[1].momentum == 0.1
