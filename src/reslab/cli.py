@@ -247,7 +247,44 @@ def _register_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-REGISTER = [_register_zoo, _register_data, _register_train, _register_bench]
+# ---------------------------------------------------------------- reproduce / report
+def cmd_reproduce(a) -> int:
+    from .experiments import BUDGETS, EXPERIMENTS
+    if a.list or not a.name:
+        for e in EXPERIMENTS.values():
+            print(f"{e.name:<22} {e.paper}" + (f"  [needs {e.needs}]" if e.needs else ""))
+        print("\nbudgets: " + "; ".join(f"{b.name} = {b.description}" for b in BUDGETS.values()))
+        return 0
+    from .reproduce import reproduce
+    reproduce(a.name, a.data_dir, a.out, a.budget, a.seeds, a.dry_run, a.device, report=not a.no_report)
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report import write_report
+    path = write_report(a.dir)
+    print(f"written: {path}")
+    return 0
+
+
+def _register_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="run one of the paper's experiments (--list shows them)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("--budget", default="quick", choices=["quick", "medium", "paper"])
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--dry-run", action="store_true", help="print the runs, their status and estimated cost")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-report", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
+    p = sub.add_parser("report", help="plots, tables and numbers from a reproduce folder")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_report)
+
+
+REGISTER = [_register_zoo, _register_data, _register_train, _register_bench, _register_reproduce]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,119 @@
+"""The paper's experiments as data: which models, which recipe, how many seeds, at which budget.
+
+Budgets scale the paper's CIFAR schedule (64k iterations, lr /10 at 32k and 48k, batch 128):
+  quick   x0.025 -> 1,600 iterations (lr steps at 800 and 1,200), evaluated every 400; ~4 epochs.
+                    Sized for a 2-core CPU hour (measured: see docs/results/). Depths trimmed to 20 and 56.
+  medium  x0.25  -> 16,000 iterations (steps at 8k, 12k), evaluated every 1,000.
+  paper   x1     -> 64,000 iterations (steps at 32k, 48k), evaluated every 2,000: the paper's own budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .recipes import Recipe, get_recipe
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    scale: float
+    eval_every: int
+    log_every: int
+    description: str
+
+
+BUDGETS = {
+    "quick": Budget("quick", 0.025, 400, 20, "x0.025 of the paper's schedule: 1,600 iterations, lr steps at 800/1,200"),
+    "medium": Budget("medium", 0.25, 1000, 50, "x0.25: 16,000 iterations, lr steps at 8k/12k"),
+    "paper": Budget("paper", 1.0, 2000, 100, "the paper's schedule: 64,000 iterations, lr steps at 32k/48k"),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of an experiment."""
+    arch: str
+    seed: int
+    recipe: Recipe
+    overrides: tuple = ()            # model overrides as (key, value) pairs
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.label or self.arch}-s{self.seed}"
+
+    def cli_args(self, data: str, data_dir: str | None, out: str) -> list[str]:
+        """The exact `reslab train` arguments for this run."""
+        r = self.recipe
+        args = ["train", "--arch", self.arch, "--data", data, "--recipe", r.name, "--seed", str(self.seed),
+                "--out", out, "--iters", str(r.iters), "--eval-every", str(r.eval_every),
+                "--log-every", str(r.log_every)]
+        if data_dir:
+            args += ["--data-dir", str(data_dir)]
+        for k, v in self.overrides:
+            args += {"shortcut": ["--shortcut", str(v)]}.get(k, [])
+        return args
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    paper: str                       # what of the paper it reproduces
+    data: str                        # "cifar10" | "folder"
+    recipe: str
+    archs: dict[str, tuple[str, ...]]   # budget name -> architectures (a budget may trim the list)
+    default_seeds: dict[str, int] = field(default_factory=lambda: {"quick": 1, "medium": 1, "paper": 1})
+    variants: tuple[tuple[str, tuple], ...] = ()   # (label suffix, overrides) per arch; () = one plain run
+    needs: str = ""                  # what the experiment needs that a default setup lacks
+    analysis: str = ""               # what the report computes
+
+    def runs(self, budget: str, seeds: int | None = None) -> list[Run]:
+        if budget not in BUDGETS:
+            raise ValueError(f"unknown budget {budget!r}; valid choices: {', '.join(BUDGETS)}")
+        b = BUDGETS[budget]
+        r = get_recipe(self.recipe).scaled(b.scale).with_overrides(eval_every=b.eval_every, log_every=b.log_every)
+        n = seeds or self.default_seeds.get(budget, 1)
+        archs = self.archs.get(budget, self.archs["paper"])
+        out = []
+        for seed in range(n):
+            for a in archs:
+                for suffix, ov in (self.variants or (("", ()),)):
+                    out.append(Run(a, seed, r, ov, label=f"{a}{suffix}"))
+        return out
+
+
+EXPERIMENTS = {
+    "cifar-degradation": Experiment(
+        "cifar-degradation", "Fig. 1 / Fig. 6: training and test error of plain and residual nets", "cifar10",
+        "cifar-paper",
+        {"quick": ("plain20", "plain56", "resnet56", "resnet20"),
+         "paper": ("plain20", "plain32", "plain44", "plain56", "resnet20", "resnet32", "resnet44", "resnet56",
+                   "resnet110")},
+        analysis="curves of training (dashed) and test (bold) error against iterations; final errors"),
+    "cifar-table6": Experiment(
+        "cifar-table6", "Table 6: CIFAR-10 test error of ResNet-20/32/44/56/110", "cifar10", "cifar-paper",
+        {"quick": ("resnet20", "resnet56"), "paper": ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")},
+        default_seeds={"quick": 2, "medium": 3, "paper": 5},
+        analysis="test error mean ± std over seeds and best-of-N, next to the paper and other reproductions"),
+    "layer-responses": Experiment(
+        "layer-responses", "Fig. 7: std of each 3x3 layer's response (after BN, before addition/ReLU)", "cifar10",
+        "cifar-paper", {"quick": ("plain20", "plain56", "resnet20", "resnet56"),
+                        "paper": ("plain20", "plain56", "resnet20", "resnet56", "resnet110")},
+        analysis="per-layer response std in layer order and sorted, from the trained checkpoints"),
+    "shortcut-options": Experiment(
+        "shortcut-options", "Table 3's question: shortcut options A vs B vs C", "cifar10", "cifar-paper",
+        {"quick": ("resnet20",), "paper": ("resnet56",)},
+        variants=(("-A", (("shortcut", "A"),)), ("-B", (("shortcut", "B"),)), ("-C", (("shortcut", "C"),))),
+        analysis="test error per option"),
+    "imagenet-degradation": Experiment(
+        "imagenet-degradation", "Fig. 4 / Table 2: plain-18/34 vs ResNet-18/34 on ImageNet", "folder",
+        "imagenet-paper", {"paper": ("plain18", "plain34", "resnet18", "resnet34")},
+        needs="an ImageNet-style folder (train/<class>/*.JPEG, val/<class>/*.JPEG) passed as --data-dir",
+        analysis="training and validation error curves; 10-crop top-1 with `reslab eval --views 10crop`"),
+}
+
+
+def get_experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; valid choices: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]
