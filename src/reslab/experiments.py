@@ -1,7 +1,7 @@
 """The paper's experiments as data: which models, which recipe, how many seeds, at which budget.
 
 Budgets scale the paper's CIFAR schedule (64k iterations, lr /10 at 32k and 48k, batch 128):
-  quick   x0.025 -> 1,600 iterations (lr steps at 800 and 1,200), evaluated every 400; ~4 epochs.
+  quick   x0.02  -> 1,280 iterations (lr steps at 640 and 960), evaluated every 320; ~3.3 epochs.
                     Sized for a 2-core CPU hour (measured: see docs/results/). Depths trimmed to 20 and 56.
   medium  x0.25  -> 16,000 iterations (steps at 8k, 12k), evaluated every 1,000.
   paper   x1     -> 64,000 iterations (steps at 32k, 48k), evaluated every 2,000: the paper's own budget.
@@ -23,7 +23,7 @@ class Budget:
 
 
 BUDGETS = {
-    "quick": Budget("quick", 0.025, 400, 20, "x0.025 of the paper's schedule: 1,600 iterations, lr steps at 800/1,200"),
+    "quick": Budget("quick", 0.02, 320, 20, "x0.02 of the paper's schedule: 1,280 iterations, lr steps at 640/960"),
     "medium": Budget("medium", 0.25, 1000, 50, "x0.25: 16,000 iterations, lr steps at 8k/12k"),
     "paper": Budget("paper", 1.0, 2000, 100, "the paper's schedule: 64,000 iterations, lr steps at 32k/48k"),
 }
