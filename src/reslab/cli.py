@@ -273,7 +273,7 @@ def _register_reproduce(sub) -> None:
     p.add_argument("--list", action="store_true")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="runs/reproduce")
-    p.add_argument("--budget", default="quick", choices=["quick", "medium", "paper"])
+    p.add_argument("--budget", default="quick", choices=["quick", "medium", "paper", "smoke"])
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--dry-run", action="store_true", help="print the runs, their status and estimated cost")
     p.add_argument("--device", default="auto")

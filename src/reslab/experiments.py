@@ -1,7 +1,7 @@
 """The paper's experiments as data: which models, which recipe, how many seeds, at which budget.
 
 Budgets scale the paper's CIFAR schedule (64k iterations, lr /10 at 32k and 48k, batch 128):
-  quick   x0.02  -> 1,280 iterations (lr steps at 640 and 960), evaluated every 320; ~3.3 epochs.
+  quick   x0.015 -> 960 iterations (lr steps at 480 and 720), evaluated every 320; ~2.5 epochs.
                     Sized for a 2-core CPU hour (measured: see docs/results/). Depths trimmed to 20 and 56.
   medium  x0.25  -> 16,000 iterations (steps at 8k, 12k), evaluated every 1,000.
   paper   x1     -> 64,000 iterations (steps at 32k, 48k), evaluated every 2,000: the paper's own budget.
@@ -20,12 +20,15 @@ class Budget:
     eval_every: int
     log_every: int
     description: str
+    batch_size: int | None = None    # None: the recipe's (the paper's) batch
 
 
 BUDGETS = {
-    "quick": Budget("quick", 0.02, 320, 20, "x0.02 of the paper's schedule: 1,280 iterations, lr steps at 640/960"),
+    "quick": Budget("quick", 0.015, 320, 20, "x0.015 of the paper's schedule: 960 iterations, lr steps at 480/720"),
     "medium": Budget("medium", 0.25, 1000, 50, "x0.25: 16,000 iterations, lr steps at 8k/12k"),
     "paper": Budget("paper", 1.0, 2000, 100, "the paper's schedule: 64,000 iterations, lr steps at 32k/48k"),
+    # a tiny variant of every experiment, for smoke tests: 32 iterations at batch 16
+    "smoke": Budget("smoke", 0.0005, 16, 8, "smoke test: 32 iterations at batch 16", batch_size=16),
 }
 
 
@@ -46,8 +49,8 @@ class Run:
         """The exact `reslab train` arguments for this run."""
         r = self.recipe
         args = ["train", "--arch", self.arch, "--data", data, "--recipe", r.name, "--seed", str(self.seed),
-                "--out", out, "--iters", str(r.iters), "--eval-every", str(r.eval_every),
-                "--log-every", str(r.log_every)]
+                "--out", out, "--iters", str(r.iters), "--batch-size", str(r.batch_size),
+                "--eval-every", str(r.eval_every), "--log-every", str(r.log_every)]
         if data_dir:
             args += ["--data-dir", str(data_dir)]
         for k, v in self.overrides:
@@ -65,15 +68,18 @@ class Experiment:
     default_seeds: dict[str, int] = field(default_factory=lambda: {"quick": 1, "medium": 1, "paper": 1})
     variants: tuple[tuple[str, tuple], ...] = ()   # (label suffix, overrides) per arch; () = one plain run
     needs: str = ""                  # what the experiment needs that a default setup lacks
+    post: str = ""                   # an analysis of the trained runs: "layer_responses"
     analysis: str = ""               # what the report computes
 
     def runs(self, budget: str, seeds: int | None = None) -> list[Run]:
         if budget not in BUDGETS:
             raise ValueError(f"unknown budget {budget!r}; valid choices: {', '.join(BUDGETS)}")
         b = BUDGETS[budget]
-        r = get_recipe(self.recipe).scaled(b.scale).with_overrides(eval_every=b.eval_every, log_every=b.log_every)
+        r = get_recipe(self.recipe).scaled(b.scale).with_overrides(eval_every=b.eval_every, log_every=b.log_every,
+                                                                   batch_size=b.batch_size)
         n = seeds or self.default_seeds.get(budget, 1)
-        archs = self.archs.get(budget, self.archs["paper"])
+        # a budget without its own list uses the paper's; the smoke budget uses the quick list (smallest)
+        archs = self.archs.get(budget) or (self.archs.get("quick") if budget == "smoke" else None) or self.archs["paper"]
         out = []
         for seed in range(n):
             for a in archs:
@@ -99,7 +105,7 @@ EXPERIMENTS = {
         "layer-responses", "Fig. 7: std of each 3x3 layer's response (after BN, before addition/ReLU)", "cifar10",
         "cifar-paper", {"quick": ("plain20", "plain56", "resnet20", "resnet56"),
                         "paper": ("plain20", "plain56", "resnet20", "resnet56", "resnet110")},
-        analysis="per-layer response std in layer order and sorted, from the trained checkpoints"),
+        post="layer_responses", analysis="per-layer response std in layer order and sorted, from the trained checkpoints"),
     "shortcut-options": Experiment(
         "shortcut-options", "Table 3's question: shortcut options A vs B vs C", "cifar10", "cifar-paper",
         {"quick": ("resnet20",), "paper": ("resnet56",)},

@@ -84,6 +84,11 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
                             resume=status.startswith("resume")))
         print(f"[{time.strftime('%H:%M:%S')}] {run.name}: done in {(time.time() - t) / 60:.1f} min",
               file=sys.stderr, flush=True)
+    if exp.post == "layer_responses":
+        from .responses import responses_for_runs
+        resp = responses_for_runs(dirs, data_dir)
+        (root / "layer_responses.json").write_text(json.dumps(resp, indent=2))
+        print(f"layer responses: {root / 'layer_responses.json'}")
     if report:
         from .report import write_report
         write_report(Path(out))

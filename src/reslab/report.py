@@ -1,0 +1,180 @@
+"""`reslab report DIR`: plots, tables and numbers from every run folder found under DIR.
+
+Writes into DIR: report.md (paper-vs-ours tables with budget, hardware, wall time and versions next to every
+number, and the exact commands), results.json and results.csv (one row per run), degradation.png (paper
+Fig. 1/6 style: dashed training error, bold test error), and layer_responses.png when
+layer_responses.json is present (written by `reslab reproduce layer-responses`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from .logs import hardware_line, read_metrics
+
+# PAPER.md §2.1 / Table 6 (CIFAR-10 test error %), and §5: other reproductions.
+PAPER_TABLE6 = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43,
+                "resnet1202": 7.93}
+PAPER_TABLE6_NOTE = {"resnet110": "6.43 best of 5; 6.61±0.16 mean±std"}
+OTHERS = {"popular PyTorch reproduction (200 epochs)": {"resnet20": 8.27, "resnet32": 7.37, "resnet44": 6.90,
+                                                       "resnet56": 6.61, "resnet110": 6.32},
+          "fb.resnet.torch": {"resnet20": 8.29, "resnet32": 7.63, "resnet44": 7.14, "resnet56": 6.94,
+                              "resnet110": 6.73}}
+
+
+def find_runs(root: Path) -> list[Path]:
+    return sorted({p.parent for p in Path(root).rglob("metrics.jsonl") if (p.parent / "config.json").is_file()})
+
+
+def summarize(run: Path) -> dict:
+    cfg = json.loads((run / "config.json").read_text())
+    env = json.loads((run / "env.json").read_text()) if (run / "env.json").is_file() else {}
+    rows = read_metrics(run)
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    iters = cfg["recipe"]["iters"]
+    last_eval = evals[-1] if evals else {}
+    tail = train[-5:]  # the training error of the last few logging intervals
+    return {
+        "run": run.name, "path": str(run), "arch": cfg["arch"], "seed": cfg["seed"],
+        "shortcut": cfg.get("model_config", {}).get("shortcut"), "residual": cfg.get("model_config", {}).get("residual"),
+        "budget": cfg["recipe"].get("budget", 1.0), "iters": iters,
+        "step": last_eval.get("step", train[-1]["step"] if train else 0),
+        "complete": bool(evals) and last_eval.get("step") == iters,
+        "test_err": 100 * last_eval["top1_err"] if evals else None,
+        "best_test_err": 100 * min(e["top1_err"] for e in evals) if evals else None,
+        "train_err": 100 * sum(r["train_err"] for r in tail) / len(tail) if tail else None,
+        "eval_split": cfg.get("eval_split"), "wall_min": (last_eval or (train[-1] if train else {})).get("elapsed_s", 0) / 60,
+        "hardware": hardware_line(env) if env else "?", "torch": env.get("torch"), "git": env.get("git"),
+        "precision": cfg.get("precision"), "curves": {"train": [(r["step"], 100 * r["train_err"]) for r in train],
+                                                      "test": [(r["step"], 100 * r["top1_err"]) for r in evals]},
+    }
+
+
+def _depth(arch: str) -> int:
+    return int("".join(c for c in arch if c.isdigit()) or 0)
+
+
+def plot_degradation(runs: list[dict], path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = {"plain": [r for r in runs if r["residual"] is False], "ResNet": [r for r in runs if r["residual"]]}
+    groups = {k: v for k, v in groups.items() if v}
+    if not groups:
+        return False
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
+    for ax, (title, rs) in zip(axes[0], groups.items()):
+        rs = sorted(rs, key=lambda r: (_depth(r["arch"]), r["seed"]))
+        cmap = plt.get_cmap("viridis", max(2, len(rs)))
+        for i, r in enumerate(rs):
+            c = cmap(i)
+            tx, ty = zip(*r["curves"]["train"]) if r["curves"]["train"] else ((), ())
+            ax.plot(tx, ty, "--", color=c, linewidth=1)
+            if r["curves"]["test"]:
+                ex, ey = zip(*r["curves"]["test"])
+                ax.plot(ex, ey, "-", color=c, linewidth=2.4, label=f"{title}-{_depth(r['arch'])}"
+                        + (f" s{r['seed']}" if r["seed"] else ""))
+        ax.set_title(f"{title} (dashed: training error, bold: test error)", fontsize=10)
+        ax.set_xlabel("iterations")
+        ax.set_ylabel("error (%)")
+        ax.set_ylim(0, 100 if title == "plain" else 60)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_responses(resp: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 1, figsize=(7, 6))
+    for name, r in sorted(resp.items(), key=lambda kv: (not kv[1]["arch"].startswith("plain"), _depth(kv[1]["arch"]))):
+        style = "--" if r["arch"].startswith("plain") else "-"
+        axes[0].plot(range(1, len(r["std"]) + 1), r["std"], style, label=r["arch"])
+        axes[1].plot(range(1, len(r["std"]) + 1), sorted(r["std"], reverse=True), style, label=r["arch"])
+    axes[0].set_xlabel("layer index (original order)")
+    axes[1].set_xlabel("layer index (sorted by magnitude)")
+    for ax in axes:
+        ax.set_ylabel("std")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(v, nd=2):
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def table6(runs: list[dict]) -> list[dict]:
+    """Per residual architecture (option A): our test error over seeds next to the paper and others."""
+    out = []
+    for arch in sorted({r["arch"] for r in runs if r["residual"] and r["arch"] in PAPER_TABLE6}, key=_depth):
+        rs = [r for r in runs if r["arch"] == arch and r["test_err"] is not None and r["shortcut"] == "A"]
+        errs = [r["test_err"] for r in rs]
+        out.append({"arch": arch, "n": len(errs), "mean": statistics.mean(errs) if errs else None,
+                    "std": statistics.stdev(errs) if len(errs) > 1 else None, "best": min(errs) if errs else None,
+                    "complete": all(r["complete"] for r in rs), "paper": PAPER_TABLE6[arch],
+                    **{k: v.get(arch) for k, v in OTHERS.items()}})
+    return out
+
+
+def write_report(root) -> Path:
+    root = Path(root)
+    runs = [summarize(p) for p in find_runs(root)]
+    if not runs:
+        raise FileNotFoundError(f"no run folders (config.json + metrics.jsonl) under {root}")
+    flat = [{k: v for k, v in r.items() if k != "curves"} for r in runs]
+    (root / "results.json").write_text(json.dumps({"runs": flat, "table6": table6(runs)}, indent=2))
+    with open(root / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(flat[0]))
+        w.writeheader()
+        w.writerows(flat)
+    lines = [f"# reslab report: {root.name}", "",
+             "CIFAR-10 numbers here are on the data the runs were given (see each run's config.json); on the "
+             "JPEG copy in ../shared they are expected above the paper's.", ""]
+    if plot_degradation(runs, root / "degradation.png"):
+        lines += ["## Training and test error (paper Fig. 1 / Fig. 6)", "", "![degradation](degradation.png)", ""]
+    lines += ["## Runs", "",
+              "| run | budget | steps | train err % (last 5 logs) | test err % (final) | best test % | wall min | hardware | torch | precision |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (not r["residual"], _depth(r["arch"]), r["run"])):
+        steps = f"{r['step']}/{r['iters']}" + ("" if r["complete"] else " (incomplete)")
+        lines.append(f"| {r['run']} | x{r['budget']:g} | {steps} | {_fmt(r['train_err'])} | {_fmt(r['test_err'])} | "
+                     f"{_fmt(r['best_test_err'])} | {r['wall_min']:.1f} | {r['hardware']} | {r['torch']} | {r['precision']} |")
+    t6 = table6(runs)
+    if t6:
+        lines += ["", "## Table 6: CIFAR-10 test error (%)", "",
+                  "| model | ours: mean ± std (n) | ours: best | paper | " + " | ".join(OTHERS) + " |",
+                  "|---|---|---|---|" + "---|" * len(OTHERS)]
+        for t in t6:
+            ours = f"{_fmt(t['mean'])} ± {_fmt(t['std'])} ({t['n']})" + ("" if t["complete"] else " incomplete")
+            lines.append(f"| {t['arch']} | {ours} | {_fmt(t['best'])} | {PAPER_TABLE6_NOTE.get(t['arch'], t['paper'])} | "
+                         + " | ".join(_fmt(t[k]) for k in OTHERS) + " |")
+        lines += ["", "Paper and other reproductions: trained and tested on the original CIFAR-10 files, full "
+                  "schedules (PAPER.md §2.1, §5)."]
+    resp_file = next(iter(sorted(root.rglob("layer_responses.json"))), None)
+    if resp_file:
+        resp = json.loads(resp_file.read_text())
+        plot_responses(resp, root / "layer_responses.png")
+        lines += ["", "## Layer responses (paper Fig. 7)", "", "![layer responses](layer_responses.png)", "",
+                  "| model | layers | mean std | max std |", "|---|---|---|---|"]
+        for name, r in resp.items():
+            lines.append(f"| {name} (step {r['step']}) | {len(r['std'])} | {statistics.mean(r['std']):.3f} | "
+                         f"{max(r['std']):.3f} |")
+    manifests = sorted(root.rglob("manifest-*.json"))
+    if manifests:
+        lines += ["", "## Commands", ""]
+        for m in manifests:
+            d = json.loads(m.read_text())
+            lines += [f"`reslab reproduce {d['experiment']} --budget {d['budget']}` ({d['budget_description']}) ran:",
+                      "", "```"] + [r["command"] for r in d["runs"]] + ["```", ""]
+    (root / "report.md").write_text("\n".join(lines) + "\n")
+    return root / "report.md"

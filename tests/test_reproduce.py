@@ -1,0 +1,102 @@
+"""Experiments as data, the runner, the report and the layer-response hooks."""
+import json
+
+import pytest
+import torch
+
+from reslab import create_model
+from reslab.cli import main
+from reslab.experiments import BUDGETS, EXPERIMENTS, get_experiment
+from reslab.report import summarize, table6, write_report
+from reslab.responses import layer_response_std, response_layers
+
+from conftest import make_cifar_archive
+
+
+def test_experiment_definitions():
+    deg = get_experiment("cifar-degradation")
+    names = {r.arch for r in deg.runs("paper")}
+    assert names == {"plain20", "plain32", "plain44", "plain56", "resnet20", "resnet32", "resnet44", "resnet56",
+                     "resnet110"}
+    quick = deg.runs("quick")
+    assert {"plain20", "plain56", "resnet20", "resnet56"} <= {r.arch for r in quick}
+    assert all(r.recipe.name == "cifar-paper" and r.recipe.batch_size == 128 for r in quick)
+    assert quick[0].recipe.iters == round(64000 * BUDGETS["quick"].scale)
+    paper = deg.runs("paper")[0].recipe
+    assert (paper.iters, paper.milestones) == (64000, (32000, 48000))
+    t6 = get_experiment("cifar-table6").runs("paper")
+    assert len(t6) == 25 and {r.seed for r in t6} == set(range(5))
+    sc = get_experiment("shortcut-options").runs("quick")
+    assert [dict(r.overrides)["shortcut"] for r in sc] == ["A", "B", "C"]
+    assert "--shortcut" in sc[1].cli_args("cifar10", "D", "o")
+    with pytest.raises(ValueError, match="quick, medium, paper"):
+        deg.runs("huge")
+
+
+def test_imagenet_experiment_says_what_it_needs(capsys):
+    assert main(["reproduce", "imagenet-degradation"]) == 2
+    assert "ImageNet-style folder" in capsys.readouterr().err
+
+
+def test_layer_responses_one_value_per_3x3_layer():
+    for depth, n in ((20, 3), (56, 9)):
+        for kind in ("resnet", "plain"):
+            m = create_model(f"{kind}{depth}")
+            layers = response_layers(m)
+            assert len(layers) == 6 * n
+            assert not any("downsample" in name for name, _ in layers)
+    m = create_model("resnet20", shortcut="C")
+    assert len(response_layers(m)) == 18  # projections add BNs, but they are not responses
+    std = layer_response_std(m, torch.randn(8, 3, 32, 32))
+    assert len(std) == 18 and all(s > 0 for s in std)
+
+
+def _fake_run(root, name, arch, residual, errs, iters=100, seed=0):
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"arch": arch, "seed": seed, "recipe": {"iters": iters, "budget": 0.5}, "precision": "fp32",
+           "eval_split": "test", "model_config": {"shortcut": "A", "residual": residual}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "env.json").write_text(json.dumps({"torch": "9.9", "cpu": "TestCPU", "cpu_count": 2, "gpus": [], "git": "abc"}))
+    lines = []
+    for i, (tr, te) in enumerate(errs):
+        step = (i + 1) * iters // len(errs)
+        lines.append({"kind": "train", "step": step, "train_err": tr, "elapsed_s": step})
+        lines.append({"kind": "eval", "step": step, "top1_err": te, "elapsed_s": step})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return d
+
+
+def test_report_from_synthetic_logs(tmp_path):
+    _fake_run(tmp_path, "plain20-s0", "plain20", False, [(0.5, 0.5), (0.2, 0.25)])
+    _fake_run(tmp_path, "resnet20-s0", "resnet20", True, [(0.4, 0.45), (0.1, 0.0900)])
+    _fake_run(tmp_path, "resnet20-s1", "resnet20", True, [(0.4, 0.45), (0.1, 0.1100)], seed=1)
+    path = write_report(tmp_path)
+    text = path.read_text()
+    assert (tmp_path / "degradation.png").stat().st_size > 1000
+    t = {r["arch"]: r for r in json.loads((tmp_path / "results.json").read_text())["table6"]}
+    assert t["resnet20"]["n"] == 2 and t["resnet20"]["mean"] == pytest.approx(10.0)
+    assert t["resnet20"]["std"] == pytest.approx(1.4142, abs=1e-3) and t["resnet20"]["best"] == pytest.approx(9.0)
+    assert "| resnet20 | 10.00 ± 1.41 (2) | 9.00 | 8.75 | 8.27 | 8.29 |" in text
+    assert "TestCPU (2 cores)" in text and "x0.5" in text
+    assert summarize(tmp_path / "plain20-s0")["test_err"] == pytest.approx(25.0)
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("run,") and len(csv_text.splitlines()) == 4
+
+
+def test_tiny_end_to_end_reproduce(tmp_path, capsys):
+    d = tmp_path / "data"
+    make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=200, n_test=40)
+    out = tmp_path / "repro"
+    assert main(["reproduce", "layer-responses", "--data-dir", str(d), "--out", str(out), "--budget", "smoke",
+                 "--dry-run"]) == 0
+    assert "new" in capsys.readouterr().out and not (out / "smoke").exists()
+    assert main(["reproduce", "layer-responses", "--data-dir", str(d), "--out", str(out), "--budget", "smoke"]) == 0
+    resp = json.loads((out / "smoke" / "layer_responses.json").read_text())
+    assert len(resp["resnet56-s0"]["std"]) == 54 and len(resp["plain20-s0"]["std"]) == 18
+    report = (out / "report.md").read_text()
+    assert "Layer responses" in report and "reslab train --arch plain20" in report
+    capsys.readouterr()
+    assert main(["reproduce", "layer-responses", "--data-dir", str(d), "--out", str(out), "--budget", "smoke",
+                 "--dry-run"]) == 0
+    assert capsys.readouterr().out.count(" done ") == 4  # finished runs are skipped
