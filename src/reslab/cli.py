@@ -199,7 +199,7 @@ def _register_train(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     _bool_flag(p, "channels-last", "channels_last memory format (default on)")
-    _bool_flag(p, "compile", "torch.compile the model (default: on for CUDA, off on CPU)")
+    _bool_flag(p, "compile", "torch.compile the model (default off: it measured no faster here)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--sync-bn", action="store_true")

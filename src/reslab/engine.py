@@ -49,7 +49,7 @@ class TrainSettings:
     device: str = "auto"
     precision: str = "auto"          # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool | None = None  # auto: on
-    compile: bool | None = None      # auto: on for CUDA, off on CPU
+    compile: bool | None = None      # auto: off (measured: no gain for ResNet-50 on an H100, +3% ResNet-20)
     compile_mode: str | None = None  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
     deterministic: bool = False
     sync_bn: bool = False
@@ -71,7 +71,7 @@ def resolve_auto(s: TrainSettings, device: torch.device) -> TrainSettings:
     if prec not in PRECISIONS:
         raise ValueError(f"unknown precision {prec!r}; valid choices: auto, {', '.join(PRECISIONS)}")
     cl = True if s.channels_last is None else s.channels_last
-    comp = (device.type == "cuda") if s.compile is None else s.compile
+    comp = False if s.compile is None else s.compile
     return TrainSettings(**{**asdict(s), "recipe": s.recipe, "precision": prec, "channels_last": cl,
                             "compile": comp})
 
