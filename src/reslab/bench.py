@@ -156,6 +156,71 @@ def bench_cifar(arch: str, device, batch: int, settings: list[Setting], steps: i
     return rows
 
 
+def bench_inference(arch: str, device, batch: int, size: int, settings: list[Setting], steps: int, warmup: int,
+                    dev_name: str) -> list[dict]:
+    macs = count_macs(create_model(arch), size)
+    base = time_inference(create_model(arch), batch, size, device, Setting(), steps, warmup)
+    rows = [_row(arch, "infer", "eager fp32 (baseline)", batch, size, base, macs, base["images_per_s"], dev_name)]
+    for s in settings[1:]:
+        r = time_inference(create_model(arch), batch, size, device, s, steps, warmup)
+        rows.append(_row(arch, "infer", s, batch, size, r, macs, base["images_per_s"], dev_name))
+    return rows
+
+
+def bench_data(device, batch: int, seconds: float, dev_name: str, folder_images: int = 256) -> list[dict]:
+    """Augmented images/s of the data pipelines alone: the resident CIFAR loader vs the baseline
+    DataLoader; and the ImageNet-style folder loader (paper training augmentation) on synthetic JPEGs."""
+    import tempfile
+    from .data import Normalizer, ResidentLoader
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8192, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (8192,), generator=g)
+
+    def rate(it):
+        next(it)  # start-up (workers) outside the timing
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            xb, _ = next(it)
+            n += len(xb)
+        _sync(device)
+        return {"images_per_s": n / (time.perf_counter() - t)}
+
+    base = rate(_baseline_batches(x, y, batch, device))
+    res = rate(_forever(ResidentLoader(x, y, batch, Normalizer.fit(x), train=True, device=device)))
+    rows = [_data_row("cifar DataLoader+transforms (baseline)", batch, base, base),
+            _data_row("cifar resident loader", batch, res, base)]
+    with tempfile.TemporaryDirectory() as tmp:
+        from .data import folder
+        _write_jpegs(tmp, folder_images)
+        ds = folder.ImageFolderSplit(tmp, "train", folder.train_transform(folder.imagenet_normalizer()))
+        dl = folder.make_loader(ds, 32, train=True, workers=2)
+        rows.append(_data_row("folder loader, paper augmentation, 2 workers", 32,
+                              rate(_forever(_on(dl, device))), None))
+    return rows
+
+
+def _on(loader, device):
+    for xb, yb in loader:
+        yield xb.to(device, non_blocking=True), yb
+
+
+def _write_jpegs(root: str, n: int) -> None:
+    from PIL import Image
+    rng = torch.Generator().manual_seed(0)
+    for i in range(n):
+        d = Path(root) / "train" / f"c{i % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        arr = torch.randint(0, 256, (375, 500, 3), dtype=torch.uint8, generator=rng).numpy()
+        Image.fromarray(arr).save(d / f"{i}.JPEG", quality=90)
+
+
+def _data_row(name, batch, res, base) -> dict:
+    b = base["images_per_s"] if base else None
+    return {"arch": "-", "kind": "data", "setting": name, "batch": batch, "size": None, **res,
+            "baseline_images_per_s": b, "ratio": res["images_per_s"] / b if b else None, "tflops": 0.0,
+            "peak_fraction": None}
+
+
 def _forever(loader):
     while True:
         yield from loader
@@ -198,13 +263,15 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     settings = [Setting("fp32", False, False), Setting("fp32", True, False)]
     if gpu:
         settings += [Setting("bf16", True, False), Setting("bf16", True, True)]
-    rows = []
+    rows = bench_data(dev, 128, 0.5 if quick else 5.0, dev_name, folder_images=16 if quick else 256)
     cifar_archs = archs or (["resnet8"] if quick else ["resnet20", "resnet56", "resnet110"])
     for a in cifar_archs:
         rows += bench_cifar(a, dev, 128 if not quick else 16, settings, steps, warmup, dev_name)
+        rows += bench_inference(a, dev, 256 if not quick else 16, 32, settings, steps, warmup, dev_name)
     if not quick:
-        for a in imagenet_archs or ["resnet18", "resnet50"]:
+        for a in ["resnet18", "resnet50"] if imagenet_archs is None else imagenet_archs:
             rows += bench_imagenet(a, dev, 256 if gpu else 64, settings, steps, warmup, dev_name)
+            rows += bench_inference(a, dev, 256 if gpu else 64, 224, settings, steps, warmup, dev_name)
     result = {"machine": hardware_line(env), "device": dev_name, "env": env,
               "date": time.strftime("%Y-%m-%d"), "quick": quick, "rows": rows}
     if out:
@@ -225,6 +292,7 @@ def markdown(result: dict) -> str:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
         frac = f"{100 * r['peak_fraction']:.1f}%" if r["peak_fraction"] else "-"
         mem = f"{r['peak_mem_bytes'] / 2**30:.1f} GiB" if r.get("peak_mem_bytes") else "-"
-        lines.append(f"| {r['arch']} | {r['setting']} | {r['batch']} | {r['images_per_s']:,.0f} | {ratio} | "
+        what = f"{r['arch']} ({r['kind']})" if r["kind"] != "train" else r["arch"]
+        lines.append(f"| {what} | {r['setting']} | {r['batch']} | {r['images_per_s']:,.0f} | {ratio} | "
                      f"{r['tflops']:.2f} | {frac} | {mem} |")
     return "\n".join(lines) + "\n"

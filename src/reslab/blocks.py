@@ -55,13 +55,14 @@ class ShortcutA(nn.Module):
         return f"{self.cin}->{self.cout}, stride={self.stride}, zero-pad={self.pad}"
 
 
-def make_shortcut(option: str, cin: int, cout: int, stride: int, preact: bool = False) -> nn.Module | None:
+def make_shortcut(option: str, cin: int, cout: int, stride: int, preact: bool = False,
+                  zero_pad: str = "end") -> nn.Module | None:
     """The one shortcut factory. Returns None for a plain identity (nothing to apply)."""
     if option not in SHORTCUTS:
         raise ValueError(f"unknown shortcut option {option!r}; valid choices: {', '.join(SHORTCUTS)}")
     grows = stride != 1 or cin != cout
     if option == "A":
-        return ShortcutA(cin, cout, stride) if grows else None
+        return ShortcutA(cin, cout, stride, zero_pad) if grows else None
     if option == "B" and not grows:
         return None
     if preact:  # pre-activation nets project the already-normalised input: no BN on the shortcut
@@ -74,12 +75,12 @@ class Block(nn.Module):
 
     expansion = 1
 
-    def _init_common(self, cin, cout, stride, shortcut, residual, relu_after_add, preact):
+    def _init_common(self, cin, cout, stride, shortcut, residual, relu_after_add, preact, zero_pad):
         self.residual = residual
         self.relu_after_add = relu_after_add
         self.preact = preact
         # A plain block has no shortcut at all (so a plain net has no projection parameters).
-        self.downsample = make_shortcut(shortcut, cin, cout, stride, preact) if residual else None
+        self.downsample = make_shortcut(shortcut, cin, cout, stride, preact, zero_pad) if residual else None
         self.relu = nn.ReLU(inplace=True)
 
     def _merge(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ class BasicBlock(Block):
     expansion = 1
 
     def __init__(self, cin, planes, stride=1, shortcut="A", residual=True, relu_after_add=True,
-                 preact=False, stride_in_1x1=True):
+                 preact=False, stride_in_1x1=True, zero_pad="end"):
         super().__init__()
         cout = planes * self.expansion
         if preact:
@@ -118,7 +119,7 @@ class BasicBlock(Block):
             self.bn1 = nn.BatchNorm2d(planes)
             self.conv2 = conv3x3(planes, cout)
             self.bn2 = nn.BatchNorm2d(cout)
-        self._init_common(cin, cout, stride, shortcut, residual, relu_after_add, preact)
+        self._init_common(cin, cout, stride, shortcut, residual, relu_after_add, preact, zero_pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.preact:
@@ -142,7 +143,7 @@ class Bottleneck(Block):
     expansion = 4
 
     def __init__(self, cin, planes, stride=1, shortcut="B", residual=True, relu_after_add=True,
-                 preact=False, stride_in_1x1=True):
+                 preact=False, stride_in_1x1=True, zero_pad="end"):
         super().__init__()
         cout = planes * self.expansion
         self.stride_in_1x1 = stride_in_1x1
@@ -154,7 +155,7 @@ class Bottleneck(Block):
             self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(cin), nn.BatchNorm2d(planes), nn.BatchNorm2d(planes)
         else:
             self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(planes), nn.BatchNorm2d(planes), nn.BatchNorm2d(cout)
-        self._init_common(cin, cout, stride, shortcut, residual, relu_after_add, preact)
+        self._init_common(cin, cout, stride, shortcut, residual, relu_after_add, preact, zero_pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.preact:

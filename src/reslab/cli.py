@@ -284,7 +284,56 @@ def _register_reproduce(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-REGISTER = [_register_zoo, _register_data, _register_train, _register_bench, _register_reproduce]
+# ---------------------------------------------------------------- predict / export / convert
+def cmd_predict(a) -> int:
+    from .predict import predict
+    res = predict(a.path, a.images, top=a.top, batch_size=a.batch_size, device=a.device)
+    if a.json:
+        print_json(res)
+        return 0
+    for r in res:
+        print(r["image"] + ":  " + ",  ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"]))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .export import export
+    r = export(a.path, a.format, a.out)
+    print(f"exported {a.format}: {', '.join(r['files'])} (checked: max |diff| {r['max_abs_diff']:.2e} "
+          "against the PyTorch model)")
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from .interop import convert
+    out = convert(a.src, getattr(a, "from"), a.arch, a.out)
+    print(f"converted {a.src} -> {out} ({a.arch}); use it with reslab eval/predict/export or reslab.load()")
+    return 0
+
+
+def _register_use(sub) -> None:
+    p = sub.add_parser("predict", help="top-5 classes for images, with the checkpoint's classes and normalisation")
+    p.add_argument("path", help="checkpoint, run folder, converted .pt or .safetensors")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("export", help="TorchScript, ONNX or safetensors, checked against PyTorch")
+    p.add_argument("path")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("convert", help="import torchvision or CIFAR-reproduction weights")
+    p.add_argument("src")
+    p.add_argument("--from", required=True, choices=["torchvision", "cifar-repro"])
+    p.add_argument("--arch", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_convert)
+
+
+REGISTER = [_register_zoo, _register_data, _register_train, _register_bench, _register_reproduce, _register_use]
 
 
 def build_parser() -> argparse.ArgumentParser:

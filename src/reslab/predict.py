@@ -42,3 +42,54 @@ def evaluate_checkpoint(path, data_dir=None, view: str = "center", device: str =
     m = evaluate(model, data.eval)
     return {"checkpoint": str(p), "arch": ck["model_config"].get("name"), "data": data_name,
             "split": data.eval_split, "view": view, "step": ck.get("step"), **m}
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+
+
+def image_paths(inputs) -> list[Path]:
+    """Files as given, folders expanded (recursively) to their images, in sorted order."""
+    out = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such image or folder")
+    if not out:
+        raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
+    return out
+
+
+def preprocess(img_uint8: torch.Tensor, family: str) -> torch.Tensor:
+    """Decoded (3, H, W) uint8 -> the network's test view: CIFAR nets see 32x32 (resize the shorter side
+    to 32, centre crop); ImageNet nets resize to 256 and take the centre 224 (paper §3.4 centre view)."""
+    from torchvision.transforms import v2
+    resize, crop = (32, 32) if family == "cifar" else (256, 224)
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])(img_uint8)
+
+
+@torch.no_grad()
+def predict(path, inputs, top: int = 5, batch_size: int = 64, device: str = "auto") -> list[dict]:
+    """Top-k classes with probabilities for each image, with the checkpoint's normalisation and class names."""
+    from .data.folder import decode
+    from .interop import load
+    model = load(path)
+    dev = pick_device(device)
+    model.to(dev)
+    norm, classes = model.reslab["normalizer"], model.reslab["classes"]
+    files = image_paths(inputs)
+    k = min(top, model.cfg.num_classes)
+    results = []
+    for i in range(0, len(files), batch_size):
+        chunk = files[i:i + batch_size]
+        x = torch.stack([preprocess(decode(str(f)), model.cfg.family) for f in chunk])
+        probs = torch.softmax(model(norm(x).to(dev)).float(), 1).cpu()
+        p, idx = probs.topk(k, 1)
+        for f, pi, ii in zip(chunk, p, idx):
+            results.append({"image": str(f), "top": [
+                {"class": classes[j] if classes else str(int(j)), "index": int(j), "prob": float(q)}
+                for q, j in zip(pi, ii)]})
+    return results

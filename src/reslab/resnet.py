@@ -34,6 +34,7 @@ class ResNetConfig:
     relu_after_add: bool = True      # False: no ReLU after the addition (Gross & Wilber 2016)
     zero_init_last: bool = False     # zero each branch's last BN gamma (Goyal et al. 2017)
     width: float = 1.0               # multiplier on every stage's width (wide ResNets)
+    zero_pad: str = "end"            # option A: zero channels after the identity ("end") or split ("both")
     num_classes: int = 10
     in_channels: int = 3
     name: str = ""
@@ -48,6 +49,8 @@ class ResNetConfig:
         if len(self.layers) != len(STEMS[self.family]["widths"]):
             raise ValueError(f"{self.family} nets have {len(STEMS[self.family]['widths'])} stages, "
                              f"got layers={self.layers}")
+        if self.zero_pad not in ("end", "both"):
+            raise ValueError(f"unknown zero_pad {self.zero_pad!r}; valid choices: end, both")
         if self.width <= 0 or self.num_classes < 1 or self.in_channels < 1:
             raise ValueError("width, num_classes and in_channels must be positive")
 
@@ -93,7 +96,7 @@ class ResNet(nn.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 blocks.append(block(cin, planes, stride, shortcut=cfg.shortcut, residual=cfg.residual,
                                     relu_after_add=cfg.relu_after_add, preact=cfg.preact,
-                                    stride_in_1x1=cfg.stride_in_1x1))
+                                    stride_in_1x1=cfg.stride_in_1x1, zero_pad=cfg.zero_pad))
                 cin = planes * block.expansion
             name = f"layer{i + 1}"
             self.add_module(name, nn.Sequential(*blocks))

@@ -1,0 +1,29 @@
+"""Benchmark plumbing: the FLOP/s arithmetic and a well-formed quick result. No speed is asserted."""
+import json
+
+import pytest
+
+from reslab.bench import achieved, peak_for, train_flops_per_image
+from reslab.cli import main
+
+
+def test_flops_arithmetic():
+    assert train_flops_per_image(40_551_040) == 6 * 40_551_040
+    # ResNet-50 v1.5: 4.089 GMACs -> about 24.5 GFLOP per trained image (PAPER.md §5)
+    assert train_flops_per_image(4.089e9) == pytest.approx(24.5e9, rel=0.01)
+    assert achieved(1000, 40_000_000) == pytest.approx(2.4e11)
+    assert achieved(1000, 40_000_000, train=False) == pytest.approx(8e10)
+    assert peak_for("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_for("Some CPU", "fp32") is None
+
+
+def test_quick_bench_writes_a_well_formed_result(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["quick"] and r["machine"] and r["env"]["torch"]
+    base = r["rows"][0]
+    assert "baseline" in base["setting"] and base["ratio"] == pytest.approx(1.0)
+    for row in r["rows"]:
+        assert row["images_per_s"] > 0 and row["tflops"] > 0 and row["ratio"] > 0
+    assert (tmp_path / "r.md").read_text().count("|") > 20

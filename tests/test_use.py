@@ -1,0 +1,166 @@
+"""Using trained models: predict, export, convert, torch.hub."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import reslab
+from reslab.cli import main
+from reslab.engine import TrainSettings, train
+from reslab.recipes import get_recipe
+
+from conftest import make_cifar_archive
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("use")
+    make_cifar_archive(d / "data" / "cifar-10-python.tar.gz", n_train=200, n_test=40)
+    r = get_recipe("cifar-paper").with_overrides(batch_size=40, iters=30, eval_every=30, log_every=10)
+    import os
+    os.environ["RESLAB_CACHE"] = str(d / "cache")
+    train(TrainSettings(recipe=r, out=str(d / "run"), arch="resnet8", data_dir=str(d / "data"), progress=False))
+    return d / "run"
+
+
+def _images(folder: Path, labels=(0, 3, 7)):
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, c in enumerate(labels):  # the synthetic classes are colours: c * 23 in every channel
+        arr = np.full((48, 40, 3), c * 23 % 256, np.uint8)
+        Image.fromarray(arr).save(folder / f"img{i}_c{c}.png")
+    return folder
+
+
+def test_predict_top5_with_class_names(trained, tmp_path, capsys):
+    imgs = _images(tmp_path / "imgs")
+    assert main(["predict", str(trained), str(imgs), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res) == 3
+    for r in res:
+        probs = [t["prob"] for t in r["top"]]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert all(t["class"].startswith("class") for t in r["top"])
+    assert main(["predict", str(trained), str(tmp_path / "missing.png")]) == 2
+
+
+@pytest.mark.parametrize("fmt, suffix", [("torchscript", ".pt"), ("onnx", ".onnx"), ("safetensors", ".safetensors")])
+def test_export_round_trips(trained, tmp_path, fmt, suffix, capsys):
+    out = tmp_path / f"model{suffix}"
+    assert main(["export", str(trained), "--format", fmt, "--out", str(out)]) == 0
+    assert "checked" in capsys.readouterr().out
+    ref = reslab.load(trained / "last.pt")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = ref(x)
+        if fmt == "torchscript":
+            got = torch.jit.load(str(out))(x)
+        elif fmt == "onnx":
+            import onnxruntime as ort
+            got = torch.from_numpy(ort.InferenceSession(str(out)).run(None, {"images": x.numpy()})[0])
+        else:
+            again = reslab.load(out)
+            side = json.loads(out.with_suffix(".json").read_text())
+            assert side["architecture"] == "resnet8" and side["shortcut"] == "A" and side["classes"][0] == "class0"
+            assert torch.equal(again.reslab["normalizer"].mean, ref.reslab["normalizer"].mean)
+            got = again(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_torchvision_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=7).eval()
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    assert main(["convert", str(tmp_path / "tv.pth"), "--from", "torchvision", "--arch", "resnet18",
+                 "--out", str(tmp_path / "r18.pt")]) == 0
+    ours = reslab.load(tmp_path / "r18.pt")
+    assert ours.metadata["stride_variant"] == "-" and ours.cfg.num_classes == 7
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), tv(x))
+
+
+class _ReproBlock(nn.Module):
+    """The popular CIFAR reproduction's block, written independently here: option A pads planes//4 zero
+    channels on both sides of a stride-2 subsample (their lambda layer)."""
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pad = planes // 4 if (stride != 1 or cin != planes) else None
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        sc = x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + sc)
+
+
+class _ReproNet(nn.Module):
+    def __init__(self, n=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        cin, stages = 16, []
+        for i, w in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                blocks.append(_ReproBlock(cin, w, 2 if i and not j else 1))
+                cin = w
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_convert_cifar_reproduction_layout(tmp_path):
+    torch.manual_seed(1)
+    net = _ReproNet().eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5), m.weight.data.uniform_(0.5, 1.5)
+    sd = {"module." + k: v for k, v in net.state_dict().items()}  # DataParallel's prefix
+    torch.save({"state_dict": sd, "best_prec1": 91.7}, tmp_path / "resnet20.th")
+    assert main(["convert", str(tmp_path / "resnet20.th"), "--from", "cifar-repro", "--arch", "resnet20",
+                 "--out", str(tmp_path / "r20.pt")]) == 0
+    ours = reslab.load(tmp_path / "r20.pt")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), net(x), rtol=1e-5, atol=1e-5)
+    assert ours.reslab["classes"][3] == "cat"
+
+
+def test_torch_hub_local():
+    m = torch.hub.load(str(REPO), "resnet56", source="local", num_classes=100)
+    assert m.cfg.depth == 56 and m.cfg.num_classes == 100
+    r50 = torch.hub.load(str(REPO), "resnet50", source="local", stride_in_1x1=False)
+    assert r50.metadata["stride_variant"] == "v1.5"
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        torch.hub.load(str(REPO), "resnet20", source="local", pretrained=True)
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00\x01 not a checkpoint")
+    for args in (["predict", str(junk), str(tmp_path)], ["export", str(junk), "--format", "onnx", "--out",
+                 str(tmp_path / "x.onnx")], ["convert", str(junk), "--from", "torchvision", "--arch", "resnet18",
+                 "--out", str(tmp_path / "y.pt")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "junk.pt" in err[0]
