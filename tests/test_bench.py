@@ -22,8 +22,12 @@ def test_quick_bench_writes_a_well_formed_result(tmp_path, capsys):
     assert main(["bench", "--quick", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["quick"] and r["machine"] and r["env"]["torch"]
-    base = r["rows"][0]
-    assert "baseline" in base["setting"] and base["ratio"] == pytest.approx(1.0)
+    kinds = {row["kind"] for row in r["rows"]}
+    assert kinds == {"data", "train", "infer"}
     for row in r["rows"]:
-        assert row["images_per_s"] > 0 and row["tflops"] > 0 and row["ratio"] > 0
+        assert row["images_per_s"] > 0
+        if row["kind"] != "data":
+            assert row["tflops"] > 0 and row["ratio"] > 0
+        if "baseline" in row["setting"]:
+            assert row["ratio"] == pytest.approx(1.0)
     assert (tmp_path / "r.md").read_text().count("|") > 20

@@ -193,14 +193,15 @@ def bench_data(device, batch: int, seconds: float, dev_name: str, folder_images:
         from .data import folder
         _write_jpegs(tmp, folder_images)
         ds = folder.ImageFolderSplit(tmp, "train", folder.train_transform(folder.imagenet_normalizer()))
-        dl = folder.make_loader(ds, 32, train=True, workers=2)
-        rows.append(_data_row("folder loader, paper augmentation, 2 workers", 32,
-                              rate(_forever(_on(dl, device))), None))
+        dl = folder.make_loader(ds, 8, train=True, workers=2)
+        rows.append(_data_row("folder loader, paper augmentation, 2 workers", 8,
+                              rate(_on(dl, device)), None))
     return rows
 
 
 def _on(loader, device):
-    for xb, yb in loader:
+    """Endless batches from a (re-iterable) DataLoader, moved to the device."""
+    for xb, yb in _forever(loader):
         yield xb.to(device, non_blocking=True), yb
 
 
@@ -223,7 +224,12 @@ def _data_row(name, batch, res, base) -> dict:
 
 def _forever(loader):
     while True:
-        yield from loader
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if n == 0:  # an empty epoch would otherwise spin forever
+            raise ValueError("the loader yields no batches (fewer examples than one batch?)")
 
 
 def _baseline_batches(x, y, batch, device):
