@@ -1,5 +1,4 @@
 """Shared fixtures: synthetic datasets in the official formats, made by the tests themselves."""
-import io
 import os
 import pickle
 import tarfile

@@ -1,7 +1,6 @@
 """The data layer: official formats, safety, splits, the resident loader, folders and views."""
 import hashlib
 import pickle
-import tarfile
 
 import numpy as np
 import pytest

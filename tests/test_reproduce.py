@@ -6,8 +6,8 @@ import torch
 
 from reslab import create_model
 from reslab.cli import main
-from reslab.experiments import BUDGETS, EXPERIMENTS, get_experiment
-from reslab.report import summarize, table6, write_report
+from reslab.experiments import BUDGETS, get_experiment
+from reslab.report import summarize, write_report
 from reslab.responses import layer_response_std, response_layers
 
 from conftest import make_cifar_archive

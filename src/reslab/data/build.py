@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import islice
 
-import torch
 
 from ..errors import ReslabError
 from . import cifar
