@@ -30,4 +30,12 @@ def test_quick_bench_writes_a_well_formed_result(tmp_path, capsys):
             assert row["tflops"] > 0 and row["ratio"] > 0
         if "baseline" in row["setting"]:
             assert row["ratio"] == pytest.approx(1.0)
+        if row["ratio"] is not None:  # the ratio is the median of per-round ratios to the same-run baseline
+            assert len(row["ratio_rounds"]) == len(row["images_per_s_rounds"]) == 2
+            assert min(row["ratio_rounds"]) <= row["ratio"] <= max(row["ratio_rounds"])
     assert (tmp_path / "r.md").read_text().count("|") > 20
+
+
+def test_bench_rejects_zero_rounds(capsys):
+    assert main(["bench", "--quick", "--rounds", "0"]) != 0
+    assert "--rounds must be at least 1" in capsys.readouterr().err

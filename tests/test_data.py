@@ -142,6 +142,34 @@ def test_loader_state_restores_the_same_next_batch():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_forks_leave_the_training_position_alone(jpeg_dir):
+    """Precise BN reads a fork between training steps; the training stream must continue as if untouched."""
+    L, _ = _loader(train=True, seed=5)
+    ref, _ = _loader(train=True, seed=5)
+    it, want = iter(L), [y for _, y in ref]
+    got = [next(it)[1]]
+    f = L.fork(99)
+    forked = [y for _, y in f]
+    got += [y for _, y in it]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert L.state_dict() == {"epoch": 1, "batch": 0, "seed": 5} and f.seed == 99
+    assert not torch.equal(torch.cat(forked), torch.cat(want))
+    # folder stream with persistent workers: a second iter() of the same DataLoader would reset the first
+    from reslab.data.build import FolderStream
+    norm = fold.imagenet_normalizer()
+
+    def stream():
+        ds = fold.ImageFolderSplit(jpeg_dir, "train", fold.eval_transform(norm, "center", size=16, resize=20))
+        return FolderStream(fold.make_loader(ds, 2, train=True, workers=1, seed=0), "cpu")
+    S, R = stream(), stream()
+    want = [x for x, _ in R]
+    it = iter(S)
+    got = [next(it)[0]]
+    assert len(list(S.fork(7))) == 3
+    got += [x for x, _ in it]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_channels_last_output_and_normalizer_modes():
     L, x = _loader(train=True, channels_last=True)
     xb, _ = next(iter(L))

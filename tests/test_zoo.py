@@ -152,7 +152,6 @@ def test_switches():
     blk = m.layer1[1]
     blk.eval()
     with torch.no_grad():  # a zero-initialised branch, no ReLU after the addition: the block is the identity
-        torch.testing.assert_close(blk(x.new_empty(2, 32, 8, 8).normal_()).shape, torch.Size([2, 32, 8, 8]))
         z = torch.randn(2, 32, 8, 8)
         torch.testing.assert_close(blk(z), z)
     pre = reslab.create_model("resnet20", preact=True)
@@ -204,3 +203,17 @@ def test_pickle_torchscript_and_export():
     x = torch.randn(2, 3, 32, 32)
     ep = torch.export.export(m, (x,))
     torch.testing.assert_close(ep.module()(x), m(x))
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_option_a_is_a_strided_subsample_and_keeps_channels_last_gradients(size):
+    """Option A = x[:, :, ::2, ::2] with zero channels after it. The gradient it sends back must stay
+    channels_last: a slice's backward returns NCHW, which made the CPU's later kernels mix layouts."""
+    sc = ShortcutA(4, 8, 2)
+    x = torch.randn(2, 4, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = sc(x)
+    want = torch.cat([x[:, :, ::2, ::2], torch.zeros(2, 4, (size + 1) // 2, (size + 1) // 2)], 1)
+    assert torch.equal(out, want)
+    (g,) = torch.autograd.grad(out, x, torch.randn_like(out).contiguous(memory_format=torch.channels_last))
+    assert g.is_contiguous(memory_format=torch.channels_last)
+    assert torch.count_nonzero(g[:, :, 1::2]) == 0 and torch.count_nonzero(g[:, :, :, 1::2]) == 0

@@ -1,14 +1,20 @@
 """Benchmarks: training and inference throughput, each next to a baseline measured in the same run.
 
-Training throughput is images/s of a full step (forward, backward, SGD) on synthetic batches already on
-the device; achieved FLOP/s counts 6 x forward MACs per trained image (2 per multiply-add, x3 for the
-backward pass) and 2 x MACs per inferred image. Baselines: torchvision's ResNet (eager, fp32, contiguous)
-for the 224x224 models; for the CIFAR nets the same net in eager fp32 fed by a torchvision DataLoader with
-per-sample transforms (the usual CIFAR pipeline), next to reslab's resident loader. No test asserts a speed.
+Training throughput is images/s of a full step (forward, backward, SGD). reslab's rows run the engine's own
+TrainStep, so the bench times the code `reslab train` runs. Baselines: for the CIFAR nets, the same net in a
+textbook eager fp32 loop fed by a torchvision DataLoader with per-sample transforms (the usual CIFAR
+pipeline), against reslab's resident loader: both end to end, data included; for the 224x224 nets,
+torchvision's ResNet in that eager loop, both on synthetic batches already on the device. Candidates run
+interleaved with their baseline in rounds (shared machines drift; see `measure`). Achieved FLOP/s counts 6 x
+forward MACs per trained image (2 per multiply-add, x3 for the backward pass) and 2 x MACs per inferred
+image. No test asserts a speed.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,91 +58,142 @@ class Setting:
         return "+".join([self.precision] + (["channels_last"] if self.channels_last else [])
                         + (["compile"] if self.compile else []))
 
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+@dataclass
+class Plan:
+    """How long to measure: `warmup` untimed steps per candidate (compilation happens there), then `rounds`
+    rounds in which every candidate runs `steps` timed steps in turn. Interleaving puts the baseline and the
+    candidates under the same machine load; the ratio is the median of the per-round ratios."""
+    steps: int
+    warmup: int
+    rounds: int
+
+
+# pause before each timed segment: the previous candidate's DataLoader workers refill their prefetch queue
+# right after it stops, and on a 2-core machine that would be charged to the next candidate
+SETTLE_S = 0.3
+
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def time_train_steps(model, batch: int, size: int, device, s: Setting, steps: int, warmup: int,
-                     batches=None) -> dict:
-    """images/s of full training steps; `batches` (an iterator of (x, y)) replaces synthetic data."""
-    mem = torch.channels_last if s.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=mem).train()
+def measure(candidates: list[tuple[str, object]], batch: int, device, plan: Plan) -> list[dict]:
+    """Time candidates given as (label, factory); a factory builds its model and data and returns a zero-argument
+    function that runs one step. The first candidate is the baseline. Returns one result dict per candidate."""
+    built = []
+    for label, factory in candidates:
+        _sync(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        step = factory()
+        for _ in range(plan.warmup):
+            step()
+        _sync(device)
+        warm = time.perf_counter() - t
+        peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
+        built.append((label, step, warm, peak))
+    rates = [[] for _ in built]
+    for _ in range(plan.rounds):
+        for i, (_, step, _, _) in enumerate(built):
+            _sync(device)
+            time.sleep(SETTLE_S)
+            t = time.perf_counter()
+            for _ in range(plan.steps):
+                step()
+            _sync(device)
+            rates[i].append(batch * plan.steps / (time.perf_counter() - t))
+    out = []
+    for (label, _, warm, peak), r in zip(built, rates):
+        ratios = [a / b for a, b in zip(r, rates[0])]
+        ips = statistics.median(r)
+        out.append({"setting": label, "images_per_s": ips, "images_per_s_rounds": r,
+                    "ratio": statistics.median(ratios), "ratio_rounds": ratios, "step_ms": 1000 * batch / ips, "warmup_s": warm,
+                    "peak_mem_bytes": peak, "baseline_images_per_s": statistics.median(rates[0])})
+    return out
+
+
+def _plain_step(model, batches, device):
+    """The baseline's training step: the textbook eager loop (fp32, contiguous, SGD)."""
+    model = model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    net = torch.compile(model) if s.compile else model
-    ctx = autocast_for(device, s.precision)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x0 = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=mem)
-    y0 = torch.randint(0, model.fc.out_features, (batch,), generator=g).to(device)
 
     def step():
-        x, y = next(batches) if batches is not None else (x0, y0)
-        with ctx:
-            loss = F.cross_entropy(net(x), y)
+        x, y = next(batches)
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    dt = time.perf_counter() - t
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"images_per_s": batch * steps / dt, "step_ms": 1000 * dt / steps, "peak_mem_bytes": peak}
+    return step
 
 
-@torch.no_grad()
-def time_inference(model, batch: int, size: int, device, s: Setting, steps: int, warmup: int) -> dict:
-    mem = torch.channels_last if s.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=mem).eval()
+def _reslab_step(model, batches, device, s: Setting):
+    """reslab's training step: the engine's own TrainStep with the paper's optimiser, under setting `s`."""
+    from .engine import TrainStep, make_optimizer
+    from .recipes import get_recipe
+    model = model.to(device, memory_format=s.memory_format).train()
+    opt = make_optimizer(model, get_recipe("cifar-paper"))
     net = torch.compile(model) if s.compile else model
-    x = torch.randn(batch, 3, size, size).to(device).contiguous(memory_format=mem)
+    ts = TrainStep(net, model, opt, torch.amp.GradScaler(device.type, enabled=False), None, s.precision, device)
+    return lambda: ts(*next(batches), 0.1)
+
+
+def _synthetic(batch, size, num_classes, device, mem=torch.contiguous_format):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=mem)
+    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+    return itertools.repeat((x, y))
+
+
+def _inference_step(model, batch, size, device, s: Setting):
+    model = model.to(device, memory_format=s.memory_format).eval()
+    net = torch.compile(model) if s.compile else model
+    x, _ = next(_synthetic(batch, size, 10, device, s.memory_format))
     ctx = autocast_for(device, s.precision)
-    for _ in range(warmup):
+
+    @torch.no_grad()
+    def step():
         with ctx:
             net(x)
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        with ctx:
-            net(x)
-    _sync(device)
-    return {"images_per_s": batch * steps / (time.perf_counter() - t)}
+    return step
 
 
-def _row(arch, kind, setting, batch, size, res, macs, baseline_ips, dev_name) -> dict:
-    flops = achieved(res["images_per_s"], macs, train=kind == "train")
-    peak = peak_for(dev_name, setting.precision if isinstance(setting, Setting) else "fp32")
-    return {"arch": arch, "kind": kind, "setting": setting.label if isinstance(setting, Setting) else setting,
-            "batch": batch, "size": size, **res, "baseline_images_per_s": baseline_ips,
-            "ratio": res["images_per_s"] / baseline_ips if baseline_ips else None, "tflops": flops / 1e12,
-            "peak_fraction": flops / peak if peak else None}
-
-
-def bench_imagenet(arch: str, device, batch: int, settings: list[Setting], steps: int, warmup: int,
-                   dev_name: str) -> list[dict]:
-    import torchvision
-    macs = count_macs(create_model(arch, stride_in_1x1=False))
-    torch.manual_seed(0)
-    base = time_train_steps(getattr(torchvision.models, arch)(), batch, 224, device, Setting(), steps, warmup)
-    rows = [_row(arch, "train", "torchvision fp32 (baseline)", batch, 224, base, macs, base["images_per_s"], dev_name)]
-    for s in settings:
-        r = time_train_steps(create_model(arch, stride_in_1x1=False), batch, 224, device, s, steps, warmup)
-        rows.append(_row(arch + " (v1.5)", "train", s, batch, 224, r, macs, base["images_per_s"], dev_name))
+def _rows(arch, kind, batch, size, results, macs, dev_name, precisions) -> list[dict]:
+    rows = []
+    for res, prec in zip(results, precisions):
+        flops = achieved(res["images_per_s"], macs, train=kind == "train")
+        peak = peak_for(dev_name, prec)
+        rows.append({"arch": arch, "kind": kind, "batch": batch, "size": size, **res, "tflops": flops / 1e12,
+                     "peak_fraction": flops / peak if peak else None})
     return rows
 
 
-def bench_cifar(arch: str, device, batch: int, settings: list[Setting], steps: int, warmup: int,
-                dev_name: str, images=None) -> list[dict]:
-    """CIFAR training: the baseline pipeline (DataLoader + per-sample transforms + eager fp32) vs reslab's
-    resident loader with each setting. `images`: (uint8 (N,3,32,32), labels) or synthetic."""
+def bench_imagenet(arch: str, device, batch: int, settings: list[Setting], plan: Plan, dev_name: str) -> list[dict]:
+    """224x224 training: torchvision's ResNet (eager fp32) vs reslab's v1.5 twin under each setting."""
+    import torchvision
+    macs = count_macs(create_model(arch, stride_in_1x1=False))
+    torch.manual_seed(0)
+    cands = [("torchvision fp32 (baseline)",
+              lambda: _plain_step(getattr(torchvision.models, arch)(), _synthetic(batch, 224, 1000, device), device))]
+    cands += [(s.label, lambda s=s: _reslab_step(create_model(arch, stride_in_1x1=False),
+                                                  _synthetic(batch, 224, 1000, device, s.memory_format), device, s))
+              for s in settings]
+    res = measure(cands, batch, device, plan)
+    return _rows(arch + " (v1.5)", "train", batch, 224, res, macs, dev_name, ["fp32"] + [s.precision for s in settings])
+
+
+def bench_cifar(arch: str, device, batch: int, settings: list[Setting], plan: Plan, dev_name: str,
+                images=None) -> list[dict]:
+    """CIFAR training end to end (data + step): the baseline pipeline (DataLoader + per-sample transforms +
+    the textbook eager loop) vs reslab's resident loader + engine step under each setting.
+    `images`: (uint8 (N,3,32,32), labels), else synthetic."""
     from .data import Normalizer, ResidentLoader
     if images is None:
         g = torch.Generator().manual_seed(0)
@@ -144,59 +201,60 @@ def bench_cifar(arch: str, device, batch: int, settings: list[Setting], steps: i
                   torch.randint(0, 10, (4096,), generator=g))
     x, y = images
     macs = count_macs(create_model(arch))
-    base = time_train_steps(create_model(arch), batch, 32, device, Setting(), steps, warmup,
-                            batches=_baseline_batches(x, y, batch, device))
-    rows = [_row(arch, "train", "DataLoader+transforms fp32 (baseline)", batch, 32, base, macs,
-                 base["images_per_s"], dev_name)]
     norm = Normalizer.fit(x)
-    for s in settings:
-        loader = ResidentLoader(x, y, batch, norm, train=True, device=device, channels_last=s.channels_last)
-        r = time_train_steps(create_model(arch), batch, 32, device, s, steps, warmup, batches=_forever(loader))
-        rows.append(_row(arch, "train", s, batch, 32, r, macs, base["images_per_s"], dev_name))
-    return rows
+    torch.manual_seed(0)
+    cands = [("DataLoader+transforms fp32 (baseline)",
+              lambda: _plain_step(create_model(arch), _baseline_batches(x, y, batch, device), device))]
+    cands += [(s.label, lambda s=s: _reslab_step(
+        create_model(arch), _forever(ResidentLoader(x, y, batch, norm, train=True, device=device,
+                                                    channels_last=s.channels_last)), device, s))
+              for s in settings]
+    res = measure(cands, batch, device, plan)
+    return _rows(arch, "train", batch, 32, res, macs, dev_name, ["fp32"] + [s.precision for s in settings])
 
 
-def bench_inference(arch: str, device, batch: int, size: int, settings: list[Setting], steps: int, warmup: int,
+def bench_inference(arch: str, device, batch: int, size: int, settings: list[Setting], plan: Plan,
                     dev_name: str) -> list[dict]:
-    macs = count_macs(create_model(arch), size)
-    base = time_inference(create_model(arch), batch, size, device, Setting(), steps, warmup)
-    rows = [_row(arch, "infer", "eager fp32 (baseline)", batch, size, base, macs, base["images_per_s"], dev_name)]
-    for s in settings[1:]:
-        r = time_inference(create_model(arch), batch, size, device, s, steps, warmup)
-        rows.append(_row(arch, "infer", s, batch, size, r, macs, base["images_per_s"], dev_name))
-    return rows
+    """Forward passes in eval mode: eager fp32 contiguous (baseline) vs each setting."""
+    kw = {"stride_in_1x1": False} if size > 32 else {}
+    macs = count_macs(create_model(arch, **kw), size)
+    torch.manual_seed(0)
+    base = Setting()
+    cands = [("eager fp32 (baseline)", lambda: _inference_step(create_model(arch, **kw), batch, size, device, base))]
+    cands += [(s.label, lambda s=s: _inference_step(create_model(arch, **kw), batch, size, device, s))
+              for s in settings if s != base]
+    res = measure(cands, batch, device, plan)
+    precs = ["fp32"] + [s.precision for s in settings if s != base]
+    return _rows(arch + (" (v1.5)" if kw else ""), "infer", batch, size, res, macs, dev_name, precs)
 
 
-def bench_data(device, batch: int, seconds: float, dev_name: str, folder_images: int = 256) -> list[dict]:
-    """Augmented images/s of the data pipelines alone: the resident CIFAR loader vs the baseline
-    DataLoader; and the ImageNet-style folder loader (paper training augmentation) on synthetic JPEGs."""
+def bench_data(device, batch: int, plan: Plan, folder_images: int = 256) -> list[dict]:
+    """Augmented images/s of the data pipelines alone (a step = one batch): the resident CIFAR loader vs the
+    baseline DataLoader; and the ImageNet-style folder loader (paper training augmentation) on synthetic
+    JPEGs, which has no baseline."""
     import tempfile
     from .data import Normalizer, ResidentLoader
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (8192, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (8192,), generator=g)
 
-    def rate(it):
-        next(it)  # start-up (workers) outside the timing
-        n, t = 0, time.perf_counter()
-        while time.perf_counter() - t < seconds:
-            xb, _ = next(it)
-            n += len(xb)
-        _sync(device)
-        return {"images_per_s": n / (time.perf_counter() - t)}
+    def stepper(it):
+        return lambda: next(it)
 
-    base = rate(_baseline_batches(x, y, batch, device))
-    res = rate(_forever(ResidentLoader(x, y, batch, Normalizer.fit(x), train=True, device=device)))
-    rows = [_data_row("cifar DataLoader+transforms (baseline)", batch, base, base),
-            _data_row("cifar resident loader", batch, res, base)]
+    res = measure([("cifar DataLoader+transforms (baseline)", lambda: stepper(_baseline_batches(x, y, batch, device))),
+                   ("cifar resident loader", lambda: stepper(_forever(
+                       ResidentLoader(x, y, batch, Normalizer.fit(x), train=True, device=device))))],
+                  batch, device, plan)
     with tempfile.TemporaryDirectory() as tmp:
         from .data import folder
         _write_jpegs(tmp, folder_images)
         ds = folder.ImageFolderSplit(tmp, "train", folder.train_transform(folder.imagenet_normalizer()))
         dl = folder.make_loader(ds, 8, train=True, workers=2)
-        rows.append(_data_row("folder loader, paper augmentation, 2 workers", 8,
-                              rate(_on(dl, device)), None))
-    return rows
+        fres = measure([("folder loader, paper augmentation, 2 workers", lambda: stepper(_on(dl, device)))], 8,
+                       device, Plan(max(1, plan.steps // 4), 1, plan.rounds))
+        fres[0]["ratio"] = fres[0]["baseline_images_per_s"] = None
+    return [{"arch": "-", "kind": "data", "batch": b, "size": None, **r, "tflops": 0.0, "peak_fraction": None}
+            for r, b in zip(res + fres, [batch, batch, 8])]
 
 
 def _on(loader, device):
@@ -213,13 +271,6 @@ def _write_jpegs(root: str, n: int) -> None:
         d.mkdir(parents=True, exist_ok=True)
         arr = torch.randint(0, 256, (375, 500, 3), dtype=torch.uint8, generator=rng).numpy()
         Image.fromarray(arr).save(d / f"{i}.JPEG", quality=90)
-
-
-def _data_row(name, batch, res, base) -> dict:
-    b = base["images_per_s"] if base else None
-    return {"arch": "-", "kind": "data", "setting": name, "batch": batch, "size": None, **res,
-            "baseline_images_per_s": b, "ratio": res["images_per_s"] / b if b else None, "tflops": 0.0,
-            "peak_fraction": None}
 
 
 def _forever(loader):
@@ -258,26 +309,47 @@ def _baseline_batches(x, y, batch, device):
 
 
 def run(device: str = "auto", quick: bool = False, out: str | None = None, archs=None,
-        imagenet_archs=None) -> dict:
+        imagenet_archs=None, rounds: int | None = None) -> dict:
+    """The whole benchmark; `rounds` overrides the number of interleaved rounds of every group."""
     from .dist import pick_device
     from .logs import environment, hardware_line
     dev = pick_device(device)
     env = environment()
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else env["cpu"]
     gpu = dev.type == "cuda"
-    steps, warmup = (3, 1) if quick else ((50, 10) if gpu else (10, 2))
+    if quick:
+        plan, plan224 = Plan(steps=2, warmup=1, rounds=2), None
+    else:
+        plan, plan224 = (Plan(20, 10, 5), Plan(10, 5, 3)) if gpu else (Plan(4, 2, 5), Plan(2, 1, 2))
+    if rounds is not None:
+        if rounds < 1:
+            raise ValueError(f"--rounds must be at least 1, got {rounds}")
+        plan = Plan(plan.steps, plan.warmup, rounds)
+        plan224 = plan224 and Plan(plan224.steps, plan224.warmup, rounds)
     settings = [Setting("fp32", False, False), Setting("fp32", True, False)]
     if gpu:
         settings += [Setting("bf16", True, False), Setting("bf16", True, True)]
-    rows = bench_data(dev, 128, 0.5 if quick else 5.0, dev_name, folder_images=16 if quick else 256)
-    cifar_archs = archs or (["resnet8"] if quick else ["resnet20", "resnet56", "resnet110"])
-    for a in cifar_archs:
-        rows += bench_cifar(a, dev, 128 if not quick else 16, settings, steps, warmup, dev_name)
-        rows += bench_inference(a, dev, 256 if not quick else 16, 32, settings, steps, warmup, dev_name)
+    elif not quick:  # what --compile adds to the CPU defaults
+        settings += [Setting("fp32", True, True)]
+    groups = [lambda: bench_data(dev, 128, Plan(8, 2, 2) if quick else Plan(40, 4, rounds or 5),
+                                 folder_images=16 if quick else 256)]
+    for a in archs or (["resnet8"] if quick else ["resnet20", "resnet56", "resnet110"]):
+        groups.append(lambda a=a: bench_cifar(a, dev, 128 if not quick else 16, settings, plan, dev_name))
+        groups.append(lambda a=a: bench_inference(a, dev, 256 if not quick else 16, 32, settings, plan, dev_name))
     if not quick:
+        # compiling the 224x224 nets on a 2-core CPU costs more than the few steps measured there
+        s224 = settings if gpu else [s for s in settings if not s.compile]
         for a in ["resnet18", "resnet50"] if imagenet_archs is None else imagenet_archs:
-            rows += bench_imagenet(a, dev, 256 if gpu else 64, settings, steps, warmup, dev_name)
-            rows += bench_inference(a, dev, 256 if gpu else 64, 224, settings, steps, warmup, dev_name)
+            groups.append(lambda a=a: bench_imagenet(a, dev, 256 if gpu else 64, s224, plan224, dev_name))
+            groups.append(lambda a=a: bench_inference(a, dev, 256 if gpu else 64, 224, s224, plan224, dev_name))
+    rows = []
+    for group in groups:
+        done = group()
+        rows += done
+        for r in done:  # progress: a full CPU run takes a while
+            ratio = f" ({r['ratio']:.2f}x)" if r["ratio"] else ""
+            print(f"{r['arch']} {r['kind']} {r['setting']}: {r['images_per_s']:,.0f} img/s{ratio}",
+                  file=sys.stderr, flush=True)
     result = {"machine": hardware_line(env), "device": dev_name, "env": env,
               "date": time.strftime("%Y-%m-%d"), "quick": quick, "rows": rows}
     if out:
@@ -291,14 +363,18 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
 def markdown(result: dict) -> str:
     lines = [f"# Benchmark: {result['machine']} ({result['date']})", "",
              f"torch {result['env']['torch']}, torchvision {result['env']['torchvision']}. "
-             "Training step = forward + backward + SGD; TFLOP/s = 6 x MACs x images/s.", "",
-             "| model | setting | batch | images/s | vs baseline | TFLOP/s | of peak | peak mem |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Training step = forward + backward + SGD; TFLOP/s = 6 x MACs x images/s. Each candidate ran "
+             "interleaved with its baseline: images/s is the median over rounds (range in brackets), the "
+             "ratio the median of per-round ratios. Warm-up includes compilation.", "",
+             "| model | setting | batch | images/s | vs baseline | TFLOP/s | of peak | warm-up | peak mem |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
         frac = f"{100 * r['peak_fraction']:.1f}%" if r["peak_fraction"] else "-"
         mem = f"{r['peak_mem_bytes'] / 2**30:.1f} GiB" if r.get("peak_mem_bytes") else "-"
         what = f"{r['arch']} ({r['kind']})" if r["kind"] != "train" else r["arch"]
-        lines.append(f"| {what} | {r['setting']} | {r['batch']} | {r['images_per_s']:,.0f} | {ratio} | "
-                     f"{r['tflops']:.2f} | {frac} | {mem} |")
+        lo, hi = min(r["images_per_s_rounds"]), max(r["images_per_s_rounds"])
+        fmt = ",.0f" if r["images_per_s"] >= 100 else ".1f"
+        lines.append(f"| {what} | {r['setting']} | {r['batch']} | {r['images_per_s']:{fmt}} ({lo:{fmt}}-{hi:{fmt}}) "
+                     f"| {ratio} | {r['tflops']:.2f} | {frac} | {r['warmup_s']:.1f} s | {mem} |")
     return "\n".join(lines) + "\n"

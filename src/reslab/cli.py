@@ -199,7 +199,7 @@ def _register_train(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     _bool_flag(p, "channels-last", "channels_last memory format (default on)")
-    _bool_flag(p, "compile", "torch.compile the model (default off: it measured no faster here)")
+    _bool_flag(p, "compile", "torch.compile the model (default off: it trained no faster in benchmarks/results)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--sync-bn", action="store_true")
@@ -231,7 +231,8 @@ def _register_train(sub) -> None:
 def cmd_bench(a) -> int:
     from .bench import markdown, run
     out = a.out or f"benchmarks/results/{'quick' if a.quick else 'latest'}.json"
-    result = run(device=a.device, quick=a.quick, out=out, archs=a.arch, imagenet_archs=a.imagenet_arch)
+    result = run(device=a.device, quick=a.quick, out=out, archs=a.arch, imagenet_archs=a.imagenet_arch,
+                 rounds=a.rounds)
     print(markdown(result))
     print(f"written: {out} and {out[:-5]}.md")
     return 0
@@ -244,6 +245,8 @@ def _register_bench(sub) -> None:
     p.add_argument("--arch", nargs="*", default=None, help="CIFAR nets to bench (default resnet20/56/110)")
     p.add_argument("--imagenet-arch", nargs="*", default=None, help="224x224 nets (default resnet18/50)")
     p.add_argument("--out", default=None, help="result JSON (a Markdown table is written beside it)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds per group (default 5; more narrows the ratio on a noisy machine)")
     p.set_defaults(func=cmd_bench)
 
 

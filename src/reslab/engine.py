@@ -49,7 +49,7 @@ class TrainSettings:
     device: str = "auto"
     precision: str = "auto"          # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool | None = None  # auto: on
-    compile: bool | None = None      # auto: off (measured: no gain for ResNet-50 on an H100, +3% ResNet-20)
+    compile: bool | None = None      # auto: off (measured no training gain: H100 ResNet-50, 2-core CPU ResNet-20/56)
     compile_mode: str | None = None  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
     deterministic: bool = False
     sync_bn: bool = False
@@ -224,40 +224,60 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
         write_text_atomic(p, "".join(ln + "\n" for ln in keep))
 
 
+class TrainStep:
+    """One optimisation step exactly as the loop runs it; `reslab bench` times this same object.
+
+    Per-step statistics stay on the device (no host sync): `acc` holds the running loss sum, wrong
+    predictions, images seen and non-finite steps until the next log line reads and clears it.
+    """
+
+    def __init__(self, net, model, opt, scaler, ema, precision: str, device: torch.device,
+                 label_smoothing: float = 0.0):
+        self.net, self.model, self.opt, self.scaler, self.ema = net, model, opt, scaler, ema
+        self.ctx = autocast_for(device, precision)
+        self.label_smoothing = label_smoothing
+        self.acc = torch.zeros(4, dtype=torch.float64, device=device)
+        self._one = torch.ones((), dtype=torch.float64, device=device)  # reused: no host->device copy per step
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        """Train on (x, y) at learning rate `lr`; returns the number of wrong predictions (a device scalar)."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with self.ctx:
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        with torch.no_grad():
+            loss = loss.detach().double()
+            wrong = (logits.argmax(1) != y).sum()
+            self.acc += torch.stack([loss * len(y), wrong.double(), self._one * len(y),
+                                     (~torch.isfinite(loss)).double()])
+        return wrong
+
+
 def _loop(net, model, opt, scaler, ema, data, rs: RunState, s: TrainSettings, d, out: Path) -> dict:
     r = s.recipe
     log = MetricsLog(out, s.tensorboard) if d.is_main else None
     bar = Progress(r.iters, rs.step, enabled=s.progress and d.is_main)
     ctx = autocast_for(d.device, s.precision)
-    dev = d.device
-    # running sums on the device (no sync per step): loss, wrong, seen, non-finite steps
-    acc = torch.zeros(4, dtype=torch.float64, device=dev)
-    rule = torch.zeros(2, dtype=torch.float64, device=dev)  # warm-up rule window: wrong, seen
+    step = TrainStep(net, model, opt, scaler, ema, s.precision, d.device, r.label_smoothing)
+    acc = step.acc
+    rule = torch.zeros(2, dtype=torch.float64, device=d.device)  # warm-up rule window: wrong, seen
     t_log, imgs_log, t_start = time.time(), 0, time.time() - rs.elapsed
     final = {}
     stop = min(r.iters, s.stop_at or r.iters)
     while rs.step < stop:
         for x, y in data.train:
             lr = lr_at(rs.step, r, rs.sched)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with ctx:
-                logits = net(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=r.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if ema is not None:
-                ema.update_parameters(model)
-            with torch.no_grad():
-                wrong = (logits.argmax(1) != y).sum()
-                acc += torch.stack([loss.detach().double() * len(y), wrong.double(),
-                                    torch.tensor(float(len(y)), device=dev, dtype=torch.float64),
-                                    (~torch.isfinite(loss.detach())).double()])
-                if rs.sched.in_warmup_rule:
-                    rule[0] += wrong
-                    rule[1] += len(y)
+            wrong = step(x, y, lr)
+            if rs.sched.in_warmup_rule:
+                rule[0] += wrong
+                rule[1] += len(y)
             rs.step += 1
             imgs_log += len(y) * d.world_size
             if rs.sched.in_warmup_rule and rs.step % r.warmup_rule.check_every == 0:
@@ -308,7 +328,8 @@ def _log_train(acc, rs: RunState, r: Recipe, lr, imgs, dt, t_start, data, d) -> 
 def _eval_and_save(net, model, opt, scaler, ema, data, rs, s, d, out, log, t_start, ctx) -> dict:
     r = s.recipe
     if s.precise_bn_batches:
-        precise_bn(model, iter(_bn_stream(data)), s.precise_bn_batches)
+        # a fork: a separate, seeded pass that leaves the training loader's position untouched
+        precise_bn(model, iter(data.train.fork(s.seed + 7919)), s.precise_bn_batches)
     m = evaluate(model, data.eval, ctx)
     rec = {"kind": "eval", "step": rs.step, "epoch": rs.step / max(1, len(data.train)), "split": data.eval_split,
            **m, "elapsed_s": time.time() - t_start}
@@ -325,16 +346,6 @@ def _eval_and_save(net, model, opt, scaler, ema, data, rs, s, d, out, log, t_sta
         _save(out, model, opt, scaler, ema, data, rs, s, rec, best=improved)
     dist.barrier()
     return rec
-
-
-def _bn_stream(data):
-    """A separate, deterministic pass over training batches for precise BN (the training loader's position
-    and randomness are not touched)."""
-    tr = data.train
-    clone = tr.__class__.__new__(tr.__class__)
-    clone.__dict__.update(tr.__dict__)
-    clone.epoch, clone.batch, clone.seed = 0, 0, tr.seed + 7919
-    return clone
 
 
 def _save(out, model, opt, scaler, ema, data, rs, s, metrics, best: bool) -> None:

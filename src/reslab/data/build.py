@@ -45,6 +45,17 @@ class FolderStream:
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.batch = int(d["epoch"]), int(d["batch"])
 
+    def fork(self, seed: int) -> "FolderStream":
+        """An independent stream over the same files with another shuffling seed and its own (non-persistent)
+        workers: a second iterator of a persistent-worker DataLoader would reset the training one."""
+        from torch.utils.data import DataLoader, DistributedSampler
+        ld, sp = self.loader, self.loader.sampler
+        sampler = DistributedSampler(ld.dataset, num_replicas=sp.num_replicas, rank=sp.rank, shuffle=True,
+                                     seed=seed, drop_last=True)
+        return FolderStream(DataLoader(ld.dataset, batch_size=ld.batch_size, sampler=sampler,
+                                       num_workers=ld.num_workers, pin_memory=ld.pin_memory, drop_last=True,
+                                       collate_fn=ld.collate_fn), self.device)
+
     def __iter__(self):
         if hasattr(self.loader.sampler, "set_epoch"):
             self.loader.sampler.set_epoch(self.epoch)

@@ -19,6 +19,8 @@ kept in evaluation.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .normalize import Normalizer
@@ -107,6 +109,13 @@ class ResidentLoader:
         if d.get("seed", self.seed) != self.seed:
             raise ValueError(f"loader state was saved with seed {d['seed']}, this loader has seed {self.seed}")
         self.epoch, self.batch = int(d["epoch"]), int(d["batch"])
+
+    def fork(self, seed: int) -> "ResidentLoader":
+        """An independent loader over the same device tensors (nothing copied) from epoch 0 of another seed:
+        precise BN draws its batches from one without moving this loader's position."""
+        other = copy.copy(self)
+        other.seed, other.epoch, other.batch = seed, 0, 0
+        return other
 
     def _perm(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(_seed(self.seed, self.epoch))
