@@ -44,6 +44,31 @@ def test_download_checks_the_md5(tmp_path, monkeypatch):
     assert not (cifar.cache_dir() / "downloads" / spec.archive).exists()
 
 
+def test_a_process_waits_for_another_extracting_into_the_same_cache(tmp_path, monkeypatch):
+    """DDP ranks find the cache empty together. Without the lock the second extracted too and replaced the
+    folder the first was reading; with it, the second waits and then reuses the first one's folder."""
+    import subprocess
+    import sys
+    import time
+    arch = make_cifar_archive(tmp_path / "a" / "cifar-10-python.tar.gz")
+    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))
+    spec = cifar.SPECS["cifar10"]
+    dest = cifar.cache_dir() / "extracted" / f"cifar10-{hashlib.md5(arch.read_bytes()).hexdigest()[:12]}"
+    code = ("import sys; from reslab.data import cifar; print('ready', flush=True); "
+            "print(cifar.locate('cifar10', sys.argv[1]).folder)")
+    with cifar._cache_lock(dest.parent / f".{dest.name}.lock"):  # "another rank" is extracting
+        p = subprocess.Popen([sys.executable, "-c", code, str(arch)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(1.5)
+        assert p.poll() is None, "the second process did not wait for the lock"
+        cifar._extract_locked(arch, spec, dest)
+        (dest / "marker").write_text("first")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-500:]
+    assert out.strip() == str(dest / spec.folder) and (dest / "marker").is_file()  # reused, not replaced
+
+
 def test_malicious_pickle_cannot_run_code(tmp_path):
     marker = tmp_path / "pwned"
 

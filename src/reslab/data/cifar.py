@@ -14,6 +14,7 @@ all but the LAST 500 training images of that class (in the official batch order)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -104,12 +105,37 @@ def _has_batches(folder: Path, spec: CifarSpec) -> bool:
     return folder.is_dir() and all((folder / f).is_file() for f, _ in spec.train_files + spec.test_files)
 
 
+@contextlib.contextmanager
+def _cache_lock(path: Path):
+    """An exclusive lock on `path` (POSIX flock): DDP ranks, or two runs sharing a cache, that find the data
+    missing at the same moment would otherwise extract or download it together and replace each other's
+    result while it is being read. Where flock does not exist (Windows) this is a no-op."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _extract(archive: Path, spec: CifarSpec, digest: str) -> Path:
-    """Extract into the cache once (atomic: a temporary folder renamed into place)."""
+    """Extract into the cache once (atomic: a temporary folder renamed into place, under a lock)."""
     dest = cache_dir() / "extracted" / f"{spec.name}-{digest[:12]}"
     if _has_batches(dest / spec.folder, spec):
         return dest / spec.folder
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(dest.parent / f".{dest.name}.lock"):
+        if _has_batches(dest / spec.folder, spec):  # another process finished it while we waited
+            return dest / spec.folder
+        return _extract_locked(archive, spec, dest)
+
+
+def _extract_locked(archive: Path, spec: CifarSpec, dest: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
     try:
         with tarfile.open(archive, "r:gz") as tar:
@@ -144,7 +170,13 @@ def download(spec: CifarSpec, url: str | None = None, expected_md5: str | None =
     target = cache_dir() / "downloads" / spec.archive
     if target.is_file() and md5sum(target) == expected_md5:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(target.with_suffix(".lock")):
+        if target.is_file() and md5sum(target) == expected_md5:  # another process downloaded it meanwhile
+            return target
+        return _download_locked(spec, url, target, expected_md5)
+
+
+def _download_locked(spec: CifarSpec, url: str, target: Path, expected_md5: str) -> Path:
     part = target.with_suffix(".part")
     from tqdm import tqdm
     print(f"downloading {url} -> {target}", file=sys.stderr)
