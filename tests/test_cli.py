@@ -34,7 +34,8 @@ def test_info_text_shows_stage_shapes(capsys):
 @pytest.mark.parametrize("args, needle", [
     (["info", "resnet21"], "resnet20"),
     (["info", "resnet22"], "6n+2"),
-    (["info", "resnet20", "--shortcut", "D"], "A, B, C"),
+    (["info", "resnet20", "--shortcut", "D"], "invalid choice: 'D'"),
+    (["train", "--iters", "many"], "--iters: invalid int"),
 ])
 def test_cli_errors_are_one_line_and_nonzero(args, needle):
     r = run_cli(*args)

@@ -10,7 +10,9 @@ import torch
 from reslab import checkpoint as ckpt
 from reslab.cli import main
 from reslab.data import Normalizer, ResidentLoader, cifar
-from reslab.engine import TrainSettings, TrainingDiverged, make_optimizer, train
+from reslab.config import RunConfig
+from reslab.engine import TrainingDiverged, train
+from reslab.step import make_optimizer
 from reslab.errors import ReslabError
 from reslab.logs import read_metrics
 from reslab.recipes import RECIPES, Recipe, ScheduleState, WarmupRule, after_eval, get_recipe, lr_at
@@ -28,9 +30,9 @@ def data_dir(tmp_path):
     return d
 
 
-def settings(data_dir, out, recipe=None, **kw):
+def settings(data_dir, out, recipe=None, arch="resnet8", **kw):
     r = recipe or get_recipe("cifar-paper").with_overrides(**SMALL)
-    return TrainSettings(recipe=r, out=str(out), arch="resnet8", data_dir=str(data_dir), progress=False, **kw)
+    return RunConfig.build(out, arch, r, data_dir=data_dir, progress=False, **kw)
 
 
 def test_cifar_paper_schedule_hits_its_milestones():
@@ -79,8 +81,7 @@ def test_tiny_model_overfits_a_tiny_batch(tmp_path):
     make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=40, n_test=20, per_batch=8)
     r = get_recipe("cifar-paper").with_overrides(batch_size=40, iters=60, eval_every=60, log_every=20,
                                                  weight_decay=0.0, milestones=())
-    final = train(TrainSettings(recipe=r, out=str(tmp_path / "run"), arch="resnet8", data_dir=str(d),
-                                progress=False))
+    final = train(RunConfig.build(tmp_path / "run", "resnet8", r, data_dir=d, progress=False))
     last = [m for m in read_metrics(tmp_path / "run") if m["kind"] == "train"][-1]
     assert last["train_err"] == 0.0 and last["loss"] < 0.05
     assert final["n"] == 20
@@ -88,11 +89,11 @@ def test_tiny_model_overfits_a_tiny_batch(tmp_path):
 
 def test_resume_is_bitwise_equal_to_uninterrupted(data_dir, tmp_path):
     train(settings(data_dir, tmp_path / "a"))
-    train(settings(data_dir, tmp_path / "b", stop_at=15))  # stops mid-epoch, between evaluations
+    train(settings(data_dir, tmp_path / "b"), stop_at=15)  # stops mid-epoch, between evaluations
     assert ckpt.load(tmp_path / "b")["step"] == 15
     with pytest.raises(ReslabError, match="--resume"):
         train(settings(data_dir, tmp_path / "b"))
-    train(settings(data_dir, tmp_path / "b", resume=True))
+    train(settings(data_dir, tmp_path / "b"), resume=True)
     a, b = ckpt.load(tmp_path / "a"), ckpt.load(tmp_path / "b")
     assert a["step"] == b["step"] == 40
     for k in a["model"]:
@@ -106,35 +107,41 @@ def test_resume_is_bitwise_equal_to_uninterrupted(data_dir, tmp_path):
 def test_checkpoint_contents_load_with_weights_only(data_dir, tmp_path):
     train(settings(data_dir, tmp_path / "r"))
     ck = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
-    assert {"model", "optimizer", "schedule", "step", "rng", "loader", "recipe", "normalizer", "classes"} <= set(ck)
+    assert {"format", "config", "model", "model_config", "normalizer", "classes", "data", "step", "finished",
+            "best_err", "metrics", "train"} == set(ck)
+    assert {"optimizer", "scaler", "ema", "schedule", "loader", "rng", "elapsed"} == set(ck["train"])
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
-    assert ck["recipe"]["name"] == "cifar-paper" and ck["model_config"]["name"] == "resnet8"
+    assert ck["config"]["recipe"]["name"] == "cifar-paper" and ck["model_config"]["name"] == "resnet8"
+    assert ck["config"]["runtime"]["precision"] == "fp32"  # resolved, so a resume elsewhere keeps it
+    assert ck["finished"] and ck["data"]["identity"]["description"].startswith("an unrecognised copy")
+    assert ckpt.read_status(tmp_path / "r") == {"step": 40, "iters": 40, "finished": True}
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     env = json.loads((tmp_path / "r" / "env.json").read_text())
     assert cfg["recipe"]["iters"] == 40 and "torch" in env and "git" in env
+    assert RunConfig.from_dict(cfg) == RunConfig.from_dict(ck["config"])
+    assert cfg["command"].startswith("reslab train --arch resnet8")
 
 
 def test_nan_stops_cleanly_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "r"
-    train(settings(data_dir, out, stop_at=20))
+    train(settings(data_dir, out), stop_at=20)
     before = (out / "last.pt").read_bytes()
-    import reslab.engine as eng
-    real = eng.F.cross_entropy
-    monkeypatch.setattr(eng.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
-    with pytest.raises(TrainingDiverged, match="NaN"):
-        train(settings(data_dir, out, resume=True))
+    import reslab.step as step
+    real = step.F.cross_entropy
+    monkeypatch.setattr(step.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="step 20, untouched"):
+        train(settings(data_dir, out), resume=True)
     assert (out / "last.pt").read_bytes() == before
 
 
 def test_bad_checkpoints_give_clear_errors(data_dir, tmp_path):
     out = tmp_path / "r"
-    train(settings(data_dir, out, stop_at=20))
+    train(settings(data_dir, out), stop_at=20)
     other = create_model("resnet14")
     with pytest.raises(ReslabError, match="another architecture"):
         ckpt.load_model_state(other, ckpt.load(out)["model"], "x")
-    with pytest.raises(ReslabError, match="trained as|does not fit"):
-        train(TrainSettings(recipe=get_recipe("cifar-paper").with_overrides(**SMALL), out=str(out),
-                            arch="resnet14", data_dir=str(data_dir), progress=False, resume=True))
+    with pytest.raises(ReslabError, match="model.arch is 'resnet8'.*'resnet14'"):
+        train(settings(data_dir, out, arch="resnet14"), resume=True)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(ReslabError, match="not a readable"):

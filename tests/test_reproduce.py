@@ -1,12 +1,16 @@
 """Experiments as data, the runner, the report and the layer-response hooks."""
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
 
 from reslab import create_model
 from reslab.cli import main
-from reslab.experiments import BUDGETS, get_experiment
+from reslab.experiments import BUDGETS, EXPERIMENTS, get_experiment
+from reslab.flags import parse_train_args
+from reslab.reproduce import command
 from reslab.report import summarize, write_report
 from reslab.responses import layer_response_std, response_layers
 
@@ -15,22 +19,33 @@ from conftest import make_cifar_archive
 
 def test_experiment_definitions():
     deg = get_experiment("cifar-degradation")
-    names = {r.arch for r in deg.runs("paper")}
+    names = {c.model.arch for c in deg.configs("paper", "o")}
     assert names == {"plain20", "plain32", "plain44", "plain56", "resnet20", "resnet32", "resnet44", "resnet56",
                      "resnet110"}
-    quick = deg.runs("quick")
-    assert {"plain20", "plain56", "resnet20", "resnet56"} <= {r.arch for r in quick}
-    assert all(r.recipe.name == "cifar-paper" and r.recipe.batch_size == 128 for r in quick)
+    quick = deg.configs("quick", "o")
+    assert {"plain20", "plain56", "resnet20", "resnet56"} <= {c.model.arch for c in quick}
+    assert all(c.recipe.name == "cifar-paper" and c.recipe.batch_size == 128 for c in quick)
     assert quick[0].recipe.iters == round(64000 * BUDGETS["quick"].scale)
-    paper = deg.runs("paper")[0].recipe
-    assert (paper.iters, paper.milestones) == (64000, (32000, 48000))
-    t6 = get_experiment("cifar-table6").runs("paper")
-    assert len(t6) == 25 and {r.seed for r in t6} == set(range(5))
-    sc = get_experiment("shortcut-options").runs("quick")
-    assert [dict(r.overrides)["shortcut"] for r in sc] == ["A", "B", "C"]
-    assert "--shortcut" in sc[1].cli_args("cifar10", "D", "o")
+    assert quick[0].out == str(Path("o") / "quick" / "plain20-s0")
+    paper = deg.configs("paper", "o")[0].recipe
+    assert (paper.iters, paper.milestones, paper.eval_every) == (64000, (32000, 48000), 2000)
+    t6 = get_experiment("cifar-table6").configs("paper", "o")
+    assert len(t6) == 25 and {c.seed for c in t6} == set(range(5))
+    sc = get_experiment("shortcut-options").configs("quick", "o", data_dir="D")
+    assert [c.model.kwargs()["shortcut"] for c in sc] == ["A", "B", "C"]
+    assert "--shortcut B" in command(sc[1]) and "--data-dir D" in command(sc[1])
     with pytest.raises(ValueError, match="quick, medium, paper"):
-        deg.runs("huge")
+        deg.configs("huge", "o")
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS))
+def test_every_recorded_command_rebuilds_its_config(budget):
+    """The manifest's command for every run of every experiment parses back to the run's exact config."""
+    for name, exp in EXPERIMENTS.items():
+        for cfg in exp.configs(budget, "runs/x", data_dir="data dir" if exp.needs else None, seeds=2):
+            cmd = shlex.split(command(cfg))
+            assert cmd[0] == "reslab"
+            assert parse_train_args(cmd[1:]) == cfg, (name, cmd)
 
 
 def test_imagenet_experiment_says_what_it_needs(capsys):

@@ -11,7 +11,8 @@ from torch import nn
 
 import reslab
 from reslab.cli import main
-from reslab.engine import TrainSettings, train
+from reslab.config import RunConfig
+from reslab.engine import train
 from reslab.recipes import get_recipe
 
 from conftest import make_cifar_archive
@@ -26,7 +27,7 @@ def trained(tmp_path_factory):
     r = get_recipe("cifar-paper").with_overrides(batch_size=40, iters=30, eval_every=30, log_every=10)
     import os
     os.environ["RESLAB_CACHE"] = str(d / "cache")
-    train(TrainSettings(recipe=r, out=str(d / "run"), arch="resnet8", data_dir=str(d / "data"), progress=False))
+    train(RunConfig.build(d / "run", "resnet8", r, data_dir=d / "data", progress=False))
     return d / "run"
 
 

@@ -1,8 +1,18 @@
-"""Checkpoints: atomic writes, plain contents, clear errors.
+"""Checkpoints: one layout, atomic writes, and one way back from a file to a model.
 
-A checkpoint is a dict of tensors, numbers, strings and lists only, so `torch.load(weights_only=True)`
-reads it. Keys: model (the unwrapped model's state dict), model_config, optimizer, schedule, step,
-loader, rng, recipe, normalizer, classes, data, ema (or None), run (train settings), metrics.
+A checkpoint is a dict of tensors, numbers, strings and lists only, so `torch.load(weights_only=True)` reads
+it. The layout (FORMAT) is `TrainingState.state_dict()` (state.py):
+
+  format            FORMAT
+  config            the run's RunConfig (config.py) as a dict; authoritative on --resume
+  model             the unwrapped model's state dict (never module./_orig_mod. prefixes)
+  model_config      ResNetConfig metadata: `build_model` rebuilds the network from it
+  normalizer, classes, data     what evaluation and prediction need (data: name, split, sizes, identity)
+  step, finished, best_err, metrics      the run's status, read by `read_status` without the rest
+  train             what only resuming needs: optimizer, scaler, ema, schedule, loader, rng, elapsed
+
+Weights-only files (`reslab convert`, earlier reslab versions) hold model, model_config, normalizer and
+classes; everything that only uses a model (`load_model`) accepts them.
 """
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ import torch
 from .errors import ReslabError
 
 LAST, BEST = "last.pt", "best.pt"
+FORMAT = 2
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
@@ -34,6 +45,12 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """A process killed inside save_atomic leaves its temporary file behind; the next run removes it."""
+    for p in Path(folder).glob(".*.pt.*.tmp"):
+        p.unlink(missing_ok=True)
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint file, or a run folder (its last checkpoint)."""
     p = Path(path)
@@ -44,10 +61,12 @@ def resolve(path: str | os.PathLike) -> Path:
     return p
 
 
-def load(path: str | os.PathLike, map_location="cpu") -> dict:
+def load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
+    """Read a reslab checkpoint (any format). `mmap=True` maps the tensors instead of reading them: the
+    cheap way to look at the small entries of a large file."""
     p = resolve(path)
     try:
-        ck = torch.load(p, map_location=map_location, weights_only=True)
+        ck = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch.load raises many types for bad files (struct.error, UnpicklingError, ...)
         raise ReslabError(f"{p}: not a readable reslab checkpoint ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -56,10 +75,63 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     return ck
 
 
-def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:
-    """load_state_dict with an error a user can act on when the architecture differs."""
-    missing, unexpected = [], []
+def read_status(path: str | os.PathLike) -> dict:
+    """{step, iters, finished} of a training checkpoint; the tensors (model, optimiser) stay on disk."""
+    ck = load(path, mmap=True)
+    if ck.get("format") != FORMAT:
+        raise ReslabError(f"{resolve(path)}: written by an earlier reslab (no run status inside); "
+                          "it can be evaluated and exported, not resumed")
+    return {"step": ck["step"], "iters": ck["config"]["recipe"]["iters"], "finished": ck["finished"]}
+
+
+def training_state(path: str | os.PathLike) -> dict:
+    """A checkpoint that can be resumed (FORMAT), or a one-line error saying why this one cannot."""
+    ck = load(path)
+    if ck.get("format") != FORMAT or "train" not in ck:
+        raise ReslabError(f"{resolve(path)}: written by an earlier reslab or by `reslab convert` (no training "
+                          "state inside); it can be evaluated and exported, not resumed — start a new --out")
+    return ck
+
+
+def build_model(model_config: dict):
+    """The one way from checkpoint metadata to a network (weights not loaded)."""
+    from .resnet import ResNet, ResNetConfig
+    cfg = {k: v for k, v in model_config.items() if k in ResNetConfig.__dataclass_fields__}
+    cfg["layers"] = tuple(cfg["layers"])
+    try:
+        return ResNet(ResNetConfig(**cfg))
+    except (TypeError, ValueError) as e:
+        raise ReslabError(f"the checkpoint's model config does not build a reslab model ({e})") from None
+
+
+def load_model(source, key: str = "model"):
+    """A model from a checkpoint file, run folder or already-loaded checkpoint dict, in eval mode, with
+    `model.reslab = {classes, normalizer, config}`. `key="ema"` takes a run's EMA weights instead."""
+    from .data.normalize import Normalizer
+    ck = source if isinstance(source, dict) else load(source)
+    name = "checkpoint" if isinstance(source, dict) else str(resolve(source))
+    state = ck.get(key) if key != "ema" else (ck.get("train") or {}).get("ema")
+    if state is None:
+        raise ReslabError(f"{name} holds no {key!r} weights")
+    model = build_model(ck["model_config"])
+    load_model_state(model, state, name)
+    model.reslab = {"classes": ck.get("classes"), "normalizer": Normalizer.from_state_dict(ck["normalizer"]),
+                    "config": ck["model_config"]}
+    return model.eval()
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpoint",
+                     fill_bn_counters: bool = False) -> None:
+    """load_state_dict with an error a user can act on when the architecture differs.
+
+    `fill_bn_counters`: accept files saved by PyTorch before 0.4.1, whose BatchNorm layers had no
+    `num_batches_tracked` buffer (it only counts steps; BN uses it only when momentum is None)."""
     own = model.state_dict()
+    if fill_bn_counters:
+        state = dict(state)
+        for k in own:
+            if k.endswith(".num_batches_tracked") and k not in state and k.rsplit(".", 1)[0] + ".running_mean" in state:
+                state[k] = torch.zeros((), dtype=torch.long)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shape = [k for k in own if k in state and own[k].shape != state[k].shape]

@@ -54,19 +54,20 @@ def cmd_models(a) -> int:
 
 def cmd_info(a) -> int:
     from .complexity import describe
+    from .flags import model_options
     from .zoo import create_model
-    overrides = {"shortcut": a.shortcut, "stride_in_1x1": False if a.v15 else None,
-                 "num_classes": a.num_classes}
     if a.input_size is not None and a.input_size < 8:
         raise ValueError(f"--input-size must be at least 8 pixels, got {a.input_size}")
-    d = describe(create_model(a.name, **overrides), a.input_size)
+    d = describe(create_model(a.name, num_classes=a.num_classes, **model_options(a)), a.input_size)
     if a.json:
         print_json(d)
         return 0
     print(f"{d['name']}: {d['family']} family, depth {d['depth']} ({d['layers_weighted']} weighted layers), "
           f"{d['block']} blocks {d['layers']}, shortcut {d['shortcut']}, stride variant {d['stride_variant']}")
-    print(f"  residual={d['residual']} preact={d['preact']} relu_after_add={d['relu_after_add']} "
-          f"width={d['width']} classes={d['num_classes']} in_channels={d['in_channels']}")
+    shown = {"name", "family", "depth", "block", "layers", "shortcut", "stride_variant", "num_classes",
+             "in_channels", "input_size", "layers_weighted", "params", "macs", "stage_shapes", "stride_in_1x1"}
+    print("  " + " ".join(f"{k}={v}" for k, v in d.items() if k not in shown)
+          + f" classes={d['num_classes']} in_channels={d['in_channels']}")
     print(f"  params {d['params']:,} ({_fmt_count(d['params'])})")
     print(f"  MACs   {d['macs']:,} ({_fmt_count(d['macs'])}) at {d['input_size']}x{d['input_size']}")
     print("  output shapes (C, H, W):")
@@ -76,6 +77,7 @@ def cmd_info(a) -> int:
 
 
 def _register_zoo(sub) -> None:
+    from .flags import add_section_flags
     p = sub.add_parser("models", help="table of the model zoo")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
@@ -83,10 +85,8 @@ def _register_zoo(sub) -> None:
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.add_argument("--input-size", type=int, default=None, help="square input side (default 32 / 224)")
-    p.add_argument("--shortcut", default=None, help="shortcut option A, B or C (paper §3.3)")
-    p.add_argument("--v1.5", dest="v15", action="store_true",
-                   help="bottleneck stride on the 3x3 (torchvision) instead of the first 1x1 (paper v1)")
     p.add_argument("--num-classes", type=int, default=None)
+    add_section_flags(p, "model")
     p.set_defaults(func=cmd_info)
 
 
@@ -114,10 +114,11 @@ def cmd_data_info(a) -> int:
 
 
 def _register_data(sub) -> None:
+    from .data.build import DATASETS
     p = sub.add_parser("data", help="datasets: sizes, classes, checksums")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     q = dsub.add_parser("info", help="sizes of each split, per-class counts, shape, mean pixel, checksum")
-    q.add_argument("--data", choices=["cifar10", "cifar100", "folder"], default="cifar10")
+    q.add_argument("--data", choices=DATASETS, default="cifar10")
     q.add_argument("--data-dir", default=None, help="archive, extracted folder, or ImageNet-style root "
                    "(default: $RESLAB_DATA, else download)")
     q.add_argument("--json", action="store_true")
@@ -125,40 +126,17 @@ def _register_data(sub) -> None:
 
 
 # ---------------------------------------------------------------- train / eval
-def _bool_flag(p, name, help):
-    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None,
-                   help=help)
-
-
 def cmd_train(a) -> int:
-    from .engine import TrainSettings, train
-    from .recipes import get_recipe
-    r = get_recipe(a.recipe)
-    if a.budget is not None:
-        r = r.scaled(a.budget)
-    r = r.with_overrides(iters=a.iters, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every,
-                         log_every=a.log_every, val_split=True if a.val_split else None, schedule=a.schedule,
-                         warmup_iters=a.warmup_iters, label_smoothing=a.label_smoothing,
-                         nesterov=True if a.nesterov else None, no_wd_bn_bias=True if a.no_wd_bn_bias else None,
-                         ema_decay=a.ema, normalization=a.normalization)
-    out = a.out or f"runs/{a.arch}-{a.data}-s{a.seed}"
-    s = TrainSettings(recipe=r, out=out, arch=a.arch, model_overrides=_model_overrides(a), data=a.data,
-                      data_dir=a.data_dir, seed=a.seed, device=a.device, precision=a.precision,
-                      channels_last=a.channels_last, compile=a.compile, compile_mode=a.compile_mode, deterministic=a.deterministic,
-                      sync_bn=a.sync_bn, precise_bn_batches=a.precise_bn, resume=a.resume, workers=a.workers,
-                      tensorboard=a.tensorboard, stop_at=a.stop_at)
-    final = train(s)
+    from .engine import train
+    from .flags import config_from_args
+    if a.extend_to is not None and not a.resume:
+        raise ValueError("--extend-to lengthens an existing run: use it with --resume")
+    cfg, explicit = config_from_args(a)
+    final = train(cfg, resume=a.resume, explicit=explicit, extend_to=a.extend_to, stop_at=a.stop_at)
     if final and int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {out} step {final['step']} {final['split']} top-1 error {100 * final['top1_err']:.2f}% "
+        print(f"done: {cfg.out} step {final['step']} {final['split']} top-1 error {100 * final['top1_err']:.2f}% "
               f"(top-5 {100 * final['top5_err']:.2f}%, loss {final['loss']:.4f}, n={final['n']})")
     return 0
-
-
-def _model_overrides(a) -> dict:
-    return {k: v for k, v in {"shortcut": a.shortcut, "stride_in_1x1": False if a.v15 else None,
-                              "preact": True if a.preact else None, "width": a.width,
-                              "zero_init_last": True if a.zero_init_last else None,
-                              "relu_after_add": False if a.no_relu_after_add else None}.items() if v is not None}
 
 
 def cmd_eval(a) -> int:
@@ -174,51 +152,21 @@ def cmd_eval(a) -> int:
 
 
 def _register_train(sub) -> None:
+    from .data.folder import VIEWS
+    from .flags import add_run_flags
     p = sub.add_parser("train", help="train a zoo model with a paper recipe (no arguments: resnet20 on CIFAR-10)")
-    p.add_argument("--arch", default="resnet20")
-    p.add_argument("--data", default="cifar10", choices=["cifar10", "cifar100", "folder"])
-    p.add_argument("--data-dir", default=None, help="dataset archive or folder (default: $RESLAB_DATA, else download)")
-    p.add_argument("--recipe", default="cifar-paper", help="cifar-paper | imagenet-paper")
-    p.add_argument("--out", default=None, help="run folder (default runs/ARCH-DATA-sSEED)")
-    p.add_argument("--budget", type=float, default=None, help="scale the schedule: 0.1 = a tenth of the iterations")
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--log-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--val-split", action="store_true", help="train on 45k, evaluate on the held-out 5k")
-    p.add_argument("--schedule", choices=["step", "cosine", "plateau"], default=None)
-    p.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up iterations")
-    p.add_argument("--label-smoothing", type=float, default=None)
-    p.add_argument("--nesterov", action="store_true")
-    p.add_argument("--no-wd-bn-bias", action="store_true", help="no weight decay on BN parameters and biases")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay, e.g. 0.999 (also evaluates the EMA)")
-    p.add_argument("--normalization", choices=["pixel", "channel"], default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    _bool_flag(p, "channels-last", "channels_last memory format (default on)")
-    _bool_flag(p, "compile", "torch.compile the model (default off: it trained no faster in benchmarks/results)")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
-    p.add_argument("--deterministic", action="store_true")
-    p.add_argument("--sync-bn", action="store_true")
-    p.add_argument("--precise-bn", type=int, default=0, metavar="N", help="recompute BN stats over N batches before each eval")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers (image folders)")
-    p.add_argument("--tensorboard", action="store_true")
+    add_run_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; "
+                   "its recorded config wins, and a flag that contradicts it is an error")
+    p.add_argument("--extend-to", type=int, default=None, metavar="N",
+                   help="with --resume: lengthen the run to N iterations, keeping every lr milestone where it was")
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step, resumable (for budgets/tests)")
-    p.add_argument("--shortcut", default=None, help="A, B or C")
-    p.add_argument("--v1.5", dest="v15", action="store_true")
-    p.add_argument("--preact", action="store_true")
-    p.add_argument("--width", type=float, default=None)
-    p.add_argument("--zero-init-last", action="store_true")
-    p.add_argument("--no-relu-after-add", action="store_true")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint or run folder with the paper's protocols")
     p.add_argument("path", help="a checkpoint file, or a run folder (its last.pt)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--views", default="center", choices=["center", "10crop", "multiscale"])
+    p.add_argument("--views", default="center", choices=VIEWS)
     p.add_argument("--precise-bn", type=int, default=0, metavar="N")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=4)
@@ -271,12 +219,13 @@ def cmd_report(a) -> int:
 
 
 def _register_reproduce(sub) -> None:
+    from .experiments import BUDGETS
     p = sub.add_parser("reproduce", help="run one of the paper's experiments (--list shows them)")
     p.add_argument("name", nargs="?")
     p.add_argument("--list", action="store_true")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="runs/reproduce")
-    p.add_argument("--budget", default="quick", choices=["quick", "medium", "paper", "smoke"])
+    p.add_argument("--budget", default="quick", choices=list(BUDGETS))
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--dry-run", action="store_true", help="print the runs, their status and estimated cost")
     p.add_argument("--device", default="auto")
@@ -315,6 +264,8 @@ def cmd_convert(a) -> int:
 
 
 def _register_use(sub) -> None:
+    from .export import FORMATS
+    from .interop import CONVERTERS
     p = sub.add_parser("predict", help="top-5 classes for images, with the checkpoint's classes and normalisation")
     p.add_argument("path", help="checkpoint, run folder, converted .pt or .safetensors")
     p.add_argument("images", nargs="+", help="image files or folders")
@@ -325,12 +276,12 @@ def _register_use(sub) -> None:
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("export", help="TorchScript, ONNX or safetensors, checked against PyTorch")
     p.add_argument("path")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("convert", help="import torchvision or CIFAR-reproduction weights")
     p.add_argument("src")
-    p.add_argument("--from", required=True, choices=["torchvision", "cifar-repro"])
+    p.add_argument("--from", required=True, choices=list(CONVERTERS))
     p.add_argument("--arch", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_convert)
@@ -339,9 +290,17 @@ def _register_use(sub) -> None:
 REGISTER = [_register_zoo, _register_data, _register_train, _register_bench, _register_reproduce, _register_use]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line like every other reslab error (`--help` shows usage)."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("reslab").strip()
+        print(f"reslab: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reslab", description="ResNets as the paper defines them: "
-                                "build, train, evaluate, reproduce.")
+    p = _Parser(prog="reslab", description="ResNets as the paper defines them: build, train, evaluate, reproduce.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in REGISTER:
         register(sub)
@@ -350,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import ReslabError
-    a = build_parser().parse_args(argv)
+    try:
+        a = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     try:
         return int(a.func(a) or 0)
     except (ReslabError, ValueError, FileNotFoundError) as e:

@@ -1,355 +1,284 @@
-"""The training loop. Plain functions; the contract:
+"""The training loop. The contract, in one place:
 
-  train(settings) builds the run (data, model, optimiser, schedule state), resumes it from RUN/last.pt when
-  asked, then repeats: lr = lr_at(step) -> forward under one autocast context -> backward through one
-  (possibly disabled) GradScaler -> optimiser step -> EMA update. Every `log_every` steps it logs one
-  metrics line; every `eval_every` steps and at the end it evaluates, then (rank 0) writes RUN/last.pt
-  atomically, and RUN/best.pt on a new best error. A non-finite loss stops the run before anything is saved,
-  so the last good checkpoint stays intact. Resuming restores weights, optimiser, schedule state, step,
-  loader position and RNG states: on the CPU the result is bitwise the uninterrupted run's.
+  `Trainer(cfg)` builds one run from its RunConfig: data, model (initialised from the run's seed), optimiser,
+  GradScaler, EMA and schedule state, gathered in one TrainingState (state.py). With `resume=True` and a
+  RUN/last.pt, the checkpoint's config is authoritative: flags that contradict it are one-line errors
+  (config.resume_config), `extend_to=N` lengthens the run, and the state is restored exactly.
 
-Precision: "fp32", "bf16" (autocast), "fp16" (autocast + GradScaler). One code path for all three.
+  `fit()` then repeats `advance()`: lr = lr_at(step) -> forward under one autocast context -> backward through
+  one (possibly disabled) GradScaler -> optimiser step -> EMA update. Every `log_every` steps it logs one
+  metrics line; every `eval_every` steps and at the end it evaluates and saves (rank 0): RUN/best.pt on a new
+  best error, then RUN/last.pt, each written atomically. `stop_at` ends the process early with a checkpoint
+  at that step.
+
+  Nothing is saved unless every step since the last check had a finite loss and the weights are finite; a
+  run that diverges stops with an error that says which checkpoint on disk is intact. On the CPU a resumed
+  run is bitwise the uninterrupted one, however often it was killed (SIGKILL included).
+
+A Trainer owns no global state (its randomness is its seed's), so several can run side by side in one
+process. `train(cfg)` is the one-call form.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import random
+import shlex
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
 from . import dist
+from .config import RunConfig, extend, resume_config
 from .data import build as data_build
 from .errors import ReslabError
 from .evaluate import evaluate, precise_bn
+from .flags import to_cli_args
 from .logs import MetricsLog, Progress, environment, write_json, write_text_atomic
-from .recipes import Recipe, ScheduleState, after_eval, lr_at, warmup_rule_applies
+from .recipes import after_eval, lr_at, warmup_rule_applies
+from .state import TrainingState
+from .step import TrainStep, autocast_for, make_ema, make_optimizer, resolve_runtime
 from .zoo import create_model
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass
-class TrainSettings:
-    recipe: Recipe
-    out: str
-    arch: str = "resnet20"
-    model_overrides: dict = field(default_factory=dict)
-    data: str = "cifar10"
-    data_dir: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"          # auto: bf16 on CUDA, fp32 on CPU
-    channels_last: bool | None = None  # auto: on
-    compile: bool | None = None      # auto: off (measured: H100 ResNet-50 -3%, ResNet-20 +3%; CPU within noise)
-    compile_mode: str | None = None  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
-    deterministic: bool = False
-    sync_bn: bool = False
-    precise_bn_batches: int = 0      # >0: recompute BN statistics over this many batches before each eval
-    resume: bool = False
-    workers: int = 4
-    tensorboard: bool = False
-    progress: bool = True
-    stop_at: int | None = None       # stop (as if interrupted) after this step; the run stays resumable
 
 
 class TrainingDiverged(ReslabError):
     pass
 
 
-def resolve_auto(s: TrainSettings, device: torch.device) -> TrainSettings:
-    """Fill 'auto' settings with the fast defaults for the device (see README: Performance)."""
-    prec = s.precision if s.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if prec not in PRECISIONS:
-        raise ValueError(f"unknown precision {prec!r}; valid choices: auto, {', '.join(PRECISIONS)}")
-    cl = True if s.channels_last is None else s.channels_last
-    comp = False if s.compile is None else s.compile
-    return TrainSettings(**{**asdict(s), "recipe": s.recipe, "precision": prec, "channels_last": cl,
-                            "compile": comp})
-
-
-def autocast_for(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def configure_backends(deterministic: bool) -> None:
+    """Process-wide switches (the only global state training touches)."""
     if deterministic:
+        import os
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-
-
-def rng_state() -> dict:
-    # The loader's randomness is a function of (seed, epoch, batch) and needs no saving; these cover
-    # anything else drawn from the global generators.
-    st = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def make_optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
-    if r.no_wd_bn_bias:
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-        groups = [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        groups = [{"params": list(model.parameters()), "weight_decay": r.weight_decay}]
-    return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov)
-
-
-def make_ema(model: nn.Module, decay: float):
-    if not decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-@dataclass
-class RunState:
-    """Everything the loop mutates, saved in every checkpoint."""
-    step: int = 0
-    sched: ScheduleState = field(default_factory=ScheduleState)
-    best_err: float = float("inf")
-    elapsed: float = 0.0             # training seconds before this process (resumed runs)
-
-
-def _checkpoint(model, opt, scaler, ema, data, rs: RunState, s: TrainSettings, metrics: dict) -> dict:
-    m = dist.unwrap(model)
-    return {
-        "model": m.state_dict(), "model_config": m.metadata, "optimizer": opt.state_dict(),
-        "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-        "schedule": rs.sched.state_dict(), "step": rs.step, "best_err": rs.best_err, "elapsed": rs.elapsed,
-        "loader": data.train.state_dict(), "rng": rng_state(), "recipe": s.recipe.to_dict(),
-        "normalizer": data.normalizer.state_dict(), "classes": data.classes,
-        "data": {"name": s.data, "eval_split": data.eval_split},
-        "run": {k: v for k, v in asdict(s).items() if k != "recipe"}, "metrics": metrics,
-    }
-
-
-def _model_kwargs(s: TrainSettings, num_classes: int) -> dict:
-    return {"num_classes": num_classes, **s.model_overrides}
-
-
-def train(settings: TrainSettings) -> dict:
-    """Run (or resume) one training run; returns the final evaluation metrics."""
-    d = dist.init(settings.device)
-    s = resolve_auto(settings, d.device)
-    r = s.recipe
-    r.validate()
-    out = Path(s.out)
-    if (out / ckpt.LAST).exists() and not s.resume:
-        raise ReslabError(f"{out} already holds a run ({ckpt.LAST}); pass --resume to continue it or choose "
-                          "another --out")
-    seed_everything(s.seed + d.rank, s.deterministic)
-    mem = torch.channels_last if s.channels_last else torch.contiguous_format
-    data = data_build.build(s.data, s.data_dir, batch_size=r.batch_size, device=d.device, seed=s.seed,
-                            rank=d.rank, world_size=d.world_size, val_split=r.val_split,
-                            normalization=r.normalization, channels_last=s.channels_last, workers=s.workers)
-    model = create_model(s.arch, **_model_kwargs(s, len(data.classes))).to(d.device, memory_format=mem)
-    opt = make_optimizer(model, r)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=s.precision == "fp16")
-    rs = RunState()
-    rs.sched.in_warmup_rule = warmup_rule_applies(r, model.cfg.depth)
-    ema = make_ema(model, r.ema_decay)
-    if s.resume and (out / ckpt.LAST).exists():
-        _resume(out / ckpt.LAST, model, opt, scaler, ema, data, rs, s)
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {**asdict(s), "recipe": r.to_dict(), "model_config": model.metadata,
-                                         "world_size": d.world_size, "train_size": data.train_size,
-                                         "eval_split": data.eval_split, "eval_size": data.eval_size})
-        write_json(out / "env.json", environment())
-    if s.sync_bn and d.device.type == "cpu":
-        raise ReslabError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU)")
-    if s.sync_bn and d.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = model
-    if d.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores (cuDNN's default too)
-    step_net = torch.compile(net, mode=s.compile_mode) if s.compile else net
-    try:
-        return _loop(step_net, model, opt, scaler, ema, data, rs, s, d, out)
-    finally:
-        dist.shutdown()
 
 
-def _resume(path, model, opt, scaler, ema, data, rs: RunState, s: TrainSettings) -> None:
-    ck = ckpt.load(path)
-    ckpt.load_model_state(model, ck["model"], str(path))
-    if ck["model_config"] != model.metadata:
-        raise ReslabError(f"{path} was trained as {ck['model_config'].get('name')} with other settings; "
-                          "resume with the same --arch and model options")
-    opt.load_state_dict(ck["optimizer"])
-    scaler.load_state_dict(ck["scaler"])
-    if ema is not None and ck.get("ema") is not None:
-        ema.module.load_state_dict(ck["ema"])
-    rs.sched.load_state_dict(ck["schedule"])
-    rs.step, rs.best_err, rs.elapsed = ck["step"], ck["best_err"], ck["elapsed"]
-    data.train.load_state_dict(ck["loader"])
-    set_rng_state(ck["rng"])
-    if int(os.environ.get("RANK", "0")) == 0:
-        _truncate_metrics(Path(path).parent, rs.step)
+def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """The run's network, initialised from the run's seed alone (the global generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return create_model(cfg.model.arch, num_classes=num_classes, **cfg.model.kwargs())
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, explicit: set | None = None,
+                 extend_to: int | None = None, dist_info: dist.DistInfo | None = None):
+        self.d = d = dist_info or dist.init(cfg.runtime.device)
+        self.out = out = Path(cfg.out)
+        # 'auto' settings become what they mean on this device before anything is compared or saved
+        cfg = RunConfig(cfg.out, cfg.model, cfg.recipe, cfg.data, resolve_runtime(cfg.runtime, d.device), cfg.seed)
+        ck = None
+        if (out / ckpt.LAST).exists():
+            if not resume:
+                raise ReslabError(f"{out} already holds a run ({ckpt.LAST}); pass --resume to continue it or "
+                                  "choose another --out")
+            ck = ckpt.training_state(out / ckpt.LAST)
+            cfg = resume_config(RunConfig.from_dict(ck["config"]), cfg, explicit)
+        elif extend_to is not None:
+            raise ReslabError(f"--extend-to needs a run to extend, and {out} holds none ({ckpt.LAST} is missing)")
+        if extend_to is not None:
+            cfg = extend(cfg, extend_to)
+        cfg.recipe.validate()
+        self.cfg, rt, r = cfg, cfg.runtime, cfg.recipe
+        if rt.sync_bn and d.device.type == "cpu":
+            raise ReslabError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU)")
+        configure_backends(rt.deterministic)
+        self.data = data = data_build.build(
+            cfg.data.name, cfg.data.dir, batch_size=r.batch_size, device=d.device, seed=cfg.seed, rank=d.rank,
+            world_size=d.world_size, val_split=r.val_split, normalization=r.normalization,
+            channels_last=rt.channels_last, workers=cfg.data.workers)
+        model = build_model(cfg, len(data.classes))
+        model = model.to(d.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+        self.model = model
+        opt = make_optimizer(model, r)
+        scaler = torch.amp.GradScaler(d.device.type, enabled=rt.precision == "fp16")
+        ema = make_ema(model, r.ema_decay)
+        self.state = st = TrainingState(cfg, model, opt, scaler, ema, data, data.info(cfg.data.name))
+        st.schedule.in_warmup_rule = warmup_rule_applies(r, model.cfg.depth)
+        self.saved_step = None          # the step of RUN/last.pt on disk (None: nothing saved yet)
+        if ck is not None:
+            st.load_state_dict(ck, str(out / ckpt.LAST))
+            self.saved_step = st.step
+        if d.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(out)
+            if ck is not None:
+                _truncate_metrics(out, st.step)
+            write_json(out / "config.json", self.config_record())
+            write_json(out / "env.json", environment())
+        net = model
+        if rt.sync_bn and d.enabled:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        if d.enabled:
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        net = torch.compile(net, mode=rt.compile_mode) if rt.compile else net
+        self.step_fn = TrainStep(net, model, opt, scaler, ema, rt.precision, d.device, r.label_smoothing)
+        self.ctx = autocast_for(d.device, rt.precision)
+        self._rule = torch.zeros(2, dtype=torch.float64, device=d.device)  # warm-up rule window: wrong, seen
+        self._batches = None
+        self._checked = st.step          # every step up to here is known finite
+
+    def config_record(self) -> dict:
+        """config.json: the run's config, the model it built, the data it found, the command to rerun it."""
+        return {**self.cfg.to_dict(), "model_config": self.model.metadata, "data_info": self.state.data_info,
+                "world_size": self.d.world_size, "command": shlex.join(["reslab", *to_cli_args(self.cfg)])}
+
+    # ------------------------------------------------------------ the loop
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Train until the recipe's end (or `stop_at`); returns the last evaluation's metrics."""
+        stop = self.begin(stop_at)
+        try:
+            while self.state.step < stop:
+                self.advance(stop)
+            self.end(stop)
+        finally:
+            self.close()
+        return self.state.metrics
+
+    def begin(self, stop_at: int | None = None) -> int:
+        """Open the logs and clocks; returns the step this session stops at."""
+        st, r = self.state, self.cfg.recipe
+        self._log = MetricsLog(self.out, self.cfg.runtime.tensorboard) if self.d.is_main else None
+        self._bar = Progress(r.iters, st.step, enabled=self.cfg.runtime.progress and self.d.is_main)
+        self._t_log, self._imgs, self._t_start = time.time(), 0, time.time() - st.elapsed
+        return min(r.iters, stop_at or r.iters)
+
+    def end(self, stop: int) -> None:
+        if self.state.step >= stop and not self.state.finished:
+            self.save(best=False)  # stopped early (stop_at): keep the exact position resumable
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._log:
+            self._log.close()
+
+    def advance(self, stop: int) -> None:
+        """One optimisation step, then whatever is due at the new step: a log line, an evaluation, a save."""
+        st, r = self.state, self.cfg.recipe
+        if self._batches is None:
+            self._batches = self._endless()
+        x, y = next(self._batches)
+        lr = lr_at(st.step, r, st.schedule)
+        wrong = self.step_fn(x, y, lr)
+        if st.schedule.in_warmup_rule:
+            self._rule[0] += wrong
+            self._rule[1] += len(y)
+        st.step += 1
+        self._imgs += len(y) * self.d.world_size
+        if st.schedule.in_warmup_rule and st.step % r.warmup_rule.check_every == 0:
+            self._check_warmup_rule()
+        last = st.step >= stop
+        if st.step % r.log_every == 0 or last:
+            self.log_train(lr, last)
+        if st.step % r.eval_every == 0 or st.step == r.iters:
+            self.evaluate_and_save()
+
+    def _endless(self):
+        while True:
+            yield from self.data.train
+
+    def _check_warmup_rule(self) -> None:
+        dist.all_reduce_sum(self._rule)
+        wrong, seen = self._rule.tolist()
+        if seen and wrong / seen < self.cfg.recipe.warmup_rule.until_train_err:
+            self.state.schedule.in_warmup_rule = False
+        self._rule.zero_()
+
+    # ------------------------------------------------------------ the steps the loop calls
+    def check_finite(self) -> None:
+        """Every step since the last check had a finite loss, and the weights are finite; otherwise stop
+        with an error that says what is on disk. Runs on every rank (it all-reduces)."""
+        st = self.state
+        weights = [t for t in list(self.model.parameters()) + list(self.model.buffers()) if t.is_floating_point()]
+        bad = torch.stack([self.step_fn.acc[3], (~torch.isfinite(torch.stack([t.detach().float().sum()
+                                                                              for t in weights]))).sum().double()])
+        if float(dist.all_reduce_sum(bad).sum()) > 0:
+            on_disk = (f"{self.out / ckpt.LAST} is still the checkpoint of step {self.saved_step}, untouched"
+                       if self.saved_step is not None else "no checkpoint was written")
+            raise TrainingDiverged(f"the training loss or the weights became NaN/Inf between steps {self._checked + 1} "
+                                   f"and {st.step}; stopped without saving ({on_disk}); lower the learning rate or "
+                                   "use --precision fp32")
+        self._checked = st.step
+
+    def log_train(self, lr: float, last: bool) -> None:
+        st, r, acc = self.state, self.cfg.recipe, self.step_fn.acc
+        self.check_finite()
+        dist.all_reduce_sum(acc)
+        loss_sum, wrong, seen, _ = acc.tolist()
+        dt = time.time() - self._t_log
+        rec = {"kind": "train", "step": st.step, "epoch": st.step / max(1, len(self.data.train)), "lr": lr,
+               "loss": loss_sum / max(1, seen), "train_err": wrong / max(1, seen),
+               "images_per_s": self._imgs / max(dt, 1e-9), "elapsed_s": time.time() - self._t_start,
+               "warmup_rule": st.schedule.in_warmup_rule}
+        if self._log:
+            self._log.write(rec)
+        n = r.log_every if not last else st.step % r.log_every or r.log_every
+        self._bar.update(st.step, n, f"loss {rec['loss']:.3f} err {rec['train_err']:.3f} lr {lr:.3g} "
+                                     f"{rec['images_per_s']:.0f} img/s")
+        acc.zero_()
+        self._t_log, self._imgs = time.time(), 0
+
+    def evaluate_and_save(self) -> dict:
+        st, cfg = self.state, self.cfg
+        self.check_finite()  # before spending an evaluation on a diverged model
+        if cfg.runtime.precise_bn:
+            # a fork: a separate, seeded pass that leaves the training loader's position untouched
+            precise_bn(self.model, iter(self.data.train.fork(cfg.seed + 7919)), cfg.runtime.precise_bn)
+        m = evaluate(self.model, self.data.eval, self.ctx)
+        rec = {"kind": "eval", "step": st.step, "epoch": st.step / max(1, len(self.data.train)),
+               "split": self.data.eval_split, **m, "elapsed_s": time.time() - self._t_start}
+        if st.ema is not None:
+            e = evaluate(st.ema.module, self.data.eval, self.ctx)
+            rec.update({f"ema_{k}": v for k, v in e.items() if k != "n"})
+        after_eval(cfg.recipe, st.schedule, m["top1_err"])
+        if self._log:
+            self._log.write(rec)
+        improved = m["top1_err"] < st.best_err
+        st.best_err = min(st.best_err, m["top1_err"])
+        st.metrics = rec
+        self.save(best=improved)
+        self._t_log = time.time()
+        return rec
+
+    def save(self, best: bool) -> None:
+        """best.pt before last.pt: killed in between, the run resumes from the older last.pt and writes the
+        same best.pt again, so the two never disagree about the run."""
+        self.check_finite()
+        st = self.state
+        st.elapsed = time.time() - self._t_start
+        if self.d.is_main:
+            state = st.state_dict()
+            if best:
+                ckpt.save_atomic(state, self.out / ckpt.BEST)
+            ckpt.save_atomic(state, self.out / ckpt.LAST)
+        self.saved_step = st.step
+        dist.barrier()
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
     """Lines logged after the checkpoint belong to steps that will be run again: drop them."""
     p = run_dir / "metrics.jsonl"
     if p.is_file():
-        keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = []
+        for ln in p.read_text().splitlines():
+            try:
+                if ln.strip() and json.loads(ln)["step"] <= step:
+                    keep.append(ln)
+            except (ValueError, KeyError):  # a line torn by a kill mid-write
+                continue
         write_text_atomic(p, "".join(ln + "\n" for ln in keep))
 
 
-class TrainStep:
-    """One optimisation step exactly as the loop runs it; `reslab bench` times this same object.
-
-    Per-step statistics stay on the device (no host sync): `acc` holds the running loss sum, wrong
-    predictions, images seen and non-finite steps until the next log line reads and clears it.
-    """
-
-    def __init__(self, net, model, opt, scaler, ema, precision: str, device: torch.device,
-                 label_smoothing: float = 0.0):
-        self.net, self.model, self.opt, self.scaler, self.ema = net, model, opt, scaler, ema
-        self.ctx = autocast_for(device, precision)
-        self.label_smoothing = label_smoothing
-        self.acc = torch.zeros(4, dtype=torch.float64, device=device)
-        self._one = torch.ones((), dtype=torch.float64, device=device)  # reused: no host->device copy per step
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
-        """Train on (x, y) at learning rate `lr`; returns the number of wrong predictions (a device scalar)."""
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        with self.ctx:
-            logits = self.net(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-        with torch.no_grad():
-            loss = loss.detach().double()
-            wrong = (logits.argmax(1) != y).sum()
-            self.acc += torch.stack([loss * len(y), wrong.double(), self._one * len(y),
-                                     (~torch.isfinite(loss)).double()])
-        return wrong
-
-
-def _loop(net, model, opt, scaler, ema, data, rs: RunState, s: TrainSettings, d, out: Path) -> dict:
-    r = s.recipe
-    log = MetricsLog(out, s.tensorboard) if d.is_main else None
-    bar = Progress(r.iters, rs.step, enabled=s.progress and d.is_main)
-    ctx = autocast_for(d.device, s.precision)
-    step = TrainStep(net, model, opt, scaler, ema, s.precision, d.device, r.label_smoothing)
-    acc = step.acc
-    rule = torch.zeros(2, dtype=torch.float64, device=d.device)  # warm-up rule window: wrong, seen
-    t_log, imgs_log, t_start = time.time(), 0, time.time() - rs.elapsed
-    final = {}
-    stop = min(r.iters, s.stop_at or r.iters)
-    while rs.step < stop:
-        for x, y in data.train:
-            lr = lr_at(rs.step, r, rs.sched)
-            wrong = step(x, y, lr)
-            if rs.sched.in_warmup_rule:
-                rule[0] += wrong
-                rule[1] += len(y)
-            rs.step += 1
-            imgs_log += len(y) * d.world_size
-            if rs.sched.in_warmup_rule and rs.step % r.warmup_rule.check_every == 0:
-                _check_warmup_rule(rule, rs, r)
-            last = rs.step >= stop
-            if rs.step % r.log_every == 0 or last:
-                rec = _log_train(acc, rs, r, lr, imgs_log, time.time() - t_log, t_start, data, d)
-                if log:
-                    log.write(rec)
-                bar.update(rs.step, r.log_every if not last else rs.step % r.log_every or r.log_every,
-                           f"loss {rec['loss']:.3f} err {rec['train_err']:.3f} lr {lr:.3g} "
-                           f"{rec['images_per_s']:.0f} img/s")
-                acc.zero_()
-                t_log, imgs_log = time.time(), 0
-            if rs.step % r.eval_every == 0 or rs.step == r.iters:
-                final = _eval_and_save(net, model, opt, scaler, ema, data, rs, s, d, out, log, t_start, ctx)
-                t_log = time.time()
-            if last:
-                break
-    bar.close()
-    if log:
-        log.close()
-    if rs.step < r.iters and d.is_main:  # stopped early (stop_at): keep the exact position resumable
-        _save(out, model, opt, scaler, ema, data, rs, s, final, best=False)
-    return final
-
-
-def _check_warmup_rule(rule: torch.Tensor, rs: RunState, r: Recipe) -> None:
-    dist.all_reduce_sum(rule)
-    wrong, seen = rule.tolist()
-    if seen and wrong / seen < r.warmup_rule.until_train_err:
-        rs.sched.in_warmup_rule = False
-    rule.zero_()
-
-
-def _log_train(acc, rs: RunState, r: Recipe, lr, imgs, dt, t_start, data, d) -> dict:
-    dist.all_reduce_sum(acc)
-    loss_sum, wrong, seen, bad = acc.tolist()
-    if bad > 0 or not np.isfinite(loss_sum):
-        raise TrainingDiverged(
-            f"the training loss became NaN/Inf before step {rs.step}; stopped without saving, so the last good "
-            f"checkpoint is untouched; lower the learning rate or use --precision fp32")
-    return {"kind": "train", "step": rs.step, "epoch": rs.step / max(1, len(data.train)), "lr": lr,
-            "loss": loss_sum / max(1, seen), "train_err": wrong / max(1, seen), "images_per_s": imgs / max(dt, 1e-9),
-            "elapsed_s": time.time() - t_start, "warmup_rule": rs.sched.in_warmup_rule}
-
-
-def _eval_and_save(net, model, opt, scaler, ema, data, rs, s, d, out, log, t_start, ctx) -> dict:
-    r = s.recipe
-    if s.precise_bn_batches:
-        # a fork: a separate, seeded pass that leaves the training loader's position untouched
-        precise_bn(model, iter(data.train.fork(s.seed + 7919)), s.precise_bn_batches)
-    m = evaluate(model, data.eval, ctx)
-    rec = {"kind": "eval", "step": rs.step, "epoch": rs.step / max(1, len(data.train)), "split": data.eval_split,
-           **m, "elapsed_s": time.time() - t_start}
-    if ema is not None:
-        e = evaluate(ema.module, data.eval, ctx)
-        rec.update({f"ema_{k}": v for k, v in e.items() if k != "n"})
-    after_eval(r, rs.sched, m["top1_err"])
-    if log:
-        log.write(rec)
-    rs.elapsed = time.time() - t_start
-    improved = m["top1_err"] < rs.best_err
-    rs.best_err = min(rs.best_err, m["top1_err"])
-    if d.is_main:
-        _save(out, model, opt, scaler, ema, data, rs, s, rec, best=improved)
-    dist.barrier()
-    return rec
-
-
-def _save(out, model, opt, scaler, ema, data, rs, s, metrics, best: bool) -> None:
-    state = _checkpoint(model, opt, scaler, ema, data, rs, s, metrics)
-    ckpt.save_atomic(state, out / ckpt.LAST)
-    if best:
-        ckpt.save_atomic(state, out / ckpt.BEST)
+def train(cfg: RunConfig, *, resume: bool = False, explicit: set | None = None, extend_to: int | None = None,
+          stop_at: int | None = None) -> dict:
+    """Run (or resume) one training run; returns the final evaluation metrics."""
+    try:
+        return Trainer(cfg, resume=resume, explicit=explicit, extend_to=extend_to).fit(stop_at)
+    finally:
+        dist.shutdown()

@@ -9,7 +9,9 @@ Budgets scale the paper's CIFAR schedule (64k iterations, lr /10 at 32k and 48k,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .config import DataSpec, ModelSpec, RunConfig, Runtime
 from .recipes import Recipe, get_recipe
 
 
@@ -33,32 +35,6 @@ BUDGETS = {
 
 
 @dataclass(frozen=True)
-class Run:
-    """One training run of an experiment."""
-    arch: str
-    seed: int
-    recipe: Recipe
-    overrides: tuple = ()            # model overrides as (key, value) pairs
-    label: str = ""
-
-    @property
-    def name(self) -> str:
-        return f"{self.label or self.arch}-s{self.seed}"
-
-    def cli_args(self, data: str, data_dir: str | None, out: str) -> list[str]:
-        """The exact `reslab train` arguments for this run."""
-        r = self.recipe
-        args = ["train", "--arch", self.arch, "--data", data, "--recipe", r.name, "--seed", str(self.seed),
-                "--out", out, "--iters", str(r.iters), "--batch-size", str(r.batch_size),
-                "--eval-every", str(r.eval_every), "--log-every", str(r.log_every)]
-        if data_dir:
-            args += ["--data-dir", str(data_dir)]
-        for k, v in self.overrides:
-            args += {"shortcut": ["--shortcut", str(v)]}.get(k, [])
-        return args
-
-
-@dataclass(frozen=True)
 class Experiment:
     name: str
     paper: str                       # what of the paper it reproduces
@@ -66,25 +42,31 @@ class Experiment:
     recipe: str
     archs: dict[str, tuple[str, ...]]   # budget name -> architectures (a budget may trim the list)
     default_seeds: dict[str, int] = field(default_factory=lambda: {"quick": 1, "medium": 1, "paper": 1})
-    variants: tuple[tuple[str, tuple], ...] = ()   # (label suffix, overrides) per arch; () = one plain run
+    variants: tuple[tuple[str, tuple], ...] = ()   # (label suffix, model options) per arch; () = one plain run
     needs: str = ""                  # what the experiment needs that a default setup lacks
     post: str = ""                   # an analysis of the trained runs: "layer_responses"
     analysis: str = ""               # what the report computes
 
-    def runs(self, budget: str, seeds: int | None = None) -> list[Run]:
+    def recipe_for(self, budget: str) -> Recipe:
         if budget not in BUDGETS:
             raise ValueError(f"unknown budget {budget!r}; valid choices: {', '.join(BUDGETS)}")
         b = BUDGETS[budget]
-        r = get_recipe(self.recipe).scaled(b.scale).with_overrides(eval_every=b.eval_every, log_every=b.log_every,
-                                                                   batch_size=b.batch_size)
+        return get_recipe(self.recipe).scaled(b.scale).with_overrides(eval_every=b.eval_every, log_every=b.log_every,
+                                                                      batch_size=b.batch_size)
+
+    def configs(self, budget: str, root, data_dir=None, seeds: int | None = None) -> list[RunConfig]:
+        """The experiment's runs at `budget`, each in ROOT/BUDGET/LABEL-sSEED."""
+        r = self.recipe_for(budget)
         n = seeds or self.default_seeds.get(budget, 1)
         # a budget without its own list uses the paper's; the smoke budget uses the quick list (smallest)
         archs = self.archs.get(budget) or (self.archs.get("quick") if budget == "smoke" else None) or self.archs["paper"]
+        data = DataSpec(self.data, None if data_dir is None else str(data_dir))
         out = []
         for seed in range(n):
             for a in archs:
-                for suffix, ov in (self.variants or (("", ()),)):
-                    out.append(Run(a, seed, r, ov, label=f"{a}{suffix}"))
+                for suffix, options in (self.variants or (("", ()),)):
+                    run_dir = Path(root) / budget / f"{a}{suffix}-s{seed}"
+                    out.append(RunConfig(str(run_dir), ModelSpec.make(a, **dict(options)), r, data, Runtime(), seed))
         return out
 
 

@@ -20,7 +20,7 @@ import torch
 from . import checkpoint as ckpt
 from .data.normalize import Normalizer
 from .errors import ReslabError
-from .resnet import ResNet, ResNetConfig
+from .resnet import ResNet
 from .zoo import create_model
 
 # Normalisations the sources used (facts about them, not tunable here)
@@ -33,12 +33,6 @@ def _channel_norm(mean_std) -> Normalizer:
     return Normalizer("channel", torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1))
 
 
-def config_from_metadata(meta: dict) -> ResNetConfig:
-    cfg = {k: v for k, v in meta.items() if k in ResNetConfig.__dataclass_fields__}
-    cfg["layers"] = tuple(cfg["layers"])
-    return ResNetConfig(**cfg)
-
-
 def weights_record(model: ResNet, normalizer: Normalizer, classes: list[str], source: str) -> dict:
     """The minimal checkpoint that load/predict/eval/export accept."""
     return {"model": model.state_dict(), "model_config": model.metadata, "normalizer": normalizer.state_dict(),
@@ -49,12 +43,7 @@ def load(path) -> ResNet:
     p = Path(path)
     if p.suffix == ".safetensors":
         return _load_safetensors(p)
-    ck = ckpt.load(p)
-    model = ResNet(config_from_metadata(ck["model_config"]))
-    ckpt.load_model_state(model, ck["model"], str(p))
-    model.reslab = {"classes": ck.get("classes"), "normalizer": Normalizer.from_state_dict(ck["normalizer"]),
-                    "config": ck["model_config"]}
-    return model.eval()
+    return ckpt.load_model(p)
 
 
 # ------------------------------------------------------------------ safetensors
@@ -88,7 +77,7 @@ def _load_safetensors(p: Path) -> ResNet:
     side = json.loads(sidecar.read_text())
     tensors = load_file(str(p))
     norm = Normalizer(side["normalization"], tensors.pop(_NORM_PREFIX + "mean"), tensors.pop(_NORM_PREFIX + "std"))
-    model = ResNet(config_from_metadata(side["model_config"]))
+    model = ckpt.build_model(side["model_config"])
     ckpt.load_model_state(model, tensors, str(p))
     model.reslab = {"classes": side.get("classes"), "normalizer": norm, "config": side["model_config"]}
     return model.eval()
@@ -96,6 +85,9 @@ def _load_safetensors(p: Path) -> ResNet:
 
 # ------------------------------------------------------------------ converters
 def _read_state_dict(src) -> dict:
+    """A state dict from a file as others write them: bare or under "state_dict", zip or legacy (pre-1.6)
+    serialisation, with or without `_metadata`, from PyTorch versions old enough that BatchNorm had no
+    `num_batches_tracked` (the converters fill those in; see checkpoint.load_model_state)."""
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -104,7 +96,7 @@ def _read_state_dict(src) -> dict:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ReslabError(f"{src}: not a state dict (a dict of tensors, or {{'state_dict': ...}})")
-    return obj
+    return dict(obj)
 
 
 def convert_torchvision(src, arch: str, num_classes: int | None = None) -> dict:
@@ -113,7 +105,7 @@ def convert_torchvision(src, arch: str, num_classes: int | None = None) -> dict:
     model = create_model(arch, stride_in_1x1=False, num_classes=n)
     if model.cfg.family != "imagenet":
         raise ReslabError(f"--from torchvision needs an ImageNet-family arch (resnet18 ... resnet152), got {arch}")
-    ckpt.load_model_state(model, sd, str(src))
+    ckpt.load_model_state(model, sd, str(src), fill_bn_counters=True)
     return weights_record(model, _channel_norm(IMAGENET), [str(i) for i in range(n)], f"torchvision:{src}")
 
 
@@ -128,7 +120,7 @@ def convert_cifar_repro(src, arch: str) -> dict:
     model = create_model(arch, zero_pad="both", num_classes=n)
     if model.cfg.family != "cifar":
         raise ReslabError(f"--from cifar-repro needs a CIFAR arch (resnet20, resnet56, ...), got {arch}")
-    ckpt.load_model_state(model, renamed, str(src))
+    ckpt.load_model_state(model, renamed, str(src), fill_bn_counters=True)
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     return weights_record(model, _channel_norm(CIFAR_REPRO), classes if n == 10 else [str(i) for i in range(n)],
                           f"cifar-repro:{src}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .logs import hardware_line, read_metrics
 
-# PAPER.md §2.1 / Table 6 (CIFAR-10 test error %), and §5: other reproductions.
+# docs/paper.md: Table 6 (CIFAR-10 test error %) and other reproductions' numbers.
 PAPER_TABLE6 = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43,
                 "resnet1202": 7.93}
 PAPER_TABLE6_NOTE = {"resnet110": "6.43 best of 5; 6.61±0.16 mean±std"}
@@ -28,8 +28,21 @@ def find_runs(root: Path) -> list[Path]:
     return sorted({p.parent for p in Path(root).rglob("metrics.jsonl") if (p.parent / "config.json").is_file()})
 
 
+def _flat_config(cfg: dict) -> dict:
+    """config.json as this version writes it (sections: model, recipe, data, runtime), as earlier versions
+    and the control script wrote it (arch, seed, precision at the top), in one shape."""
+    if "model" in cfg and "runtime" in cfg:
+        info = cfg.get("data_info") or {}
+        return {"arch": cfg["model"]["arch"], "seed": cfg["seed"], "recipe": cfg["recipe"],
+                "model_config": cfg.get("model_config", {}), "precision": cfg["runtime"]["precision"],
+                "eval_split": info.get("eval_split"), "data": (info.get("identity") or {}).get("description"),
+                "implementation": "reslab"}
+    return {**cfg, "data": (cfg.get("data") or {}).get("description") if isinstance(cfg.get("data"), dict) else None,
+            "implementation": cfg.get("implementation", "reslab")}
+
+
 def summarize(run: Path) -> dict:
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = _flat_config(json.loads((run / "config.json").read_text()))
     env = json.loads((run / "env.json").read_text()) if (run / "env.json").is_file() else {}
     rows = read_metrics(run)
     train = [r for r in rows if r["kind"] == "train"]
@@ -48,7 +61,8 @@ def summarize(run: Path) -> dict:
         "train_err": 100 * sum(r["train_err"] for r in tail) / len(tail) if tail else None,
         "eval_split": cfg.get("eval_split"), "wall_min": (last_eval or (train[-1] if train else {})).get("elapsed_s", 0) / 60,
         "hardware": hardware_line(env) if env else "?", "torch": env.get("torch"), "git": env.get("git"),
-        "precision": cfg.get("precision"), "curves": {"train": [(r["step"], 100 * r["train_err"]) for r in train],
+        "precision": cfg.get("precision"), "implementation": cfg["implementation"], "data": cfg["data"],
+        "curves": {"train": [(r["step"], 100 * r["train_err"]) for r in train],
                                                       "test": [(r["step"], 100 * r["top1_err"]) for r in evals]},
     }
 
@@ -138,9 +152,11 @@ def write_report(root) -> Path:
         w = csv.DictWriter(f, fieldnames=list(flat[0]))
         w.writeheader()
         w.writerows(flat)
+    datas = sorted({r["data"] for r in runs if r["data"]})
     lines = [f"# reslab report: {root.name}", "",
-             "CIFAR-10 numbers here are on the data the runs were given (see each run's config.json); on the "
-             "JPEG copy in ../shared they are expected above the paper's.", ""]
+             "Data, identified by checksum: " + ("; ".join(datas) if datas else "not recorded (runs from an "
+                                                  "earlier reslab)") + ". Numbers on any copy other than the "
+             "official files are not comparable to the paper's.", ""]
     if plot_degradation(runs, root / "degradation.png"):
         lines += ["## Training and test error (paper Fig. 1 / Fig. 6)", "", "![degradation](degradation.png)", ""]
     lines += ["## Runs", "",
@@ -160,7 +176,7 @@ def write_report(root) -> Path:
             lines.append(f"| {t['arch']} | {ours} | {_fmt(t['best'])} | {PAPER_TABLE6_NOTE.get(t['arch'], t['paper'])} | "
                          + " | ".join(_fmt(t[k]) for k in OTHERS) + " |")
         lines += ["", "Paper and other reproductions: trained and tested on the original CIFAR-10 files, full "
-                  "schedules (PAPER.md §2.1, §5)."]
+                  "schedules (docs/paper.md)."]
     resp_file = next(iter(sorted(root.rglob("layer_responses.json"))), None)
     if resp_file:
         resp = json.loads(resp_file.read_text())

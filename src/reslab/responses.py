@@ -58,16 +58,13 @@ def responses_for_runs(run_dirs, data_dir, n_images: int = 1000) -> dict:
     test images normalised as each run was trained."""
     from . import checkpoint as ckpt
     from .data import cifar
-    from .data.normalize import Normalizer
-    from .predict import model_from_checkpoint
     out = {}
     test = None
     for d in run_dirs:
         ck = ckpt.load(d)
         if test is None:
             test = cifar.load(ck.get("data", {}).get("name", "cifar10"), "test", data_dir).images[:n_images]
-        x = Normalizer.from_state_dict(ck["normalizer"])(test)
-        model = model_from_checkpoint(ck)
+        model = ckpt.load_model(ck)
         out[d.name] = {"arch": ck["model_config"]["name"], "step": ck["step"],
-                       "std": layer_response_std(model, x)}
+                       "std": layer_response_std(model, model.reslab["normalizer"](test))}
     return out

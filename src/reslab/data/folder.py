@@ -179,7 +179,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int 
         sampler = ShardSampler(len(dataset), rank, world_size)
     return DataLoader(dataset, batch_size=1 if multiscale else batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=train,
-                      collate_fn=_collate_lists if multiscale else None)
+                      collate_fn=_collate_lists if multiscale else None,
+                      generator=torch.Generator().manual_seed(seed) if train else None)
 
 
 def fit_normalizer(dataset: ImageFolderSplit, mode: str = "channel", size: int = 224, max_images: int = 10_000,

@@ -28,7 +28,7 @@ from .normalize import Normalizer
 _MIX = 1_000_003  # spreads (seed, epoch, batch) over generator seeds
 
 
-def _seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     s = 0
     for p in parts:
         s = (s * _MIX + int(p) + 1) % (2**63 - 1)
@@ -118,7 +118,7 @@ class ResidentLoader:
         return other
 
     def _perm(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(_seed(self.seed, self.epoch))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         return torch.randperm(self.n, generator=g).to(self.device)
 
     def __iter__(self):
@@ -132,7 +132,7 @@ class ResidentLoader:
         while self.batch < len(self):
             b = self.batch
             glob = perm[b * self.batch_size:(b + 1) * self.batch_size]
-            g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, b))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, b))
             variant = torch.randint(self.variants, (len(glob),), generator=g).to(self.device)
             per_rank = len(glob) // self.world_size
             lo = self.rank * per_rank

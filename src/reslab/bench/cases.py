@@ -1,0 +1,137 @@
+"""The benchmark cases: each builds its candidates (reslab under several settings) and its same-run baseline,
+measures them with the harness, and returns rows of the stable schema
+(`arch`, `kind`, `setting`, `batch`, `images_per_s`, `ratio`, ...)."""
+from __future__ import annotations
+
+import torch
+
+from ..complexity import count_macs
+from ..step import autocast_for
+from ..zoo import create_model
+from .baselines import LR, baseline_batches, forever, plain_step, synthetic, write_jpegs
+from .flops import achieved, peak_for
+from .harness import Plan, Setting, measure
+
+
+def reslab_step(model, batches, device, s: Setting):
+    """reslab's training step: the engine's own TrainStep with the paper's optimiser, under setting `s`."""
+    from ..step import TrainStep, make_optimizer
+    from ..recipes import get_recipe
+    model = model.to(device, memory_format=s.memory_format).train()
+    opt = make_optimizer(model, get_recipe("cifar-paper"))
+    net = torch.compile(model) if s.compile else model
+    ts = TrainStep(net, model, opt, torch.amp.GradScaler(device.type, enabled=False), None, s.precision, device)
+    return lambda: ts(*next(batches), LR)
+
+
+def inference_step(model, batch, size, device, s: Setting):
+    model = model.to(device, memory_format=s.memory_format).eval()
+    net = torch.compile(model) if s.compile else model
+    x, _ = next(synthetic(batch, size, 10, device, s.memory_format))
+    ctx = autocast_for(device, s.precision)
+
+    @torch.no_grad()
+    def step():
+        with ctx:
+            net(x)
+    return step
+
+
+def rows_for(arch, kind, batch, size, results, macs, dev_name, precisions) -> list[dict]:
+    rows = []
+    for res, prec in zip(results, precisions):
+        flops = achieved(res["images_per_s"], macs, train=kind == "train")
+        peak = peak_for(dev_name, prec)
+        rows.append({"arch": arch, "kind": kind, "batch": batch, "size": size, **res, "tflops": flops / 1e12,
+                     "peak_fraction": flops / peak if peak else None})
+    return rows
+
+
+def bench_imagenet(arch: str, device, batch: int, settings: list[Setting], plan: Plan, dev_name: str) -> list[dict]:
+    """224x224 training: torchvision's ResNet (eager fp32) vs reslab's v1.5 twin under each setting."""
+    import torchvision
+    macs = count_macs(create_model(arch, stride_in_1x1=False))
+    torch.manual_seed(0)
+    cands = [("torchvision fp32 (baseline)",
+              lambda: plain_step(getattr(torchvision.models, arch)(), synthetic(batch, 224, 1000, device), device))]
+    cands += [(s.label, lambda s=s: reslab_step(create_model(arch, stride_in_1x1=False),
+                                                  synthetic(batch, 224, 1000, device, s.memory_format), device, s))
+              for s in settings]
+    res = measure(cands, batch, device, plan)
+    return rows_for(arch + " (v1.5)", "train", batch, 224, res, macs, dev_name, ["fp32"] + [s.precision for s in settings])
+
+
+def bench_cifar(arch: str, device, batch: int, settings: list[Setting], plan: Plan, dev_name: str,
+                images=None) -> list[dict]:
+    """CIFAR training end to end (data + step): the baseline pipeline (DataLoader + per-sample transforms +
+    the textbook eager loop) vs reslab's resident loader + engine step under each setting.
+    `images`: (uint8 (N,3,32,32), labels), else synthetic."""
+    from ..data import Normalizer, ResidentLoader
+    if images is None:
+        g = torch.Generator().manual_seed(0)
+        images = (torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (4096,), generator=g))
+    x, y = images
+    macs = count_macs(create_model(arch))
+    norm = Normalizer.fit(x)
+    torch.manual_seed(0)
+    cands = [("DataLoader+transforms fp32 (baseline)",
+              lambda: plain_step(create_model(arch), baseline_batches(x, y, batch, device), device))]
+    cands += [(s.label, lambda s=s: reslab_step(
+        create_model(arch), forever(ResidentLoader(x, y, batch, norm, train=True, device=device,
+                                                    channels_last=s.channels_last)), device, s))
+              for s in settings]
+    res = measure(cands, batch, device, plan)
+    return rows_for(arch, "train", batch, 32, res, macs, dev_name, ["fp32"] + [s.precision for s in settings])
+
+
+def bench_inference(arch: str, device, batch: int, size: int, settings: list[Setting], plan: Plan,
+                    dev_name: str) -> list[dict]:
+    """Forward passes in eval mode: eager fp32 contiguous (baseline) vs each setting."""
+    kw = {"stride_in_1x1": False} if size > 32 else {}
+    macs = count_macs(create_model(arch, **kw), size)
+    torch.manual_seed(0)
+    base = Setting()
+    cands = [("eager fp32 (baseline)", lambda: inference_step(create_model(arch, **kw), batch, size, device, base))]
+    cands += [(s.label, lambda s=s: inference_step(create_model(arch, **kw), batch, size, device, s))
+              for s in settings if s != base]
+    res = measure(cands, batch, device, plan)
+    precs = ["fp32"] + [s.precision for s in settings if s != base]
+    return rows_for(arch + (" (v1.5)" if kw else ""), "infer", batch, size, res, macs, dev_name, precs)
+
+
+def bench_data(device, batch: int, plan: Plan, folder_images: int = 256) -> list[dict]:
+    """Augmented images/s of the data pipelines alone (a step = one batch): the resident CIFAR loader vs the
+    baseline DataLoader; and the ImageNet-style folder loader (paper training augmentation) on synthetic
+    JPEGs, which has no baseline."""
+    import tempfile
+    from ..data import Normalizer, ResidentLoader
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8192, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (8192,), generator=g)
+
+    def stepper(it):
+        return lambda: next(it)
+
+    res = measure([("cifar DataLoader+transforms (baseline)", lambda: stepper(baseline_batches(x, y, batch, device))),
+                   ("cifar resident loader", lambda: stepper(forever(
+                       ResidentLoader(x, y, batch, Normalizer.fit(x), train=True, device=device))))],
+                  batch, device, plan)
+    with tempfile.TemporaryDirectory() as tmp:
+        from ..data import folder
+        write_jpegs(tmp, folder_images)
+        ds = folder.ImageFolderSplit(tmp, "train", folder.train_transform(folder.imagenet_normalizer()))
+        dl = folder.make_loader(ds, 8, train=True, workers=2)
+        fres = measure([("folder loader, paper augmentation, 2 workers", lambda: stepper(on(dl, device)))], 8,
+                       device, Plan(max(1, plan.steps // 4), 1, plan.rounds))
+        fres[0]["ratio"] = fres[0]["ratio_rounds"] = fres[0]["baseline_images_per_s"] = None
+    return [{"arch": "-", "kind": "data", "batch": b, "size": None, **r, "tflops": 0.0, "peak_fraction": None}
+            for r, b in zip(res + fres, [batch, batch, 8])]
+
+
+def on(loader, device):
+    """Endless batches from a (re-iterable) DataLoader, moved to the device."""
+    for xb, yb in forever(loader):
+        yield xb.to(device, non_blocking=True), yb
+
+

@@ -1,0 +1,79 @@
+"""What `reslab bench` runs on each device, as data, and the runner that writes the result files."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cases import bench_cifar, bench_data, bench_imagenet, bench_inference
+from .harness import Plan, Setting
+from .report import markdown
+
+
+# How long to measure, per device: (CIFAR nets, 224x224 nets, data pipelines). Fewer steps on the CPU,
+# where one step of a 224x224 net takes seconds; more rounds where the ratio is what matters.
+PLANS = {
+    "quick": (Plan(steps=2, warmup=1, rounds=2), None, Plan(8, 2, 2)),
+    "cpu": (Plan(4, 2, 5), Plan(2, 1, 2), Plan(40, 4, 5)),
+    "cuda": (Plan(20, 10, 5), Plan(10, 5, 3), Plan(40, 4, 5)),
+}
+# Settings timed against the baseline, per device. The CPU adds --compile to its defaults; the GPU adds bf16.
+SETTINGS = {
+    "cpu": (Setting("fp32", False, False), Setting("fp32", True, False), Setting("fp32", True, True)),
+    "cuda": (Setting("fp32", False, False), Setting("fp32", True, False), Setting("bf16", True, False),
+             Setting("bf16", True, True)),
+    "quick": (Setting("fp32", False, False), Setting("fp32", True, False)),
+}
+CIFAR_ARCHS = {"quick": ("resnet8",), "full": ("resnet20", "resnet56", "resnet110")}
+IMAGENET_ARCHS = ("resnet18", "resnet50")
+BATCH = {"quick": (16, 16, 16), "cpu": (128, 256, 64), "cuda": (128, 256, 256)}  # CIFAR train, CIFAR infer, 224
+
+
+def _with_rounds(plan: Plan | None, rounds: int | None) -> Plan | None:
+    return plan if plan is None or rounds is None else Plan(plan.steps, plan.warmup, rounds)
+
+
+def run(device: str = "auto", quick: bool = False, out: str | None = None, archs=None,
+        imagenet_archs=None, rounds: int | None = None) -> dict:
+    """The whole benchmark; `rounds` overrides the number of interleaved rounds of every group."""
+    from ..dist import pick_device
+    from ..logs import environment, hardware_line
+    if rounds is not None and rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {rounds}")
+    dev = pick_device(device)
+    env = environment()
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else env["cpu"]
+    gpu = dev.type == "cuda"
+    kind = "quick" if quick else dev.type if dev.type in PLANS else "cpu"
+    plan, plan224, plan_data = (_with_rounds(p, rounds) for p in PLANS[kind])
+    settings = list(SETTINGS[kind])
+    b32, b32_infer, b224 = BATCH[kind]
+    groups = [lambda: bench_data(dev, 128, plan_data, folder_images=16 if quick else 256)]
+    for a in archs or CIFAR_ARCHS["quick" if quick else "full"]:
+        groups.append(lambda a=a: bench_cifar(a, dev, b32, settings, plan, dev_name))
+        groups.append(lambda a=a: bench_inference(a, dev, b32_infer, 32, settings, plan, dev_name))
+    if plan224 is not None:
+        # compiling the 224x224 nets on a 2-core CPU costs more than the few steps measured there
+        s224 = settings if gpu else [s for s in settings if not s.compile]
+        for a in IMAGENET_ARCHS if imagenet_archs is None else imagenet_archs:
+            groups.append(lambda a=a: bench_imagenet(a, dev, b224, s224, plan224, dev_name))
+            groups.append(lambda a=a: bench_inference(a, dev, b224, 224, s224, plan224, dev_name))
+    rows = []
+    for group in groups:
+        done = group()
+        rows += done
+        for r in done:  # progress: a full CPU run takes a while
+            ratio = f" ({r['ratio']:.2f}x)" if r["ratio"] else ""
+            print(f"{r['arch']} {r['kind']} {r['setting']}: {r['images_per_s']:,.0f} img/s{ratio}",
+                  file=sys.stderr, flush=True)
+    result = {"machine": hardware_line(env), "device": dev_name, "env": env,
+              "date": time.strftime("%Y-%m-%d"), "quick": quick, "rows": rows}
+    if out:
+        p = Path(out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(result, indent=2))
+        p.with_suffix(".md").write_text(markdown(result))
+    return result

@@ -1,0 +1,76 @@
+"""A run's training state: everything the loop mutates, and the one checkpoint layout.
+
+`TrainingState.state_dict()` IS the checkpoint (checkpoint.py documents the keys) and `load_state_dict()` is
+the only way back. It holds no global state: several runs can live side by side in one process.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import checkpoint as ckpt
+from . import dist
+from .config import RunConfig
+from .errors import ReslabError
+from .recipes import ScheduleState
+
+
+class TrainingState:
+    def __init__(self, cfg: RunConfig, model, optimizer, scaler, ema, data, data_info: dict):
+        self.cfg, self.model, self.optimizer, self.scaler, self.ema = cfg, model, optimizer, scaler, ema
+        self.data, self.data_info = data, data_info
+        self.schedule = ScheduleState()
+        self.step = 0
+        self.best_err = math.inf
+        self.elapsed = 0.0              # training seconds spent by earlier processes of this run
+        self.metrics: dict = {}         # the last evaluation
+        # the run's own generator, for anything random outside the loader (which draws from its seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.cfg.recipe.iters
+
+    def state_dict(self) -> dict:
+        m = dist.unwrap(self.model)
+        return {
+            "format": ckpt.FORMAT, "config": self.cfg.to_dict(),
+            "model": m.state_dict(), "model_config": m.metadata,
+            "normalizer": self.data.normalizer.state_dict(), "classes": self.data.classes, "data": self.data_info,
+            "step": self.step, "finished": self.finished, "best_err": self.best_err, "metrics": self.metrics,
+            "train": {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                      "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                      "schedule": self.schedule.state_dict(), "loader": self.data.train.state_dict(),
+                      "rng": self.generator.get_state(), "elapsed": self.elapsed},
+        }
+
+    def load_state_dict(self, ck: dict, source: str = "checkpoint") -> None:
+        m = dist.unwrap(self.model)
+        if ck["model_config"] != m.metadata:
+            raise ReslabError(f"{source} was trained as {ck['model_config'].get('name')} with other model options; "
+                              "resume with the run's own --arch and model options")
+        _check_same_data(ck["data"], self.data_info, source)
+        ckpt.load_model_state(m, ck["model"], source)
+        t = ck["train"]
+        self.optimizer.load_state_dict(t["optimizer"])
+        self.scaler.load_state_dict(t["scaler"])
+        if self.ema is not None and t.get("ema") is not None:
+            self.ema.module.load_state_dict(t["ema"])
+        self.schedule.load_state_dict(t["schedule"])
+        self.data.train.load_state_dict(t["loader"])
+        self.generator.set_state(t["rng"])
+        self.step, self.best_err, self.elapsed = ck["step"], ck["best_err"], t["elapsed"]
+        self.metrics = ck.get("metrics") or {}
+
+
+def _check_same_data(saved: dict, now: dict, source: str) -> None:
+    """--data-dir may move between sessions; the data itself may not change."""
+    for k in ("name", "eval_split", "train_size", "eval_size"):
+        if saved.get(k) != now.get(k):
+            raise ReslabError(f"{source}: the data differs from the run's ({k} {saved.get(k)!r} then, {now.get(k)!r} "
+                              "now); resume with the data the run was trained on")
+    a, b = (saved.get("identity") or {}).get("md5"), (now.get("identity") or {}).get("md5")
+    if a and b and a != b:
+        raise ReslabError(f"{source}: the data has checksum {b}, the run was trained on {a} "
+                          f"({saved['identity'].get('description')}); resume with that data")
