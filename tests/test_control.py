@@ -150,8 +150,7 @@ def test_real_data_path(tmp_path):
     run = tmp_path / "run"
     before = sorted(SHARED_CIFAR.iterdir())
     run_script("--data-dir", SHARED_CIFAR, "--iters", 5, "--eval-every", 5, "--log-every", 5, "--workers", 0,
-               "--batch-size", 32,
-               "--out", run)
+               "--batch-size", 32, "--out", run)
     cfg, env, train, evals = read_run(run)
     assert (cfg["data"]["train_size"], cfg["data"]["test_size"]) == (50_000, 10_000)
     assert [e["n"] for e in evals] == [10_000] and math.isfinite(train[-1]["loss"])
