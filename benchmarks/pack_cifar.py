@@ -1,6 +1,10 @@
 """Pack a CIFAR-10 python-format dataset small enough to travel to a lent GPU machine (64 MiB limit), and
 unpack it there into the official batch layout.
 
+Superseded for the JPEG copy of CIFAR-10: its source JPEGs travel as an 18.7 MB pack that rebuilds the
+batches pixel for pixel (shared/datasets/cifar10-jpeg, rebuild.py), where this re-encodes the training
+images once more. Kept because the 2026-11-23 GPU results were made with it (docs/results/gpu-cifar-paper).
+
   pack:   train images re-encoded as JPEG q=75 4:2:0 (the JPEG copy's own settings: mean |change| about
           0.15 grey levels per pixel on the shared copy), test images as lossless WebP (exact).
   unpack: decode into cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) and print the MD5

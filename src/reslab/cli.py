@@ -132,10 +132,21 @@ def cmd_train(a) -> int:
     if a.extend_to is not None and not a.resume:
         raise ValueError("--extend-to lengthens an existing run: use it with --resume")
     cfg, explicit = config_from_args(a)
-    final = train(cfg, resume=a.resume, explicit=explicit, extend_to=a.extend_to, stop_at=a.stop_at)
-    if final and int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {cfg.out} step {final['step']} {final['split']} top-1 error {100 * final['top1_err']:.2f}% "
-              f"(top-5 {100 * final['top5_err']:.2f}%, loss {final['loss']:.4f}, n={final['n']})")
+    if a.seeds:
+        from dataclasses import replace
+        from .runset import train_set
+        if a.seed is not None or a.extend_to is not None:
+            raise ValueError("--seeds trains one run per seed: it does not combine with --seed or --extend-to")
+        base = a.out or f"runs/{cfg.model.arch}-{cfg.data.name}"
+        configs = [replace(cfg, seed=s, out=f"{base}-s{s}") for s in a.seeds]
+        finals = train_set(configs, resume=a.resume, explicit=explicit | {("", "seed")}, stop_at=a.stop_at)
+    else:
+        configs = [cfg]
+        finals = [train(cfg, resume=a.resume, explicit=explicit, extend_to=a.extend_to, stop_at=a.stop_at)]
+    for c, final in zip(configs, finals):
+        if final and int(os.environ.get("RANK", "0")) == 0:
+            print(f"done: {c.out} step {final['step']} {final['split']} top-1 error {100 * final['top1_err']:.2f}% "
+                  f"(top-5 {100 * final['top5_err']:.2f}%, loss {final['loss']:.4f}, n={final['n']})")
     return 0
 
 
@@ -161,6 +172,9 @@ def _register_train(sub) -> None:
     p.add_argument("--extend-to", type=int, default=None, metavar="N",
                    help="with --resume: lengthen the run to N iterations, keeping every lr milestone where it was")
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step, resumable (for budgets/tests)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train one run per seed at once, in one process (folders OUT-sSEED, OUT default "
+                        "runs/ARCH-DATA); each equals the run trained alone")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint or run folder with the paper's protocols")
@@ -207,7 +221,8 @@ def cmd_reproduce(a) -> int:
         print("\nbudgets: " + "; ".join(f"{b.name} = {b.description}" for b in BUDGETS.values()))
         return 0
     from .reproduce import reproduce
-    reproduce(a.name, a.data_dir, a.out, a.budget, a.seeds, a.dry_run, a.device, report=not a.no_report)
+    reproduce(a.name, a.data_dir, a.out, a.budget, a.seeds, a.dry_run, a.device, report=not a.no_report,
+              concurrent=a.concurrent)
     return 0
 
 
@@ -230,6 +245,9 @@ def _register_reproduce(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the runs, their status and estimated cost")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--concurrent", type=int, default=1, metavar="K",
+                   help="train K runs at a time in one process (a run set; for GPUs, where one small net leaves "
+                        "the device mostly idle)")
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("report", help="plots, tables and numbers from a reproduce folder")
     p.add_argument("dir")

@@ -123,6 +123,7 @@ class Trainer:
         self._rule = torch.zeros(2, dtype=torch.float64, device=d.device)  # warm-up rule window: wrong, seen
         self._batches = None
         self._checked = st.step          # every step up to here is known finite
+        self.label = ""                  # shown in progress lines when several runs share a process
 
     def config_record(self) -> dict:
         """config.json: the run's config, the model it built, the data it found, the command to rerun it."""
@@ -145,7 +146,8 @@ class Trainer:
         """Open the logs and clocks; returns the step this session stops at."""
         st, r = self.state, self.cfg.recipe
         self._log = MetricsLog(self.out, self.cfg.runtime.tensorboard) if self.d.is_main else None
-        self._bar = Progress(r.iters, st.step, enabled=self.cfg.runtime.progress and self.d.is_main)
+        self._bar = Progress(r.iters, st.step, enabled=self.cfg.runtime.progress and self.d.is_main,
+                             label=self.label)
         self._t_log, self._imgs, self._t_start = time.time(), 0, time.time() - st.elapsed
         return min(r.iters, stop_at or r.iters)
 

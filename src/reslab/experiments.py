@@ -40,7 +40,8 @@ class Experiment:
     paper: str                       # what of the paper it reproduces
     data: str                        # "cifar10" | "folder"
     recipe: str
-    archs: dict[str, tuple[str, ...]]   # budget name -> architectures (a budget may trim the list)
+    # budget name -> the nets (a budget may trim the list): an arch name, or (label, arch, model options)
+    archs: dict[str, tuple]
     default_seeds: dict[str, int] = field(default_factory=lambda: {"quick": 1, "medium": 1, "paper": 1})
     variants: tuple[tuple[str, tuple], ...] = ()   # (label suffix, model options) per arch; () = one plain run
     needs: str = ""                  # what the experiment needs that a default setup lacks
@@ -63,10 +64,12 @@ class Experiment:
         data = DataSpec(self.data, None if data_dir is None else str(data_dir))
         out = []
         for seed in range(n):
-            for a in archs:
+            for entry in archs:
+                label, a, base = (entry, entry, ()) if isinstance(entry, str) else entry
                 for suffix, options in (self.variants or (("", ()),)):
-                    run_dir = Path(root) / budget / f"{a}{suffix}-s{seed}"
-                    out.append(RunConfig(str(run_dir), ModelSpec.make(a, **dict(options)), r, data, Runtime(), seed))
+                    run_dir = Path(root) / budget / f"{label}{suffix}-s{seed}"
+                    model = ModelSpec.make(a, **dict(base), **dict(options))
+                    out.append(RunConfig(str(run_dir), model, r, data, Runtime(), seed))
         return out
 
 
@@ -93,6 +96,34 @@ EXPERIMENTS = {
         {"quick": ("resnet20",), "paper": ("resnet56",)},
         variants=(("-A", (("shortcut", "A"),)), ("-B", (("shortcut", "B"),)), ("-C", (("shortcut", "C"),))),
         analysis="test error per option"),
+    "gross-wilber": Experiment(
+        "gross-wilber", "Gross & Wilber's block variants: no ReLU after the addition, BN after it, pre-activation",
+        "cifar10", "cifar-paper", {"quick": ("resnet56",), "paper": ("resnet110",)},
+        variants=(("-paper", ()), ("-norelu", (("relu_after_add", False),)), ("-bnadd", (("bn_after_add", True),)),
+                  ("-preact", (("preact", True),))),
+        analysis="test error per variant next to Gross & Wilber's ResNet-110 numbers (docs/paper.md)"),
+    "width-vs-depth": Experiment(
+        "width-vs-depth", "Readers' question: can width replace depth? CIFAR nets of matched parameter counts",
+        "cifar10", "cifar-paper",
+        # widths chosen so every net has the parameters of the deepest one within 2% (counted with `reslab info`)
+        {"quick": ("resnet56", ("resnet20-w1.78", "resnet20", (("width", 1.78),)),
+                   ("resnet32-w1.35", "resnet32", (("width", 1.35),))),
+         "paper": ("resnet110", ("resnet56-w1.42", "resnet56", (("width", 1.42),)),
+                   ("resnet32-w1.93", "resnet32", (("width", 1.93),)),
+                   ("resnet20-w2.55", "resnet20", (("width", 2.55),)),
+                   ("resnet14-w3.2", "resnet14", (("width", 3.2),)))},
+        analysis="test error against parameters and against MACs, one point per net"),
+    "block-design": Experiment(
+        "block-design", "Readers' questions: layers per block (1, 2, 3) at equal depth, and a gated (highway) shortcut",
+        "cifar10", "cifar-paper",
+        # equal depth: 1-layer blocks need twice the blocks of the paper's 2-layer ones, 3-layer blocks 2/3 of them
+        {"quick": ("resnet20", ("blocks1-d20", "resnet38", (("block_layers", 1),)),
+                   ("blocks3-d20", "resnet14", (("block_layers", 3),)),
+                   ("gated20", "resnet20", (("shortcut", "gated"),))),
+         "paper": ("resnet56", ("blocks1-d56", "resnet110", (("block_layers", 1),)),
+                   ("blocks3-d56", "resnet38", (("block_layers", 3),)),
+                   ("gated56", "resnet56", (("shortcut", "gated"),)))},
+        analysis="test error per block design at equal depth; params and MACs of each"),
     "imagenet-degradation": Experiment(
         "imagenet-degradation", "Fig. 4 / Table 2: plain-18/34 vs ResNet-18/34 on ImageNet", "folder",
         "imagenet-paper", {"paper": ("plain18", "plain34", "resnet18", "resnet34")},

@@ -94,13 +94,15 @@ def read_metrics(run_dir) -> list[dict]:
 class Progress:
     """A tqdm bar with throughput and ETA on a terminal; plain lines (one per log interval) otherwise."""
 
-    def __init__(self, total: int, start: int, enabled: bool = True):
+    def __init__(self, total: int, start: int, enabled: bool = True, label: str = ""):
         self.tty = enabled and sys.stderr.isatty()
         self.enabled = enabled
         self.bar = None
+        self.prefix = f"{label}: " if label else ""
         if self.tty:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, file=sys.stderr,
+                            desc=label or None)
         self.total, self.t0, self.s0 = total, time.time(), start
 
     def update(self, step: int, n: int, text: str) -> None:
@@ -112,7 +114,7 @@ class Progress:
         else:
             rate = (step - self.s0) / max(1e-9, time.time() - self.t0)
             eta = (self.total - step) / rate if rate > 0 else float("inf")
-            print(f"step {step}/{self.total} {text} | {rate:.1f} it/s, eta {eta / 60:.1f} min", file=sys.stderr,
+            print(f"{self.prefix}step {step}/{self.total} {text} | {rate:.1f} it/s, eta {eta / 60:.1f} min", file=sys.stderr,
                   flush=True)
 
     def close(self) -> None:

@@ -33,7 +33,8 @@ def _flat_config(cfg: dict) -> dict:
     and the control script wrote it (arch, seed, precision at the top), in one shape."""
     if "model" in cfg and "runtime" in cfg:
         info = cfg.get("data_info") or {}
-        return {"arch": cfg["model"]["arch"], "seed": cfg["seed"], "recipe": cfg["recipe"],
+        return {"arch": cfg["model"]["arch"], "options": cfg["model"].get("options") or {}, "seed": cfg["seed"],
+                "recipe": cfg["recipe"],
                 "model_config": cfg.get("model_config", {}), "precision": cfg["runtime"]["precision"],
                 "eval_split": info.get("eval_split"), "data": (info.get("identity") or {}).get("description"),
                 "implementation": "reslab"}
@@ -51,7 +52,7 @@ def summarize(run: Path) -> dict:
     last_eval = evals[-1] if evals else {}
     tail = train[-5:]  # the training error of the last few logging intervals
     return {
-        "run": run.name, "path": str(run), "arch": cfg["arch"], "seed": cfg["seed"],
+        "run": run.name, "path": str(run), "arch": cfg["arch"], "options": cfg.get("options") or {}, "seed": cfg["seed"],
         "shortcut": cfg.get("model_config", {}).get("shortcut"), "residual": cfg.get("model_config", {}).get("residual"),
         "budget": cfg["recipe"].get("budget", 1.0), "iters": iters,
         "step": last_eval.get("step", train[-1]["step"] if train else 0),
@@ -131,6 +132,7 @@ def _fmt(v, nd=2):
 def table6(runs: list[dict]) -> list[dict]:
     """Per residual architecture (option A): our test error over seeds next to the paper and others."""
     out = []
+    runs = [r for r in runs if r["implementation"] == "reslab" and not r.get("options")]
     for arch in sorted({r["arch"] for r in runs if r["residual"] and r["arch"] in PAPER_TABLE6}, key=_depth):
         rs = [r for r in runs if r["arch"] == arch and r["test_err"] is not None and r["shortcut"] == "A"]
         errs = [r["test_err"] for r in rs]
@@ -139,6 +141,92 @@ def table6(runs: list[dict]) -> list[dict]:
                     "complete": all(r["complete"] for r in rs), "paper": PAPER_TABLE6[arch],
                     **{k: v.get(arch) for k, v in OTHERS.items()}})
     return out
+
+
+def _mean_std(errs: list[float]) -> str:
+    if not errs:
+        return "-"
+    return f"{statistics.mean(errs):.2f} ± {_fmt(statistics.stdev(errs) if len(errs) > 1 else None)} ({len(errs)})"
+
+
+def control_section(runs: list[dict]) -> list[str]:
+    """The accuracy control (benchmarks/control_cifar.py, an independent textbook implementation) next to
+    reslab's runs of the same net at the same budget: it fixes the error level the data allows."""
+    ctl = [r for r in runs if r["implementation"] == "control" and r["test_err"] is not None]
+    if not ctl:
+        return []
+    out = ["", "## Accuracy control (an independent textbook implementation, same data)", "",
+           "| model | budget | control: mean ± std (n) | reslab: mean ± std (n) | control precision | reslab precision |",
+           "|---|---|---|---|---|---|"]
+    for arch, budget in sorted({(r["arch"], r["budget"]) for r in ctl}):
+        c = [r for r in ctl if (r["arch"], r["budget"]) == (arch, budget)]
+        o = [r for r in runs if r["implementation"] == "reslab" and (r["arch"], r["budget"]) == (arch, budget)
+             and r["test_err"] is not None and not r.get("options")]
+        out.append(f"| {arch} | x{budget:g} | {_mean_std([r['test_err'] for r in c])} | "
+                   f"{_mean_std([r['test_err'] for r in o])} | {c[0]['precision']} | "
+                   f"{', '.join(sorted({str(r['precision']) for r in o})) or '-'} |")
+    return out
+
+
+# Gross & Wilber (2016), ResNet-110 on CIFAR-10 (original data), test error %: the variants of `gross-wilber`
+GROSS_WILBER = {"paper": 6.97, "norelu": 6.32, "bnadd": 13.56}
+# experiments whose every run is one variant of a comparison (the others are covered by the tables above)
+COMPARISONS = ("gross-wilber", "width-vs-depth", "block-design", "shortcut-options")
+
+
+def experiment_section(manifest: dict, runs: list[dict], root: Path) -> list[str]:
+    """One comparison experiment: each net (all seeds together) with its params, MACs and test error."""
+    if manifest["experiment"] not in COMPARISONS:
+        return []
+    from .complexity import count_macs, count_params
+    from .zoo import create_model
+    by_path = {Path(r["path"]).resolve(): r for r in runs}
+    groups: dict[str, list] = {}
+    for entry in manifest["runs"]:
+        label = entry["name"].rsplit("-s", 1)[0]
+        groups.setdefault(label, []).append((entry, by_path.get(Path(entry["config"]["out"]).resolve())))
+    ref = "Gross & Wilber (ResNet-110) %" if manifest["experiment"] == "gross-wilber" else None
+    out = ["", f"## {manifest['experiment']}: {manifest['paper']} ({manifest['budget']} budget)", "",
+           "| net | arch and options | params | MACs | test err %: mean ± std (n) |" + (f" {ref} |" if ref else ""),
+           "|---|---|---|---|---|" + ("---|" if ref else "")]
+    points = []
+    for label, members in groups.items():
+        model = members[0][0]["config"]["model"]
+        net = create_model(model["arch"], **model.get("options", {}))
+        params, macs = count_params(net), count_macs(net)
+        errs = [r["test_err"] for _, r in members if r and r["complete"] and r["test_err"] is not None]
+        opts = " ".join(f"{k}={v}" for k, v in model.get("options", {}).items())
+        row = f"| {label} | {model['arch']} {opts} | {params / 1e6:.3f}M | {macs / 1e6:.1f}M | {_mean_std(errs)} |"
+        if ref:
+            row += f" {_fmt(GROSS_WILBER.get(label.rsplit('-', 1)[-1]))} |"
+        out.append(row)
+        if errs:
+            points.append((label, params, macs, statistics.mean(errs)))
+    out.append("")
+    out.append("Complete runs only; a net without any shows '-'.")
+    if manifest["experiment"] == "width-vs-depth" and points:
+        name = f"width_vs_depth_{manifest['budget']}.png"
+        plot_width_vs_depth(points, root / name)
+        out += ["", f"![width vs depth]({name})"]
+    return out
+
+
+def plot_width_vs_depth(points, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, idx, xlabel in ((axes[0], 1, "parameters (M)"), (axes[1], 2, "forward MACs (M)")):
+        for p in points:
+            ax.scatter(p[idx] / 1e6, p[3])
+            ax.annotate(p[0], (p[idx] / 1e6, p[3]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test error (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("deeper-and-thin vs shallower-and-wide at matched parameters", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_report(root) -> Path:
@@ -177,6 +265,7 @@ def write_report(root) -> Path:
                          + " | ".join(_fmt(t[k]) for k in OTHERS) + " |")
         lines += ["", "Paper and other reproductions: trained and tested on the original CIFAR-10 files, full "
                   "schedules (docs/paper.md)."]
+    lines += control_section(runs)
     resp_file = next(iter(sorted(root.rglob("layer_responses.json"))), None)
     if resp_file:
         resp = json.loads(resp_file.read_text())
@@ -187,6 +276,8 @@ def write_report(root) -> Path:
             lines.append(f"| {name} (step {r['step']}) | {len(r['std'])} | {statistics.mean(r['std']):.3f} | "
                          f"{max(r['std']):.3f} |")
     manifests = sorted(root.rglob("manifest-*.json"))
+    for m in manifests:
+        lines += experiment_section(json.loads(m.read_text()), runs, root)
     if manifests:
         lines += ["", "## Commands", ""]
         for m in manifests:

@@ -18,10 +18,10 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .complexity import count_macs
 from .config import RunConfig
-from .engine import train
 from .errors import ReslabError
 from .experiments import BUDGETS, get_experiment
 from .flags import to_cli_args
+from .runset import train_set
 from .zoo import create_model
 
 # Effective training throughput used only for --dry-run estimates, in FLOP/s (6 x MACs x images/s), from
@@ -51,9 +51,13 @@ def command(cfg: RunConfig) -> str:
 
 
 def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None = None, dry_run: bool = False,
-              device: str = "auto", report: bool = True) -> list[Path]:
+              device: str = "auto", report: bool = True, concurrent: int = 1) -> list[Path]:
+    """Train what is missing of experiment `name` at `budget` (`concurrent` runs at a time in one process, as a
+    RunSet), then the analysis and the report."""
     from .dist import pick_device
     exp = get_experiment(name)
+    if concurrent < 1:
+        raise ReslabError(f"--concurrent must be at least 1, got {concurrent}")
     if exp.needs and not data_dir:
         raise ReslabError(f"{name} needs {exp.needs}")
     configs = [replace(c, runtime=replace(c.runtime, device=device)) for c in exp.configs(budget, out, data_dir, seeds)]
@@ -76,16 +80,22 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
                 "budget_description": BUDGETS[budget].description, "data": exp.data,
                 "runs": [{"name": Path(c.out).name, "config": c.to_dict(), "command": command(c)} for c in configs]}
     (root / f"manifest-{name}.json").write_text(json.dumps(manifest, indent=2))
+    pending = []
     for cfg in configs:
         status = run_status(Path(cfg.out))
-        if status == "done":
-            continue
         if status == "corrupt":
             raise ReslabError(f"{Path(cfg.out) / ckpt.LAST} is unreadable; move it away to restart that run")
+        if status != "done":
+            pending.append(cfg)
+    for i in range(0, len(pending), concurrent):  # runs not yet finished, `concurrent` at a time in one process
+        group = pending[i:i + concurrent]
+        names = ", ".join(Path(c.out).name for c in group)
         t = time.time()
-        print(f"[{time.strftime('%H:%M:%S')}] {Path(cfg.out).name}: {status}", file=sys.stderr, flush=True)
-        train(cfg, resume=status.startswith("resume"))
-        print(f"[{time.strftime('%H:%M:%S')}] {Path(cfg.out).name}: done in {(time.time() - t) / 60:.1f} min",
+        print(f"[{time.strftime('%H:%M:%S')}] {names}: training", file=sys.stderr, flush=True)
+        # resume=True also starts a run that has no checkpoint yet; a resumed run keeps its recorded config
+        # except where this command says where the data is and which device to use
+        train_set(group, resume=True, explicit={("data", "dir"), ("runtime", "device")})
+        print(f"[{time.strftime('%H:%M:%S')}] {names}: done in {(time.time() - t) / 60:.1f} min",
               file=sys.stderr, flush=True)
     if exp.post == "layer_responses":
         from .responses import responses_for_runs

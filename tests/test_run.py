@@ -1,0 +1,233 @@
+"""A run as one object: its config, its flags, its checkpoint, and what may not happen to a good checkpoint."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+
+import pytest
+import torch
+
+from reslab import checkpoint as ckpt
+from reslab.cli import build_parser, main
+from reslab.config import RunConfig
+from reslab.flags import config_from_args, parse_train_args, to_cli_args
+from reslab.logs import read_metrics
+from reslab.recipes import Recipe, get_recipe
+from reslab.resnet import ResNetConfig
+
+from conftest import make_cifar_archive
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=320, n_test=101)
+    return d
+
+
+def _train(*args) -> int:
+    return main(["train", "--arch", "resnet8", "--batch-size", "32", "--no-progress", *map(str, args)])
+
+
+def test_every_config_field_is_a_flag_and_round_trips():
+    p = build_parser()
+    train = p._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in train._actions}
+    fixed_recipe = {"name", "dataset", "warmup_rule", "budget"}
+    assert {f"recipe.{f.name}" for f in fields(Recipe)} - dests == {f"recipe.{n}" for n in fixed_recipe}
+    for sec in ("data", "runtime"):
+        cls = type(getattr(RunConfig("x"), sec))
+        assert {f"{sec}.{f.name}" for f in fields(cls)} <= dests
+    fixed_model = {"family", "block", "layers", "residual", "num_classes", "in_channels", "name"}
+    assert {f"model.{f.name}" for f in fields(ResNetConfig) if f.name not in fixed_model} <= dests
+    # a config with something in every section survives the trip through its command line
+    cfg = RunConfig.build("runs/x y", "resnet32", get_recipe("cifar-paper").scaled(0.05).with_overrides(
+        lr=0.05, nesterov=True, milestones=(100, 2000), label_smoothing=0.1), data_dir="d", seed=3,
+        model={"shortcut": "B", "relu_after_add": False, "width": 1.5}, workers=2, precision="bf16",
+        channels_last=False, precise_bn=4)
+    assert parse_train_args(to_cli_args(cfg)) == cfg
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_cli_defaults_and_explicit_fields():
+    a = build_parser().parse_args(["train", "--budget", "0.02", "--lr", "0.2", "--v1.5", "--no-relu-after-add"])
+    cfg, explicit = config_from_args(a)
+    assert cfg.out == "runs/resnet20-cifar10-s0" and cfg.recipe.iters == 1280 and cfg.recipe.lr == 0.2
+    assert cfg.model.kwargs() == {"stride_in_1x1": False, "relu_after_add": False}
+    assert ("recipe", "lr") in explicit and ("recipe", "iters") in explicit and ("", "seed") not in explicit
+
+
+def test_scaled_budgets_bound_their_evaluations():
+    r = get_recipe("cifar-paper")
+    for f in (0.02, 0.1, 0.5):
+        s = r.scaled(f)
+        assert -(-s.iters // s.eval_every) <= 10, f
+    assert r.scaled(1.0).eval_every == 2000 and r.scaled(0.02).log_every == 40
+    assert (r.scaled(0.02).iters, r.scaled(0.02).milestones) == (1280, (640, 960))
+
+
+def test_divergence_between_log_lines_never_reaches_the_checkpoint(data_dir, tmp_path, capsys):
+    """The issue's case: evaluations (and saves) every 3 steps, log lines every 100, lr 1e9."""
+    out = tmp_path / "R"
+    assert _train("--iters", 30, "--eval-every", 3, "--log-every", 100, "--lr", 1e9, "--data-dir", data_dir,
+                  "--out", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "NaN/Inf" in err and "stopped without saving" in err
+    if (out / "last.pt").exists():
+        ck = ckpt.load(out)
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+        assert f"step {ck['step']}, untouched" in err
+    else:
+        assert "no checkpoint was written" in err
+
+
+def test_resume_refuses_a_different_run_and_extends_by_request(data_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    common = ("--data-dir", data_dir, "--out", out, "--eval-every", 20, "--log-every", 10)
+    assert _train("--iters", 40, *common) == 0
+    capsys.readouterr()
+    for flag, value, field in (("--iters", 80, "recipe.iters is 40"), ("--lr", 0.5, "recipe.lr is 0.1"),
+                               ("--batch-size", 64, "recipe.batch_size is 32"), ("--seed", 1, "seed is 0"),
+                               ("--shortcut", "B", "model.shortcut is 'default'"),
+                               ("--precision", "bf16", "runtime.precision is 'fp32'")):
+        assert main(["train", "--arch", "resnet8", "--no-progress", "--resume", flag, str(value),
+                     *map(str, common)]) == 2, flag
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and field in err[0] and repr(value) in err[0], err
+    assert main(["train", "--arch", "resnet14", "--resume", *map(str, common)]) == 2
+    assert "model.arch is 'resnet8'" in capsys.readouterr().err
+    # free fields may change; the batch size repeated as it was is no conflict
+    assert _train("--resume", "--workers", 1, *common) == 0
+    # lengthening keeps the milestones (20, 30) and equals a run started at 80 with those milestones
+    assert _train("--resume", "--extend-to", 80, *common) == 0
+    ref = tmp_path / "ref"
+    assert _train("--iters", 80, "--milestones", 20, 30, "--data-dir", data_dir, "--out", ref, "--eval-every", 20,
+                  "--log-every", 10) == 0
+    a, b = ckpt.load(out), ckpt.load(ref)
+    assert a["step"] == b["step"] == 80 and a["config"]["recipe"]["milestones"] == [20, 30]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    lrs = [m["lr"] for m in read_metrics(out) if m["kind"] == "train"]
+    assert lrs[-1] == pytest.approx(0.001)
+    assert _train("--resume", "--extend-to", 60, *common) == 2
+    assert "must be more than the run's 80" in capsys.readouterr().err
+
+
+_CHILD = """
+import os, sys, time, torch
+real = torch.save
+def slow_save(obj, f, *a, **k):  # writes the checkpoint slowly, so a kill can land inside save_atomic
+    open(os.environ["SAVE_MARK"], "a").write("saving\\n")
+    time.sleep(float(os.environ.get("SAVE_SLEEP", "0")))
+    return real(obj, f, *a, **k)
+torch.save = slow_save
+from reslab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_child(args, env, mark=None, after_saves=None, delay=0.0):
+    """Run `reslab train` in a child; with `after_saves`, SIGKILL it `delay` seconds after it began its
+    `after_saves`-th checkpoint write (the child notes each write in `mark`)."""
+    p = subprocess.Popen([sys.executable, "-c", _CHILD, *map(str, args)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    if after_saves is not None:
+        while p.poll() is None and not (mark.exists() and mark.read_text().count("saving") >= after_saves):
+            time.sleep(0.005)
+        time.sleep(delay)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+    p.wait()
+    return p.returncode, p.stderr.read()
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume_is_bitwise_the_uninterrupted_run(data_dir, tmp_path):
+    args = ["train", "--arch", "resnet8", "--batch-size", "32", "--iters", "60", "--eval-every", "6",
+            "--log-every", "3", "--data-dir", data_dir, "--no-progress"]
+    mark = tmp_path / "mark"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAVE_MARK": str(mark)}
+    rc, err = _run_child([*args, "--out", tmp_path / "ref"], env)
+    assert rc == 0, err
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    seen_steps = set()
+    for attempt in range(4):  # four kills: one inside a checkpoint write, three at random moments of training
+        in_save = attempt == 1
+        mark.unlink(missing_ok=True)
+        rc, err = _run_child([*args, "--out", out, "--resume"], {**env, "SAVE_SLEEP": "0.5" if in_save else "0"},
+                             mark, after_saves=rng.randint(1, 4), delay=0.05 if in_save else rng.uniform(0, 0.4))
+        assert rc == -signal.SIGKILL, err
+        if in_save:
+            assert list(out.glob(".*.tmp")), "the kill was meant to land inside a checkpoint write"
+        if (out / "last.pt").exists():
+            seen_steps.add(ckpt.read_status(out)["step"])
+    assert len(seen_steps) >= 2, seen_steps  # the kills landed at different points of the run
+    rc, err = _run_child([*args, "--out", out, "--resume"], env)
+    assert rc == 0, err
+    a, b = ckpt.load(tmp_path / "ref"), ckpt.load(out)
+    assert b["step"] == 60 and not list(out.glob(".*.tmp"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    steps = [(m["kind"], m["step"]) for m in read_metrics(out)]
+    assert steps == [(m["kind"], m["step"]) for m in read_metrics(tmp_path / "ref")]
+
+
+def test_old_checkpoints_convert_and_are_refused_for_resume(tmp_path, capsys):
+    """State dicts as PyTorch < 0.4.1 wrote them: no num_batches_tracked, no _metadata, legacy serialisation."""
+    from reslab import create_model
+    net = create_model("resnet20", zero_pad="both")
+    sd = {"module." + k.replace("fc.", "linear."): v for k, v in net.state_dict().items()
+          if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": sd, "best_prec1": 91.7}, tmp_path / "old.th", _use_new_zipfile_serialization=False)
+    assert main(["convert", str(tmp_path / "old.th"), "--from", "cifar-repro", "--arch", "resnet20",
+                 "--out", str(tmp_path / "r20.pt")]) == 0
+    import reslab
+    m = reslab.load(tmp_path / "r20.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), net.eval()(x))
+    assert main(["convert", str(tmp_path / "old.th"), "--from", "cifar-repro", "--arch", "resnet32",
+                 "--out", str(tmp_path / "r32.pt")]) == 2
+    assert "does not fit resnet32" in capsys.readouterr().err
+    tv = create_model("resnet18", stride_in_1x1=False)
+    old = {k: v for k, v in tv.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "tv.pth")
+    assert main(["convert", str(tmp_path / "tv.pth"), "--from", "torchvision", "--arch", "resnet18",
+                 "--out", str(tmp_path / "r18.pt")]) == 0
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes((tmp_path / "r20.pt").read_bytes())  # a weights-only file where a run should be
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
+    assert "no training state inside" in capsys.readouterr().err
+
+
+def test_a_run_set_equals_its_runs_trained_alone(data_dir, tmp_path, capsys):
+    """Three runs in one process (two seeds and another depth) are bitwise the three runs trained alone."""
+    from dataclasses import replace
+    from reslab.engine import train
+    from reslab.runset import train_set
+    r = get_recipe("cifar-paper").with_overrides(batch_size=32, iters=24, eval_every=12, log_every=6)
+    base = RunConfig.build(tmp_path / "alone" / "a", "resnet8", r, data_dir=data_dir, progress=False)
+    configs = [base, replace(base, seed=1, out=str(tmp_path / "alone" / "b")),
+               replace(base, out=str(tmp_path / "alone" / "c"), model=replace(base.model, arch="resnet14"))]
+    for c in configs:
+        train(c)
+    together = [replace(c, out=c.out.replace("alone", "set")) for c in configs]
+    train_set(together, stop_at=18)  # an interrupted set resumes as a set
+    train_set(together, resume=True)
+    for a, b in zip(configs, together):
+        x, y = ckpt.load(a.out), ckpt.load(b.out)
+        assert x["step"] == y["step"] == 24
+        for k in x["model"]:
+            assert torch.equal(x["model"][k], y["model"][k]), (a.out, k)
+        assert x["metrics"]["top1_err"] == y["metrics"]["top1_err"]
+    # the CLI form: one run per seed, each in OUT-sSEED
+    assert _train("--iters", 6, "--eval-every", 6, "--seeds", 0, 1, "--data-dir", data_dir, "--out",
+                  tmp_path / "cli") == 0
+    assert ckpt.read_status(tmp_path / "cli-s1")["finished"] and "cli-s0" in capsys.readouterr().out
+    assert _train("--seeds", 0, "--seed", 1, "--data-dir", data_dir) == 2
