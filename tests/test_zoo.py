@@ -54,6 +54,13 @@ def test_cifar_params_and_macs_match_table6(name):
     assert count_layers(m) == m.cfg.depth == int(name[6:])
 
 
+def test_resnet20_exact_params_and_macs():
+    # the block switches (tests/test_variants.py) must leave the default net exactly as it was
+    m = reslab.create_model("resnet20")
+    assert count_params(m) == 269_722 and count_macs(m) == 40_551_040
+    assert (m.cfg.block_layers, m.cfg.bn_after_add, m.cfg.shortcut) == (2, False, "A")
+
+
 @pytest.mark.parametrize("name", sorted(IMAGENET))
 def test_imagenet_params_exact_and_macs_within_1pct(name):
     params, macs_v1, macs_v15 = IMAGENET[name]

@@ -54,8 +54,8 @@ def stage_shapes(model: nn.Module, input_size: int | None = None) -> dict[str, l
 
 
 def count_layers(model: nn.Module) -> int:
-    """Weighted layers (convolutions and fc) on the main path, the paper's "depth": projection shortcuts
-    are not counted."""
+    """Weighted layers (convolutions and fc) on the main path, the paper's "depth": shortcut convolutions
+    (option B/C projections, the gates of gated shortcuts) are not counted. Equals ResNetConfig.depth."""
     n = 0
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and ".downsample" not in name:

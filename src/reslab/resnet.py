@@ -5,7 +5,8 @@
 
 Initialisation: convolutions use He (Kaiming) normal with mode='fan_out' and the ReLU gain,
 std = sqrt(2 / (k*k*c_out)) — the fan that torchvision and the paper's Torch code use; BN gamma=1, beta=0;
-the fc layer keeps PyTorch's default uniform init.
+the fc layer keeps PyTorch's default uniform init. Gated shortcuts then reset their gates (weight 0,
+bias GATE_BIAS_INIT) so that every block starts near its shortcut.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .blocks import BLOCKS, SHORTCUTS, Block
+from .blocks import BLOCKS, SHORTCUTS, Block, GatedShortcut, check_options
 
 STEMS = {
     "cifar": dict(widths=(16, 32, 64), stem_width=16),
@@ -27,11 +28,13 @@ class ResNetConfig:
     family: str                      # "cifar" | "imagenet": stem and stage widths
     block: str                       # "basic" | "bottleneck"
     layers: tuple[int, ...]          # blocks per stage
-    shortcut: str = "A"              # "A" | "B" | "C" (paper §3.3)
+    shortcut: str = "A"              # "A" | "B" | "C" (paper §3.3) | "gated" (highway-style, not the paper's)
     residual: bool = True            # False: the plain twin (same layers, no shortcuts)
     stride_in_1x1: bool = True       # bottleneck stride on the first 1x1 (v1, paper) or the 3x3 (v1.5)
     preact: bool = False             # BN-ReLU-conv blocks (He et al. 2016b)
     relu_after_add: bool = True      # False: no ReLU after the addition (Gross & Wilber 2016)
+    bn_after_add: bool = False       # True: BN on the sum, before the final ReLU (Gross & Wilber 2016)
+    block_layers: int = 2            # 3x3 layers per basic block: 1, 2 (the paper) or 3
     zero_init_last: bool = False     # zero each branch's last BN gamma (Goyal et al. 2017)
     width: float = 1.0               # multiplier on every stage's width (wide ResNets)
     zero_pad: str = "end"            # option A: zero channels after the identity ("end") or split ("both")
@@ -53,10 +56,12 @@ class ResNetConfig:
             raise ValueError(f"unknown zero_pad {self.zero_pad!r}; valid choices: end, both")
         if self.width <= 0 or self.num_classes < 1 or self.in_channels < 1:
             raise ValueError("width, num_classes and in_channels must be positive")
+        check_options(self.block, self.shortcut, self.residual, self.preact, self.block_layers, self.bn_after_add)
 
     @property
     def depth(self) -> int:
-        per_block = 3 if self.block == "bottleneck" else 2
+        """The paper's depth: weighted layers on the main path (stem conv + every branch conv + fc)."""
+        per_block = 3 if self.block == "bottleneck" else self.block_layers
         return per_block * sum(self.layers) + 2
 
     @property
@@ -96,7 +101,8 @@ class ResNet(nn.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 blocks.append(block(cin, planes, stride, shortcut=cfg.shortcut, residual=cfg.residual,
                                     relu_after_add=cfg.relu_after_add, preact=cfg.preact,
-                                    stride_in_1x1=cfg.stride_in_1x1, zero_pad=cfg.zero_pad))
+                                    stride_in_1x1=cfg.stride_in_1x1, zero_pad=cfg.zero_pad,
+                                    block_layers=cfg.block_layers, bn_after_add=cfg.bn_after_add))
                 cin = planes * block.expansion
             name = f"layer{i + 1}"
             self.add_module(name, nn.Sequential(*blocks))
@@ -114,6 +120,9 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, GatedShortcut):  # the loop above He-initialised the gate conv too
+                m.reset_gate()
         if self.cfg.zero_init_last and self.cfg.residual:
             for m in self.modules():
                 if isinstance(m, Block):
@@ -148,7 +157,8 @@ class ResNet(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"name={c.name!r}, family={c.family}, depth={c.depth}, block={c.block}, shortcut={c.shortcut}, "
-                f"stride_variant={c.stride_variant}, residual={c.residual}, preact={c.preact}, width={c.width}")
+                f"stride_variant={c.stride_variant}, residual={c.residual}, preact={c.preact}, width={c.width}, "
+                f"block_layers={c.block_layers}, relu_after_add={c.relu_after_add}, bn_after_add={c.bn_after_add}")
 
     @property
     def metadata(self) -> dict:

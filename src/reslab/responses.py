@@ -1,8 +1,9 @@
 """Layer responses (paper Fig. 7): the standard deviation of each 3x3 layer's output after BN, before the
 addition and the ReLU, on test images with the model in eval mode.
 
-One value per 3x3 layer inside the residual stages (6n for a 6n+2 CIFAR net); the stem and the shortcuts
-(option B/C projections) are not included. The std is taken over every element of the BN output
+One value per 3x3 layer inside the residual stages (6n for a 6n+2 CIFAR net, 3n·block_layers in general);
+the stem, the shortcuts (option B/C projections, the gates of gated shortcuts) and the BN on the sum
+(`bn_after_add`) are not included. The std is taken over every element of the BN output
 (images x channels x positions).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ def response_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if blk.preact:
                 raise ValueError("layer responses are defined for post-activation blocks (BN after each conv)")
             if isinstance(blk, BasicBlock):
-                out += [(f"{sname}.{i}.bn1", blk.bn1), (f"{sname}.{i}.bn2", blk.bn2)]
+                out += [(f"{sname}.{i}.bn{k}", blk.layer(k)[1]) for k in range(1, blk.block_layers + 1)]
             elif isinstance(blk, Bottleneck):
                 out += [(f"{sname}.{i}.bn2", blk.bn2)]
     return out

@@ -4,9 +4,13 @@
     create_model("resnet50", stride_in_1x1=False)    # ImageNet bottleneck, torchvision's v1.5
     create_model("plain34", num_classes=100)
     create_model("resnet26")                         # any CIFAR depth 6n+2 (n >= 1)
+    create_model("resnet110", bn_after_add=True)     # block variants: bn_after_add, block_layers, shortcut="gated"
 
 Depths 50 and 152 are both ImageNet depths and 6n+2, so `resnet50`/`resnet152` are the ImageNet nets;
 the CIFAR nets of those depths are `cifar_resnet50` / `cifar_resnet152` (any 6n+2 depth takes the prefix).
+
+A name fixes the paper's block (block_layers=2): `create_model("resnet20", block_layers=3)` keeps the name
+"resnet20" and the same 3x3x3 blocks, and its config's `depth` says 29 (the layers it really has).
 """
 from __future__ import annotations
 
@@ -111,6 +115,7 @@ def _unknown(name: str) -> str:
 
 
 def create_model(name: str, **overrides) -> ResNet:
-    """Build a zoo model. Overrides are ResNetConfig fields: shortcut='A'|'B'|'C', stride_in_1x1=True|False
-    (False = v1.5), residual, preact, relu_after_add, zero_init_last, width, num_classes, in_channels."""
+    """Build a zoo model. Overrides are ResNetConfig fields: shortcut='A'|'B'|'C'|'gated', stride_in_1x1=True|False
+    (False = v1.5), residual, preact, relu_after_add, bn_after_add, block_layers=1|2|3, zero_init_last, width,
+    num_classes, in_channels."""
     return ResNet(resolve_config(name, **overrides))
