@@ -115,3 +115,42 @@ def test_tiny_end_to_end_reproduce(tmp_path, capsys):
     assert main(["reproduce", "layer-responses", "--data-dir", str(d), "--out", str(out), "--budget", "smoke",
                  "--dry-run"]) == 0
     assert capsys.readouterr().out.count(" done ") == 4  # finished runs are skipped
+
+
+def test_report_keeps_the_control_apart_and_tables_comparisons(tmp_path):
+    """Control runs (benchmarks/control_cifar.py) get their own section, never Table 6; a comparison
+    experiment's manifest gives one row per net with params, MACs and mean error over complete runs."""
+    _fake_run(tmp_path, "resnet20-s0", "resnet20", True, [(0.4, 0.45), (0.1, 0.12)])
+    ctl = _fake_run(tmp_path / "control", "resnet20-s0", "resnet20", True, [(0.4, 0.45), (0.1, 0.10)])
+    cfg = json.loads((ctl / "config.json").read_text())
+    (ctl / "config.json").write_text(json.dumps({**cfg, "implementation": "control"}))
+    from reslab.config import RunConfig
+    wide = RunConfig.build(tmp_path / "wide-s0", "resnet20", model={"width": 2.0})
+    (tmp_path / "manifest-width-vs-depth.json").write_text(json.dumps({
+        "experiment": "width-vs-depth", "paper": "width vs depth", "budget": "quick", "budget_description": "q",
+        "runs": [{"name": "resnet20-s0", "config": RunConfig.build(tmp_path / "resnet20-s0").to_dict(),
+                  "command": "reslab train"}, {"name": "wide-s0", "config": wide.to_dict(), "command": "x"}]}))
+    text = write_report(tmp_path).read_text()
+    t = {r["arch"]: r for r in json.loads((tmp_path / "results.json").read_text())["table6"]}
+    assert t["resnet20"]["n"] == 1 and t["resnet20"]["mean"] == pytest.approx(12.0)  # the control is not in it
+    assert "| resnet20 | x0.5 | 10.00 ± - (1) | 12.00 ± - (1) |" in text
+    assert "| resnet20 | resnet20  | 0.270M | 40.6M | 12.00 ± - (1) |" in text
+    assert "| wide | resnet20 width=2.0 | 1.069M | 156.2M | - |" in text  # no run of it yet
+    assert (tmp_path / "width_vs_depth_quick.png").is_file()
+
+
+@pytest.mark.slow
+def test_readers_experiments_run_at_the_smoke_budget(tmp_path, capsys):
+    d = tmp_path / "data"
+    make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=200, n_test=40)
+    out = tmp_path / "repro"
+    for name, concurrent in (("gross-wilber", 1), ("width-vs-depth", 1), ("block-design", 4)):
+        assert main(["reproduce", name, "--data-dir", str(d), "--out", str(out), "--budget", "smoke",
+                     "--concurrent", str(concurrent), "--no-report"]) == 0, capsys.readouterr().err
+    report = write_report(out).read_text()
+    for needle in ("## gross-wilber", "| resnet56-bnadd | resnet56 bn_after_add=True |", "13.56",
+                   "## width-vs-depth", "| resnet20-w1.78 | resnet20 width=1.78 | 0.847M |",
+                   "## block-design", "| blocks3-d20 | resnet14 block_layers=3 |", "| gated20 | resnet20 shortcut=gated |"):
+        assert needle in report, needle
+    assert (out / "width_vs_depth_smoke.png").is_file()
+    assert report.count("± - (1) |") >= 11  # every net trained to completion once

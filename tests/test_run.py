@@ -14,6 +14,7 @@ import torch
 from reslab import checkpoint as ckpt
 from reslab.cli import build_parser, main
 from reslab.config import RunConfig
+from reslab.engine import train
 from reslab.flags import config_from_args, parse_train_args, to_cli_args
 from reslab.logs import read_metrics
 from reslab.recipes import Recipe, get_recipe
@@ -231,3 +232,57 @@ def test_a_run_set_equals_its_runs_trained_alone(data_dir, tmp_path, capsys):
                   tmp_path / "cli") == 0
     assert ckpt.read_status(tmp_path / "cli-s1")["finished"] and "cli-s0" in capsys.readouterr().out
     assert _train("--seeds", 0, "--seed", 1, "--data-dir", data_dir) == 2
+
+
+def test_loader_plans_rebuild_its_batches():
+    """The graphed step gathers batches itself from (indices, variants): the same batches as iteration."""
+    from reslab.data import Normalizer, ResidentLoader
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(100) % 10
+    a = ResidentLoader(x, y, 16, Normalizer.fit(x), train=True, seed=3, channels_last=True)
+    b = ResidentLoader(x, y, 16, Normalizer.fit(x), train=True, seed=3, channels_last=True)
+    batches, plans = list(a), list(b.plans())
+    assert len(batches) == len(plans) == 6
+    for (xa, ya), (idx, var) in zip(batches, plans):
+        xb, yb = b.batch_of(idx, var)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert a.state_dict() == b.state_dict() == {"epoch": 1, "batch": 0, "seed": 3}
+
+
+def test_graphs_say_why_not_and_refuse_when_asked_where_impossible(data_dir, tmp_path, capsys):
+    from reslab.step import graph_fallback
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "CUDA device" in graph_fallback(cpu, "fp32", None, None, False, False, False)
+    from reslab.data import Normalizer, ResidentLoader
+    x = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    res = ResidentLoader(x, torch.zeros(4, dtype=torch.long), 2, Normalizer.fit(x), train=True)
+    assert graph_fallback(cuda, "bf16", res, None, False, False, False) is None
+    assert "GradScaler" in graph_fallback(cuda, "fp16", res, None, False, False, False)
+    assert "worker processes" in graph_fallback(cuda, "bf16", object(), None, False, False, False)
+    assert "DDP" in graph_fallback(cuda, "bf16", res, None, True, False, False)
+    assert "EMA" in graph_fallback(cuda, "bf16", res, object(), False, False, False)
+    assert _train("--graphs", "--iters", 2, "--data-dir", data_dir, "--out", tmp_path / "g") == 2
+    assert "--graphs: CUDA graphs need a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphed_training_follows_the_eager_trajectory(data_dir, tmp_path):
+    """300 steps (lr steps at 150 and 225) with the step captured as a CUDA graph against the eager step,
+    fp32 without TF32 and cuDNN's deterministic algorithms: the same kernels in the same order, so the two
+    agree to rounding (measured bound below), not bitwise (the graph's allocations differ)."""
+    torch.backends.cudnn.allow_tf32 = False
+    r = get_recipe("cifar-paper").with_overrides(batch_size=32, iters=300, eval_every=300, log_every=50)
+    runs = {}
+    for graphs in (False, True):
+        cfg = RunConfig.build(tmp_path / str(graphs), "resnet8", r, data_dir=data_dir, progress=False,
+                              device="cuda", precision="fp32", graphs=graphs, deterministic=True)
+        train(cfg)
+        runs[graphs] = ckpt.load(cfg.out)
+    eager, graphed = runs[False], runs[True]
+    for k, v in eager["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(graphed["model"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+    assert abs(graphed["metrics"]["top1_err"] - eager["metrics"]["top1_err"]) <= 0.02
+    tl = [m["loss"] for m in read_metrics(tmp_path / "True") if m["kind"] == "train"]
+    te = [m["loss"] for m in read_metrics(tmp_path / "False") if m["kind"] == "train"]
+    assert tl == pytest.approx(te, rel=1e-3)

@@ -50,6 +50,7 @@ class Runtime:
     channels_last: bool | None = None    # None: on (it changes rounding, so a resumed run keeps it)
     compile: bool | None = field(default=None, metadata=FREE)      # None: off (see README: Performance)
     compile_mode: str | None = field(default=None, metadata=FREE)  # torch.compile mode, e.g. reduce-overhead
+    graphs: bool | None = field(default=None, metadata=FREE)  # None: capture the step as a CUDA graph where safe
     deterministic: bool = False
     sync_bn: bool = False
     precise_bn: int = 0                  # >0: recompute BN statistics over this many batches before each eval

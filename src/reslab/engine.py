@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from .flags import to_cli_args
 from .logs import MetricsLog, Progress, environment, write_json, write_text_atomic
 from .recipes import after_eval, lr_at, warmup_rule_applies
 from .state import TrainingState
-from .step import TrainStep, autocast_for, make_ema, make_optimizer, resolve_runtime
+from .step import GraphedStep, TrainStep, autocast_for, graph_fallback, make_ema, make_optimizer, resolve_runtime
 from .zoo import create_model
 
 
@@ -119,11 +120,24 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         net = torch.compile(net, mode=rt.compile_mode) if rt.compile else net
         self.step_fn = TrainStep(net, model, opt, scaler, ema, rt.precision, d.device, r.label_smoothing)
+        self.graphed = self._graphed_step(rt, ema)
         self.ctx = autocast_for(d.device, rt.precision)
         self._rule = torch.zeros(2, dtype=torch.float64, device=d.device)  # warm-up rule window: wrong, seen
         self._batches = None
         self._checked = st.step          # every step up to here is known finite
         self.label = ""                  # shown in progress lines when several runs share a process
+
+    def _graphed_step(self, rt, ema):
+        """The CUDA-graph form of the step where it is safe; otherwise None, with the reason said once."""
+        why = graph_fallback(self.d.device, rt.precision, self.data.train, ema, self.d.enabled, rt.compile,
+                             rt.sync_bn)
+        if rt.graphs and why:
+            raise ReslabError(f"--graphs: {why}; drop --graphs")
+        if why:
+            if rt.graphs is None and self.d.device.type == "cuda" and self.d.is_main:
+                print(f"reslab: training step not graphed: {why}", file=sys.stderr)
+            return None
+        return None if rt.graphs is False else GraphedStep(self.step_fn, self.data.train)
 
     def config_record(self) -> dict:
         """config.json: the run's config, the model it built, the data it found, the command to rerun it."""
@@ -165,14 +179,18 @@ class Trainer:
         st, r = self.state, self.cfg.recipe
         if self._batches is None:
             self._batches = self._endless()
-        x, y = next(self._batches)
         lr = lr_at(st.step, r, st.schedule)
-        wrong = self.step_fn(x, y, lr)
+        if self.graphed is not None:  # the graph gathers the batch itself from the plan's indices
+            idx, variant = next(self._batches)
+            wrong, n = self.graphed(idx, variant, lr), len(idx)
+        else:
+            x, y = next(self._batches)
+            wrong, n = self.step_fn(x, y, lr), len(y)
         if st.schedule.in_warmup_rule:
             self._rule[0] += wrong
-            self._rule[1] += len(y)
+            self._rule[1] += n
         st.step += 1
-        self._imgs += len(y) * self.d.world_size
+        self._imgs += n * self.d.world_size
         if st.schedule.in_warmup_rule and st.step % r.warmup_rule.check_every == 0:
             self._check_warmup_rule()
         last = st.step >= stop
@@ -183,7 +201,7 @@ class Trainer:
 
     def _endless(self):
         while True:
-            yield from self.data.train
+            yield from (self.data.train.plans() if self.graphed is not None else self.data.train)
 
     def _check_warmup_rule(self) -> None:
         dist.all_reduce_sum(self._rule)

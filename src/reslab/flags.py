@@ -35,6 +35,8 @@ _HELP = {
     ("runtime", "precision"): "auto: bf16 on CUDA, fp32 on the CPU",
     ("runtime", "channels_last"): "channels_last memory format (default on)",
     ("runtime", "compile"): "torch.compile the model (default off: it trained no faster, see benchmarks/results)",
+    ("runtime", "graphs"): "capture the whole training step as one CUDA graph (default: where it is safe; "
+                           "the reason is printed when it is not)",
     ("runtime", "precise_bn"): "recompute BN statistics over N training batches before each evaluation",
     ("model", "shortcut"): "shortcut option (paper §3.3)",
     ("model", "stride_in_1x1"): "bottleneck stride on the first 1x1 (v1, the paper) or, with --no-stride-in-1x1 "

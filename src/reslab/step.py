@@ -26,21 +26,27 @@ def resolve_runtime(rt, device: torch.device):
                    compile=bool(rt.compile))
 
 
-def autocast_for(device: torch.device, precision: str):
+def autocast_for(device: torch.device, precision: str, cache: bool = True):
+    """The one precision context. `cache=False` for CUDA graph capture: autocast's cast cache would hold
+    casts made during capture that a replay must redo."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def make_optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
+    """The paper's SGD. Its learning rate is a tensor on the model's device and its update the fused kernel:
+    one pass over the weights per step, and a step a CUDA graph can capture (the lr is read on the device,
+    never through a host float)."""
     if r.no_wd_bn_bias:
         decay = [p for n, p in model.named_parameters() if p.ndim > 1]
         no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
         groups = [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     else:
         groups = [{"params": list(model.parameters()), "weight_decay": r.weight_decay}]
-    return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov)
+    lr = torch.tensor(r.lr, device=next(model.parameters()).device)
+    return torch.optim.SGD(groups, lr=lr, momentum=r.momentum, nesterov=r.nesterov, fused=True)
 
 
 def make_ema(model: nn.Module, decay: float):
@@ -60,19 +66,32 @@ class TrainStep:
     def __init__(self, net, model, opt, scaler, ema, precision: str, device: torch.device,
                  label_smoothing: float = 0.0):
         self.net, self.model, self.opt, self.scaler, self.ema = net, model, opt, scaler, ema
+        self.precision, self.device = precision, device
         self.ctx = autocast_for(device, precision)
         self.label_smoothing = label_smoothing
         self.acc = torch.zeros(4, dtype=torch.float64, device=device)
         self._one = torch.ones((), dtype=torch.float64, device=device)  # reused: no host->device copy per step
+        self.lr = torch.tensor(0.0, device=device)
+
+    def set_lr(self, lr: float) -> None:
+        """Write the step's lr into the one device tensor every param group reads (a resumed optimiser
+        brings its own tensors from the checkpoint: they are replaced by this one)."""
+        self.lr.fill_(lr)
+        for g in self.opt.param_groups:
+            if g["lr"] is not self.lr:
+                g["lr"] = self.lr
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """Train on (x, y) at learning rate `lr`; returns the number of wrong predictions (a device scalar)."""
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        with self.ctx:
+        self.set_lr(lr)
+        self.opt.zero_grad(set_to_none=True)
+        return self.update(x, y, self.ctx)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
+        """Forward, backward, optimiser, EMA, statistics: device work only, so it can be captured."""
+        with ctx:
             logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
@@ -84,3 +103,82 @@ class TrainStep:
             self.acc += torch.stack([loss * len(y), wrong.double(), self._one * len(y),
                                      (~torch.isfinite(loss)).double()])
         return wrong
+
+
+def graph_fallback(device: torch.device, precision: str, loader, ema, distributed: bool, compiled: bool,
+                   sync_bn: bool) -> str | None:
+    """Why the training step cannot be captured as a CUDA graph here (None: it can)."""
+    from .data.resident import ResidentLoader
+    reasons = [
+        (device.type != "cuda", "CUDA graphs need a CUDA device"),
+        (precision == "fp16", "the fp16 GradScaler decides on the host whether to skip a step"),
+        (not isinstance(loader, ResidentLoader), "image folders stream batches from worker processes; a graph "
+                                                 "needs the device-resident loader"),
+        (distributed, "DDP's gradient all-reduce is not captured here (one process per GPU runs eagerly)"),
+        (compiled, "--compile has its own graphs (--compile-mode reduce-overhead)"),
+        (sync_bn, "SyncBatchNorm communicates between processes"),
+        (ema is not None, "the EMA update branches on the host on its first step"),
+    ]
+    return next((why for bad, why in reasons if bad), None)
+
+
+class GraphedStep:
+    """The whole training step — augmentation gather, forward, loss, backward, fused SGD, BN statistics and
+    the on-device counters — captured once as a CUDA graph and replayed. Between replays only the lr tensor
+    and two small index tensors (images, crop/flip variants) change; evaluation and checkpoints stay
+    outside the graph and read the same tensors.
+
+    Capture needs warm-up steps (cuDNN picks its algorithms, the optimiser makes its momentum buffers), and
+    those must not count: every weight, buffer, momentum buffer and counter is restored afterwards, momentum
+    buffers that did not exist to zeros (SGD's first step, buf = grad, is the same as 0.9 * 0 + grad).
+    """
+
+    WARMUP = 3
+
+    def __init__(self, step: TrainStep, loader):
+        self.step, self.loader = step, loader
+        self.ctx = autocast_for(step.device, step.precision, cache=False)
+        self.graph = None
+        self.idx = self.variant = self.wrong = None
+
+    def __call__(self, idx: torch.Tensor, variant: torch.Tensor, lr: float) -> torch.Tensor:
+        if self.graph is None:
+            self.idx, self.variant = torch.empty_like(idx), torch.empty_like(variant)
+        self.idx.copy_(idx, non_blocking=True)
+        self.variant.copy_(variant, non_blocking=True)
+        self.step.set_lr(lr)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.wrong
+
+    def _body(self) -> torch.Tensor:
+        x, y = self.loader.batch_of(self.idx, self.variant)
+        return self.step.update(x, y, self.ctx)
+
+    def _state(self) -> list[torch.Tensor]:
+        s = self.step
+        opt_state = [t for st in s.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        return [*s.model.parameters(), *s.model.buffers(), *opt_state, s.acc]
+
+    def _capture(self) -> None:
+        s = self.step
+        before = [t.detach().clone() for t in self._state()]
+        had_buffers = {id(p) for p in s.opt.state}
+        side = torch.cuda.Stream(s.device)
+        side.wait_stream(torch.cuda.current_stream(s.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                s.opt.zero_grad(set_to_none=True)
+                self._body()
+        torch.cuda.current_stream(s.device).wait_stream(side)
+        with torch.no_grad():
+            for t, v in zip(self._state(), before):  # the same tensors; new momentum buffers came last
+                t.copy_(v)
+            for p, st in s.opt.state.items():
+                if id(p) not in had_buffers and st.get("momentum_buffer") is not None:
+                    st["momentum_buffer"].zero_()
+        s.opt.zero_grad(set_to_none=True)  # backward inside the capture allocates .grad from the graph's pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.wrong = self._body()

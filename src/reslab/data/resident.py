@@ -128,6 +128,13 @@ class ResidentLoader:
                 idx = self.shard[i * self.batch_size:(i + 1) * self.batch_size]
                 yield self._eval_batch(idx), self.labels[idx]
             return
+        for idx, variant in self.plans():
+            yield self.batch_of(idx, variant)
+
+    def plans(self):
+        """The rest of the epoch as (image indices, crop/flip variants) on the device, one pair per batch:
+        the batch is `batch_of(idx, variant)`. A captured CUDA graph runs batch_of itself on static copies
+        of these, so only two small index tensors change between steps."""
         perm = self._perm()
         while self.batch < len(self):
             b = self.batch
@@ -137,10 +144,13 @@ class ResidentLoader:
             per_rank = len(glob) // self.world_size
             lo = self.rank * per_rank
             hi = len(glob) if self.rank == self.world_size - 1 else lo + per_rank
-            idx, variant = glob[lo:hi], variant[lo:hi]
             self.batch += 1  # advanced before yielding: a state saved after this step resumes at the next
-            yield self._train_batch(idx, variant), self.labels[idx]
+            yield glob[lo:hi], variant[lo:hi]
         self.epoch, self.batch = self.epoch + 1, 0
+
+    def batch_of(self, idx: torch.Tensor, variant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(augmented, normalised images; labels) of a training batch: pure tensor ops, no host work."""
+        return self._train_batch(idx, variant), self.labels[idx]
 
     def _train_batch(self, idx: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
         lin = self.crop_index[variant] + (idx * self.image_numel).view(-1, 1, 1, 1)
