@@ -30,8 +30,8 @@ from ..interop import config_from_metadata
 from ..logs import MetricsLog, Progress, environment, write_json
 from ..resnet import ResNet
 from .coco_eval import evaluate
-from .data import Categories, CocoDetection, TrainStream, eval_loader
 from .config import DetectorConfig, DetectRecipe, lr_at
+from .data import Categories, CocoDetection, TrainStream, eval_loader
 from .model import build_detector, create_detector
 
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")  # torchvision's names
@@ -182,6 +182,9 @@ def build_state(run: DetectRun, d: dist.DistInfo) -> tuple[TrainState, CocoDetec
     val_ds = CocoDetection(run.data_dir, run.val_split, train=False, categories=cats)
     base = DetectRecipe(**{k: _listless(v) for k, v in ck["recipe"].items()}) if ck else DetectRecipe()
     recipe = base.with_overrides(**run.recipe)
+    if ck and recipe.batch_size != base.batch_size:  # the loader position counts batches of the run's size
+        raise ReslabError(f"{out / ckpt.LAST} was trained with --batch-size {base.batch_size}; a resumed run keeps "
+                          "its batch size (the number of processes may change)")
     if recipe.batch_size % d.world_size:
         raise ReslabError(f"the global batch ({recipe.batch_size}) must be a multiple of the number of processes "
                           f"({d.world_size})")
@@ -214,8 +217,7 @@ def train(run: DetectRun) -> dict:
         net = state.model
         if d.enabled:
             net = nn.parallel.DistributedDataParallel(
-                state.model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                broadcast_buffers=not state.model.config.frozen_bn)  # frozen statistics need no syncing
+                state.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         return _loop(state, net, val_ds, run, d, out, saved_step=state.step if ck else None)
     finally:
         dist.shutdown()
