@@ -5,6 +5,7 @@ textured noise, 96-128 px JPEGs with an instances json. Models are tiny (ResNet-
 inputs at 160 px) so that a few hundred CPU steps learn the set.
 """
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,9 @@ def test_predict_draws_named_boxes_into_a_png(trained, coco, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     dets = res["detections"]
     assert dets and all(d["class"] in {"square", "disc", "triangle"} and d["score"] >= 0.5 for d in dets)
+    det = load_detector(trained)
+    assert not det.training and det.config.head == "c4" and det.reslab["step"] == 300
+    assert det.reslab["categories"] == CATEGORIES
     drawn, src = Image.open(out), Image.open(image)
     assert drawn.format == "PNG" and drawn.size == src.size
     assert not np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(src.convert("RGB")))
@@ -419,6 +423,11 @@ def test_bad_input_is_a_one_line_error(coco_small, tmp_path, capsys):
     (bad / "annotations" / "instances_train2017.json").write_text('{"images": []}')
     _one_line_error(capsys, ["detect", "train", "--data-dir", str(bad), "--out", str(tmp_path / "r3")],
                     "not a COCO instances file")
+    gone = tmp_path / "gone"  # an image the annotations list is not on disk
+    shutil.copytree(coco_small, gone)
+    (gone / "train2017" / "0002.jpg").unlink()
+    _one_line_error(capsys, ["detect", "train", "--data-dir", str(gone), "--out", str(tmp_path / "r4")],
+                    "1 of the 6 images", "0002.jpg")
 
 
 def test_missing_pycocotools_says_what_to_install(monkeypatch, coco_small):

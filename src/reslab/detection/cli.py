@@ -52,9 +52,13 @@ def cmd_train(a) -> int:
                     workers=a.workers, train_split=a.train_split, val_split=a.val_split, eval_batch=a.eval_batch,
                     stop_at=a.stop_at, progress=not a.quiet)
     final = train(run)
-    if final and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if final:
         print(f"done: {a.out} step {final['step']}: mAP@[.5,.95] {100 * final['map']:.1f}, "
               f"mAP@.5 {100 * final['map50']:.1f} on {final['n_images']} {a.val_split} images")
+    else:
+        print(f"stopped: {a.out}/last.pt holds the run; continue it with --resume")
     return 0
 
 

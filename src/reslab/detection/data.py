@@ -84,7 +84,11 @@ def read_annotations(path: Path) -> dict:
 def _target(anns: list[dict], cats: Categories, image_id: int, keep_crowd: bool) -> dict:
     boxes, labels, area, crowd = [], [], [], []
     for a in anns:
-        x, y, w, h = a["bbox"]
+        try:
+            x, y, w, h = (float(v) for v in a["bbox"])
+        except (KeyError, TypeError, ValueError):
+            raise ReslabError(f"annotation {a.get('id')} of image {image_id}: 'bbox' must be [x, y, width, height], "
+                              f"got {a.get('bbox')!r}") from None
         if w <= 0 or h <= 0 or (a.get("iscrowd", 0) and not keep_crowd):
             continue  # degenerate boxes carry no learnable extent
         boxes.append([x, y, x + w, y + h])
@@ -121,6 +125,11 @@ class CocoDetection(Dataset):
             self.images = [im for im in self.images if len(self.targets[im["id"]]["boxes"])]
         if not self.images:
             raise ReslabError(f"{self.ann_file}: no images" + (" with a (non-crowd) box" if train else ""))
+        # a missing file found now is a clear error; found by a loader worker it would come wrapped in a traceback
+        missing = [im["file_name"] for im in self.images if not (self.folder / im["file_name"]).is_file()]
+        if missing:
+            raise ReslabError(f"{len(missing)} of the {len(self.images)} images that {self.ann_file.name} lists are "
+                              f"not in {self.folder} (e.g. {missing[0]})")
 
     def __len__(self) -> int:
         return len(self.images)
