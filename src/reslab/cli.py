@@ -305,7 +305,10 @@ def _register_use(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
-REGISTER = [_register_zoo, _register_data, _register_train, _register_bench, _register_reproduce, _register_use]
+from .detection.cli import register as _register_detect  # noqa: E402
+
+REGISTER = [_register_zoo, _register_data, _register_train, _register_bench, _register_reproduce, _register_use,
+            _register_detect]
 
 
 class _Parser(argparse.ArgumentParser):

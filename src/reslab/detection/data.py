@@ -1,0 +1,236 @@
+"""COCO-format detection data: a folder of images and an `instances_<split>.json`.
+
+    DIR/annotations/instances_train2017.json     DIR/train2017/*.jpg
+    DIR/annotations/instances_val2017.json       DIR/val2017/*.jpg
+
+A sample is (image, target): image float (3, H, W) in [0, 1] at its file's size (the detector's own
+transform resizes the shorter side to min_size, paper: 600 px), target = {boxes (N, 4) xyxy in pixels,
+labels (N,) int64 in 1..K, image_id, area, iscrowd}. COCO category ids (sparse: 1..90 for 80 classes) map
+to contiguous labels 1..K in id order; 0 is the background. `Categories` maps back for evaluation.
+
+Training skips crowd boxes and images left without a box, and flips horizontally with probability 1/2.
+The flip is part of the sampler's draw, not the dataset's: a sample key is (index, flip), so an epoch's
+order and flips are a pure function of (seed, epoch) and a resumed run sees exactly the same batches.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from ..errors import ReslabError
+
+
+@dataclass(frozen=True)
+class Categories:
+    """COCO category ids <-> contiguous labels 1..K (label = position in `ids` + 1)."""
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_coco(cls, cats: list[dict]) -> "Categories":
+        cats = sorted(cats, key=lambda c: c["id"])
+        return cls(tuple(int(c["id"]) for c in cats), tuple(str(c["name"]) for c in cats))
+
+    def to_list(self) -> list[dict]:
+        return [{"id": i, "name": n} for i, n in zip(self.ids, self.names)]
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes + the background: what the detector's predictor is built for."""
+        return len(self.ids) + 1
+
+    def label(self, cat_id: int) -> int:
+        return self.ids.index(cat_id) + 1
+
+    def cat_id(self, label: int) -> int:
+        return self.ids[label - 1]
+
+    def name(self, label: int) -> str:
+        return self.names[label - 1]
+
+
+def split_paths(root, split: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) of one split, with an error that shows the expected layout."""
+    root = Path(root)
+    ann, images = root / "annotations" / f"instances_{split}.json", root / split
+    layout = (f"a COCO-format folder has annotations/instances_{split}.json and {split}/ with the images "
+              "(see docs/detection.md)")
+    if not ann.is_file():
+        raise ReslabError(f"{ann} not found: {layout}")
+    if not images.is_dir():
+        raise ReslabError(f"{images} not found: {layout}")
+    return ann, images
+
+
+def read_annotations(path: Path) -> dict:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReslabError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(d, dict) or k not in d]
+    if missing:
+        raise ReslabError(f"{path}: not a COCO instances file (no {', '.join(missing)})")
+    if not d["categories"]:
+        raise ReslabError(f"{path}: the file lists no categories")
+    return d
+
+
+def _target(anns: list[dict], cats: Categories, image_id: int, keep_crowd: bool) -> dict:
+    boxes, labels, area, crowd = [], [], [], []
+    for a in anns:
+        try:
+            x, y, w, h = (float(v) for v in a["bbox"])
+        except (KeyError, TypeError, ValueError):
+            raise ReslabError(f"annotation {a.get('id')} of image {image_id}: 'bbox' must be [x, y, width, height], "
+                              f"got {a.get('bbox')!r}") from None
+        if w <= 0 or h <= 0 or (a.get("iscrowd", 0) and not keep_crowd):
+            continue  # degenerate boxes carry no learnable extent
+        boxes.append([x, y, x + w, y + h])
+        labels.append(cats.label(a["category_id"]))
+        area.append(a.get("area", w * h))
+        crowd.append(a.get("iscrowd", 0))
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64), "image_id": image_id,
+            "area": torch.tensor(area, dtype=torch.float32), "iscrowd": torch.tensor(crowd, dtype=torch.int64)}
+
+
+class CocoDetection(Dataset):
+    """One split of a COCO-format folder. `train=True` drops crowd boxes and images without a box."""
+
+    def __init__(self, root, split: str, train: bool, categories: Categories | None = None):
+        self.ann_file, self.folder = split_paths(root, split)
+        d = read_annotations(self.ann_file)
+        found = Categories.from_coco(d["categories"])
+        if categories is not None and categories != found:
+            raise ReslabError(f"{self.ann_file}: its categories differ from the ones the detector was trained on "
+                              f"({len(found.ids)} vs {len(categories.ids)}); use data with the same categories")
+        self.categories = found
+        known = set(found.ids)
+        by_image: dict[int, list[dict]] = {}
+        for a in d["annotations"]:
+            if a["category_id"] not in known:
+                raise ReslabError(f"{self.ann_file}: annotation {a.get('id')} has category_id {a['category_id']}, "
+                                  "which is not among the file's categories")
+            by_image.setdefault(a["image_id"], []).append(a)
+        self.images = sorted(d["images"], key=lambda im: im["id"])
+        self.targets = {im["id"]: _target(by_image.get(im["id"], []), found, im["id"], keep_crowd=not train)
+                        for im in self.images}
+        if train:
+            self.images = [im for im in self.images if len(self.targets[im["id"]]["boxes"])]
+        if not self.images:
+            raise ReslabError(f"{self.ann_file}: no images" + (" with a (non-crowd) box" if train else ""))
+        # a missing file found now is a clear error; found by a loader worker it would come wrapped in a traceback
+        missing = [im["file_name"] for im in self.images if not (self.folder / im["file_name"]).is_file()]
+        if missing:
+            raise ReslabError(f"{len(missing)} of the {len(self.images)} images that {self.ann_file.name} lists are "
+                              f"not in {self.folder} (e.g. {missing[0]})")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        """key: an index, or (index, flip) as the training sampler draws it."""
+        i, flip = key if isinstance(key, tuple) else (key, False)
+        im = self.images[i]
+        img = read_rgb(self.folder / im["file_name"])
+        target = {k: v.clone() if torch.is_tensor(v) else v for k, v in self.targets[im["id"]].items()}
+        if flip:
+            img, target["boxes"] = hflip(img, target["boxes"])
+        return img.float().div_(255), target
+
+
+def read_rgb(path) -> torch.Tensor:
+    """An image file as uint8 (3, H, W) RGB (PIL: torchvision's own decoders are deprecated)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise ReslabError(f"{path}: no such image file") from None
+    except (OSError, UnidentifiedImageError) as e:
+        raise ReslabError(f"{path}: cannot decode image ({type(e).__name__})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def hflip(img: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror an image (C, H, W) and its xyxy boxes: x -> W - x, so x1' = W - x2 and x2' = W - x1."""
+    w = img.shape[-1]
+    return img.flip(-1), torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+
+
+def collate(batch):
+    """Detection images differ in size: a batch is (list of images, list of targets)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+class FlipSampler(Sampler):
+    """This rank's share of a seeded shuffle (DistributedSampler), each index paired with a flip bit drawn
+    per (seed, epoch, image). `skip` leaves out the first items of the epoch (resuming mid-epoch)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, flip: bool = True):
+        self.order = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                        drop_last=True)
+        self.n, self.seed, self.flip = n, seed, flip
+        self.epoch, self.skip = 0, 0
+
+    def set_position(self, epoch: int, skip: int) -> None:
+        self.epoch, self.skip = epoch, skip
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        flips = (torch.rand(self.n, generator=g) < 0.5) if self.flip else torch.zeros(self.n, dtype=torch.bool)
+        for i in islice(iter(self.order), self.skip, None):
+            yield i, bool(flips[i])
+
+
+class TrainStream:
+    """Training batches one epoch per iteration, resumable: state = {epoch, batch within the epoch}.
+    Resuming asks the sampler to skip the used items, so they are not even decoded again."""
+
+    def __init__(self, dataset: CocoDetection, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 workers: int = 2):
+        self.sampler = FlipSampler(len(dataset), seed, rank, world_size)
+        if len(self.sampler) < batch_size:
+            raise ReslabError(f"{len(dataset)} training images cannot fill a batch of {batch_size} per process; "
+                              "lower --batch-size")
+        # own generator: creating an iterator must not draw from the global RNG (the RPN's sampler does)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 collate_fn=collate, drop_last=True, persistent_workers=False,
+                                 generator=torch.Generator().manual_seed(seed))
+        self.batch_size = batch_size
+        self.epoch, self.batch = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.epoch, self.batch = int(d["epoch"]), int(d["batch"])
+
+    def __iter__(self):
+        self.sampler.set_position(self.epoch, self.batch * self.batch_size)
+        for images, targets in self.loader:
+            self.batch += 1
+            yield images, targets
+        self.epoch, self.batch = self.epoch + 1, 0
+
+
+def eval_loader(dataset: CocoDetection, batch_size: int, rank: int = 0, world_size: int = 1,
+                workers: int = 2) -> DataLoader:
+    """Every image once, in id order; rank r gets the contiguous r-th slice (no padding, no duplicates)."""
+    from ..data.folder import ShardSampler
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
+                      num_workers=workers, collate_fn=collate)

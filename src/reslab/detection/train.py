@@ -1,0 +1,287 @@
+"""Training a detector: one recipe (data), one run state (one checkpoint layout), one plain loop.
+
+The loop contract: train(run) builds (or resumes from RUN/last.pt) the state — detector, SGD optimiser,
+step, loader position (epoch, batch), RNG — then repeats: lr = lr_at(step) -> torchvision's Faster R-CNN
+losses -> backward -> SGD step. Every `log_every` steps one "train" line goes to RUN/metrics.jsonl; every
+`save_every` steps, at each evaluation and at the end, rank 0 writes RUN/last.pt atomically — but only
+after checking that every step's loss since the last save was finite, so a checkpoint on disk never holds
+weights that a NaN/Inf step touched. Every `eval_every` steps (0: only at the end) COCO metrics are
+logged as an "eval" line. Resuming restores all of it: on the CPU a resumed run equals the uninterrupted one
+bit for bit.
+
+One process, or several under torchrun (DistributedDataParallel; the batch is the global batch):
+    reslab detect train --data-dir /data/coco --arch resnet101 --head c4 --out runs/det-r101 --weights r101.pt
+    torchrun --standalone --nproc_per_node=8 -m reslab detect train --data-dir /data/coco ... --out runs/det-r101
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import checkpoint as ckpt
+from .. import dist
+from ..engine import _truncate_metrics, rng_state, seed_everything, set_rng_state
+from ..errors import ReslabError
+from ..interop import config_from_metadata
+from ..logs import MetricsLog, Progress, environment, write_json
+from ..resnet import ResNet
+from .coco_eval import evaluate
+from .config import DetectorConfig, DetectRecipe, lr_at
+from .data import Categories, CocoDetection, TrainStream, eval_loader
+from .model import build_detector, create_detector
+
+LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")  # torchvision's names
+
+
+@dataclass
+class DetectRun:
+    """What `reslab detect train` was asked. None means: the default, or the resumed run's value."""
+    data_dir: str
+    out: str
+    arch: str | None = None                  # default resnet101
+    head: str | None = None                  # default c4
+    weights: str | None = None               # classification weights for the backbone (fresh runs)
+    recipe: dict = field(default_factory=dict)   # DetectRecipe overrides
+    model: dict = field(default_factory=dict)    # create_detector overrides (min_size, width, ...)
+    seed: int | None = None
+    resume: bool = False
+    device: str = "auto"
+    workers: int = 2
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    eval_batch: int = 8
+    stop_at: int | None = None               # stop (resumable) after this step: budgets and tests
+    progress: bool = True
+
+
+class TrainState:
+    """A run's mutable state and its one checkpoint layout. `model` is the bare detector (not DDP)."""
+
+    def __init__(self, model: nn.Module, recipe: DetectRecipe, categories: Categories, stream: TrainStream,
+                 seed: int):
+        self.model, self.recipe, self.categories, self.stream, self.seed = model, recipe, categories, stream, seed
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                                   weight_decay=recipe.weight_decay)
+        self.step = 0
+        self.metrics: dict = {}
+
+    def state_dict(self) -> dict:
+        cfg: DetectorConfig = self.model.config
+        return {"model": self.model.state_dict(), "model_config": cfg.backbone, "detector": cfg.to_dict(),
+                "optimizer": self.opt.state_dict(), "step": self.step, "loader": self.stream.state_dict(),
+                "rng": rng_state(), "recipe": {**asdict(self.recipe), "lr_steps": list(self.recipe.lr_steps)},
+                "categories": self.categories.to_list(), "classes": list(self.categories.names),
+                "seed": self.seed, "metrics": self.metrics}
+
+    def load_state_dict(self, ck: dict) -> None:
+        ckpt.load_model_state(self.model, ck["model"], "the checkpoint")
+        self.opt.load_state_dict(ck["optimizer"])
+        self.stream.load_state_dict(ck["loader"])
+        set_rng_state(ck["rng"])
+        self.step, self.metrics = int(ck["step"]), ck.get("metrics") or {}
+
+
+class LossWindow:
+    """Per-step losses summed on the device (no host sync per step). `read()` gives the means since the
+    last read; `bad` counts non-finite steps since the last save."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(LOSSES) + 1, dtype=torch.float64, device=device)
+        self.bad = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def add(self, losses: dict) -> None:
+        with torch.no_grad():
+            parts = torch.stack([losses[k].detach().double() for k in LOSSES])
+            self.sums += torch.cat([parts.sum()[None], parts])
+            self.bad += (~torch.isfinite(parts)).any().double()
+        self.steps += 1
+
+    def read(self) -> dict:
+        sums = dist.all_reduce_sum(self.sums.clone()).tolist()
+        n = max(1, self.steps) * (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+        self.sums.zero_()
+        self.steps = 0
+        return dict(zip(("loss", *LOSSES), (v / n for v in sums)))
+
+    def any_bad(self) -> bool:
+        return dist.all_reduce_sum(self.bad.clone()).item() > 0
+
+
+def _diverged(out: Path, saved_step: int | None, step: int) -> ReslabError:
+    since = saved_step or 0
+    intact = (f"{out / ckpt.LAST} (step {saved_step}) is intact" if saved_step is not None
+              else "no checkpoint had been written yet")
+    return ReslabError(f"the training loss became NaN/Inf between steps {since + 1} and {step}; stopped without "
+                       f"saving, so {intact}; lower --lr or add --warmup-iters")
+
+
+def _to_device(images, targets, device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+# ------------------------------------------------------------------ building a run
+def _listless(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _fresh_model(run: DetectRun, cats: Categories) -> nn.Module:
+    return create_detector(run.arch or "resnet101", head=run.head or "c4", num_classes=cats.num_classes,
+                           weights=run.weights, **run.model)
+
+
+def _resumed_model(ck: dict, run: DetectRun, cats: Categories, path: Path) -> nn.Module:
+    """The checkpoint's detector; options given again must agree with it (a conflict is an error)."""
+    cfg = DetectorConfig.from_dict(ck["detector"])
+    detector_fields = {f.name for f in fields(DetectorConfig)}
+    given = {"arch": run.arch, "head": run.head, **run.model}
+    have = {"arch": cfg.backbone.get("name"), "head": cfg.head,
+            **{k: getattr(cfg, k) if k in detector_fields else cfg.backbone.get(k) for k in run.model}}
+    wrong = [f"{k}={_listless(v)!r} (the run has {_listless(have[k])!r})" for k, v in given.items()
+             if v is not None and _listless(v) != _listless(have[k])]
+    saved = Categories.from_coco(ck["categories"])
+    if saved != cats:
+        wrong.append(f"the data's {len(cats.ids)} categories (the run has num_classes={cfg.num_classes}: "
+                     f"{', '.join(saved.names[:5])}{', ...' if len(saved.names) > 5 else ''})")
+    if wrong:
+        raise ReslabError(f"{path} was trained with other settings: {'; '.join(wrong)}; resume with the run's "
+                          "options (or leave them out), or start a new run with another --out")
+    return build_detector(cfg, ResNet(config_from_metadata(cfg.backbone)))
+
+
+def _resume_checkpoint(run: DetectRun, out: Path) -> dict | None:
+    last = out / ckpt.LAST
+    if last.exists() and not run.resume:
+        raise ReslabError(f"{out} already holds a run ({ckpt.LAST}); pass --resume to continue it or choose "
+                          "another --out")
+    if not (run.resume and last.exists()):
+        return None
+    ck = ckpt.load(last)
+    if "detector" not in ck:
+        raise ReslabError(f"{last} is not a detection run's checkpoint (it was written by `reslab train`); "
+                          "choose another --out")
+    return ck
+
+
+def build_state(run: DetectRun, d: dist.DistInfo) -> tuple[TrainState, CocoDetection, dict | None]:
+    """(state, validation set, checkpoint resumed from or None), everything on d.device."""
+    out = Path(run.out)
+    ck = _resume_checkpoint(run, out)
+    seed = run.seed if run.seed is not None else (ck["seed"] if ck else 0)
+    seed_everything(seed + d.rank, deterministic=False)
+    train_ds = CocoDetection(run.data_dir, run.train_split, train=True)
+    cats = train_ds.categories
+    val_ds = CocoDetection(run.data_dir, run.val_split, train=False, categories=cats)
+    base = DetectRecipe(**{k: _listless(v) for k, v in ck["recipe"].items()}) if ck else DetectRecipe()
+    recipe = base.with_overrides(**run.recipe)
+    if ck and recipe.batch_size != base.batch_size:  # the loader position counts batches of the run's size
+        raise ReslabError(f"{out / ckpt.LAST} was trained with --batch-size {base.batch_size}; a resumed run keeps "
+                          "its batch size (the number of processes may change)")
+    if recipe.batch_size % d.world_size:
+        raise ReslabError(f"the global batch ({recipe.batch_size}) must be a multiple of the number of processes "
+                          f"({d.world_size})")
+    model = _resumed_model(ck, run, cats, out / ckpt.LAST) if ck else _fresh_model(run, cats)
+    model.to(d.device).train()
+    stream = TrainStream(train_ds, recipe.batch_size // d.world_size, seed, d.rank, d.world_size, run.workers)
+    state = TrainState(model, recipe, cats, stream, seed)
+    if ck:
+        state.load_state_dict(ck)
+    return state, val_ds, ck
+
+
+def train(run: DetectRun) -> dict:
+    """Train (or resume) one detector; returns the last evaluation's metrics ({} if none ran)."""
+    from .coco_eval import require_pycocotools
+    require_pycocotools()  # the run ends with a COCO evaluation: fail now, not after hours of training
+    d = dist.init(run.device)
+    try:
+        state, val_ds, ck = build_state(run, d)
+        out = Path(run.out)
+        if d.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if ck:
+                _truncate_metrics(out, state.step)
+            write_json(out / "config.json", {
+                "run": asdict(run), "recipe": asdict(state.recipe), "detector": state.model.config.to_dict(),
+                "categories": state.categories.to_list(), "world_size": d.world_size,
+                "train_images": len(state.stream.loader.dataset), "val_images": len(val_ds)})
+            write_json(out / "env.json", environment())
+        net = state.model
+        if d.enabled:
+            net = nn.parallel.DistributedDataParallel(
+                state.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        return _loop(state, net, val_ds, run, d, out, saved_step=state.step if ck else None)
+    finally:
+        dist.shutdown()
+
+
+# ------------------------------------------------------------------ the loop
+def _loop(state: TrainState, net: nn.Module, val_ds: CocoDetection, run: DetectRun, d, out: Path,
+          saved_step: int | None) -> dict:
+    r = state.recipe
+    log = MetricsLog(out) if d.is_main else None
+    bar = Progress(r.iters, state.step, enabled=run.progress and d.is_main)
+    window = LossWindow(d.device)
+    stop = min(r.iters, run.stop_at or r.iters)
+    t_start = t_log = time.time()
+    steps_per_epoch = max(1, len(state.stream))
+    final: dict = {}
+    while state.step < stop:
+        for images, targets in state.stream:
+            lr = lr_at(state.step, r)
+            for g in state.opt.param_groups:
+                g["lr"] = lr
+            losses = net(*_to_device(images, targets, d.device))
+            state.opt.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            state.opt.step()
+            state.step += 1
+            window.add(losses)
+            done = state.step >= stop
+            if state.step % r.log_every == 0 or done:
+                if window.any_bad():
+                    raise _diverged(out, saved_step, state.step)
+                dt, n = time.time() - t_log, window.steps
+                rec = {"kind": "train", "step": state.step, "epoch": state.step / steps_per_epoch, "lr": lr,
+                       **window.read(), "images_per_s": n * r.batch_size / max(dt, 1e-9),
+                       "elapsed_s": time.time() - t_start}
+                if log:
+                    log.write(rec)
+                bar.update(state.step, n, f"loss {rec['loss']:.3f} lr {lr:.3g} {rec['images_per_s']:.1f} img/s")
+                t_log = time.time()
+            due_eval = state.step == r.iters or (r.eval_every and state.step % r.eval_every == 0)
+            if due_eval or done or state.step % r.save_every == 0:
+                if window.any_bad():  # every step since the last save, not just this log window
+                    raise _diverged(out, saved_step, state.step)
+                if due_eval:
+                    final = _evaluate(state, val_ds, run, d, log, t_start)
+                if d.is_main:
+                    ckpt.save_atomic(state.state_dict(), out / ckpt.LAST)
+                saved_step = state.step
+                window.bad.zero_()
+                dist.barrier()
+                t_log = time.time()
+            if done:
+                break
+    bar.close()
+    return final
+
+
+def _evaluate(state: TrainState, val_ds: CocoDetection, run: DetectRun, d, log, t_start: float) -> dict:
+    loader = eval_loader(val_ds, run.eval_batch, d.rank, d.world_size, run.workers)
+    m = evaluate(state.model, loader, state.categories, val_ds.ann_file, d.device)
+    if m is None:  # not rank 0
+        return {}
+    rec = {"kind": "eval", "step": state.step, **m, "elapsed_s": time.time() - t_start}
+    state.metrics = rec
+    if log:
+        log.write(rec)
+    return rec
