@@ -34,6 +34,9 @@ def test_quick_bench_writes_a_well_formed_result(tmp_path, capsys):
             assert len(row["ratio_rounds"]) == len(row["images_per_s_rounds"]) == 2
             assert min(row["ratio_rounds"]) <= row["ratio"] <= max(row["ratio_rounds"])
     assert (tmp_path / "r.md").read_text().count("|") > 20
+    sets = [row for row in r["rows"] if row["runs"] > 1]  # K runs in one process: aggregate images/s
+    assert sets and sets[0]["setting"].endswith("2 runs") and sets[0]["ratio"] > 0
+    assert all(row["runs"] == 1 for row in r["rows"] if row["kind"] != "train" or "runs" not in row["setting"])
 
 
 def test_bench_rejects_zero_rounds(capsys):

@@ -8,7 +8,7 @@ Shortcut options (paper §3.3):
   A      parameter-free: identity, or a stride-s subsample with zero-padded extra channels where dims grow
   B      a projection (1x1 conv with the stride + BN) where dims grow, identity elsewhere
   C      a projection on every block
-  gated  not the paper's: a highway-style gate around option A (Srivastava et al. 2015, PAPER.md §2.5),
+  gated  not the paper's: a highway-style gate around option A (Srivastava et al. 2015; docs/paper.md),
          y = T(x)·F(x) + (1 − T(x))·s(x); see `GatedShortcut`
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ PAPER_SHORTCUTS = ("A", "B", "C")
 # every valid `shortcut` value (the CLI takes its choices from here); nothing iterates this expecting only
 # the paper's options: use PAPER_SHORTCUTS for those
 SHORTCUTS = (*PAPER_SHORTCUTS, "gated")
-# basic-block depths the `block_layers` switch offers (2 is the paper's block; PAPER.md §2.5)
+# basic-block depths the `block_layers` switch offers (2 is the paper's block; docs/paper.md)
 BLOCK_LAYERS = (1, 2, 3)
 # gated shortcut: the gate's bias at init. Highway nets start "carry-biased" (−1 to −3); with the gate's
 # weight at zero, T(x) = σ(−2) ≈ 0.12 everywhere at init, so a block starts as ~0.88·s(x) + 0.12·F(x).

@@ -87,6 +87,9 @@ def read_status(path: str | os.PathLike) -> dict:
 def training_state(path: str | os.PathLike) -> dict:
     """A checkpoint that can be resumed (FORMAT), or a one-line error saying why this one cannot."""
     ck = load(path)
+    if "detector" in ck:
+        raise ReslabError(f"{resolve(path)} is a detection run (`reslab detect train --resume` continues it); "
+                          "choose another --out")
     if ck.get("format") != FORMAT or "train" not in ck:
         raise ReslabError(f"{resolve(path)}: written by an earlier reslab or by `reslab convert` (no training "
                           "state inside); it can be evaluated and exported, not resumed — start a new --out")
@@ -110,6 +113,9 @@ def load_model(source, key: str = "model"):
     from .data.normalize import Normalizer
     ck = source if isinstance(source, dict) else load(source)
     name = "checkpoint" if isinstance(source, dict) else str(resolve(source))
+    if "detector" in ck:
+        raise ReslabError(f"{name} is a detection run's checkpoint: use `reslab detect eval/predict` or "
+                          "reslab.detection.load_detector")
     state = ck.get(key) if key != "ema" else (ck.get("train") or {}).get("ema")
     if state is None:
         raise ReslabError(f"{name} holds no {key!r} weights")

@@ -20,7 +20,6 @@ process. `train(cfg)` is the one-call form.
 """
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -36,7 +35,7 @@ from .data import build as data_build
 from .errors import ReslabError
 from .evaluate import evaluate, precise_bn
 from .flags import to_cli_args
-from .logs import MetricsLog, Progress, environment, write_json, write_text_atomic
+from .logs import MetricsLog, Progress, environment, truncate_metrics, write_json
 from .recipes import after_eval, lr_at, warmup_rule_applies
 from .state import TrainingState
 from .step import GraphedStep, TrainStep, autocast_for, graph_fallback, make_ema, make_optimizer, resolve_runtime
@@ -110,7 +109,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(out)
             if ck is not None:
-                _truncate_metrics(out, st.step)
+                truncate_metrics(out, st.step)
             write_json(out / "config.json", self.config_record())
             write_json(out / "env.json", environment())
         net = model
@@ -279,20 +278,6 @@ class Trainer:
             ckpt.save_atomic(state, self.out / ckpt.LAST)
         self.saved_step = st.step
         dist.barrier()
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Lines logged after the checkpoint belong to steps that will be run again: drop them."""
-    p = run_dir / "metrics.jsonl"
-    if p.is_file():
-        keep = []
-        for ln in p.read_text().splitlines():
-            try:
-                if ln.strip() and json.loads(ln)["step"] <= step:
-                    keep.append(ln)
-            except (ValueError, KeyError):  # a line torn by a kill mid-write
-                continue
-        write_text_atomic(p, "".join(ln + "\n" for ln in keep))
 
 
 def train(cfg: RunConfig, *, resume: bool = False, explicit: set | None = None, extend_to: int | None = None,

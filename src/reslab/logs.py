@@ -130,3 +130,17 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+def truncate_metrics(run_dir, step: int) -> None:
+    """Lines logged after the checkpoint belong to steps that will be run again: drop them."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if p.is_file():
+        keep = []
+        for ln in p.read_text().splitlines():
+            try:
+                if ln.strip() and json.loads(ln)["step"] <= step:
+                    keep.append(ln)
+            except (ValueError, KeyError):  # a line torn by a kill mid-write
+                continue
+        write_text_atomic(p, "".join(ln + "\n" for ln in keep))

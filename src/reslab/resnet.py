@@ -82,15 +82,15 @@ class ResNet(nn.Module):
         stem = STEMS[cfg.family]
         block = BLOCKS[cfg.block]
         c = stem["stem_width"]
-        if cfg.family == "cifar":
-            self.conv1 = nn.Conv2d(cfg.in_channels, c, 3, padding=1, bias=False)
-            self.maxpool = nn.Identity()
-        else:
-            self.conv1 = nn.Conv2d(cfg.in_channels, c, 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        # children registered in forward order (conv1, bn1, relu, maxpool, stages), so that tools which walk
+        # named_children (torchvision's IntermediateLayerGetter, say) run the stem as forward() does
+        cifar = cfg.family == "cifar"
+        self.conv1 = (nn.Conv2d(cfg.in_channels, c, 3, padding=1, bias=False) if cifar
+                      else nn.Conv2d(cfg.in_channels, c, 7, stride=2, padding=3, bias=False))
         # A pre-activation net normalises inside its blocks; its stem is a bare conv.
-        self.bn1 = nn.Identity() if cfg.preact and cfg.family == "cifar" else nn.BatchNorm2d(c)
+        self.bn1 = nn.Identity() if cfg.preact and cifar else nn.BatchNorm2d(c)
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, stride=2, padding=1)
 
         cin = c
         self.stage_names = []

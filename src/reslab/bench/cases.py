@@ -13,15 +13,25 @@ from .flops import achieved, peak_for
 from .harness import Plan, Setting, measure
 
 
-def reslab_step(model, batches, device, s: Setting):
-    """reslab's training step: the engine's own TrainStep with the paper's optimiser, under setting `s`."""
-    from ..step import TrainStep, make_optimizer
+def reslab_step(model, batches, device, s: Setting, loader=None):
+    """reslab's training step: the engine's own TrainStep with the paper's optimiser, under setting `s`;
+    with `s.graphs`, the engine's GraphedStep, which takes (indices, variants) plans from the resident
+    `loader` and gathers the batch inside the graph."""
     from ..recipes import get_recipe
+    from ..step import GraphedStep, TrainStep, make_optimizer
     model = model.to(device, memory_format=s.memory_format).train()
     opt = make_optimizer(model, get_recipe("cifar-paper"))
     net = torch.compile(model) if s.compile else model
     ts = TrainStep(net, model, opt, torch.amp.GradScaler(device.type, enabled=False), None, s.precision, device)
+    if s.graphs:
+        plans, graphed = forever_plans(loader), GraphedStep(ts, loader)
+        return lambda: graphed(*next(plans), LR)
     return lambda: ts(*next(batches), LR)
+
+
+def forever_plans(loader):
+    while True:
+        yield from loader.plans()
 
 
 def inference_step(model, batch, size, device, s: Setting):
@@ -66,7 +76,7 @@ def bench_cifar(arch: str, device, batch: int, settings: list[Setting], plan: Pl
     """CIFAR training end to end (data + step): the baseline pipeline (DataLoader + per-sample transforms +
     the textbook eager loop) vs reslab's resident loader + engine step under each setting.
     `images`: (uint8 (N,3,32,32), labels), else synthetic."""
-    from ..data import Normalizer, ResidentLoader
+    from ..data import Normalizer
     if images is None:
         g = torch.Generator().manual_seed(0)
         images = (torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, generator=g),
@@ -77,12 +87,47 @@ def bench_cifar(arch: str, device, batch: int, settings: list[Setting], plan: Pl
     torch.manual_seed(0)
     cands = [("DataLoader+transforms fp32 (baseline)",
               lambda: plain_step(create_model(arch), baseline_batches(x, y, batch, device), device))]
-    cands += [(s.label, lambda s=s: reslab_step(
-        create_model(arch), forever(ResidentLoader(x, y, batch, norm, train=True, device=device,
-                                                    channels_last=s.channels_last)), device, s))
-              for s in settings]
+    cands += [(s.label, lambda s=s: _resident_step(arch, x, y, batch, norm, device, s)) for s in settings]
     res = measure(cands, batch, device, plan)
     return rows_for(arch, "train", batch, 32, res, macs, dev_name, ["fp32"] + [s.precision for s in settings])
+
+
+def _resident_step(arch, x, y, batch, norm, device, s: Setting):
+    from ..data import ResidentLoader
+    loader = ResidentLoader(x, y, batch, norm, train=True, device=device, channels_last=s.channels_last)
+    return reslab_step(create_model(arch), forever(loader), device, s, loader)
+
+
+def bench_runsets(arch: str, device, batch: int, s: Setting, ks: tuple[int, ...], plan: Plan,
+                  dev_name: str) -> list[dict]:
+    """K runs of one net trained together (a RunSet: one step of each run in turn, each on its own CUDA stream
+    on a GPU) against one run alone, eager, under the same setting: aggregate images/s, and the `runs` field
+    says K. Synthetic CIFAR-sized data on the device."""
+    from ..data import Normalizer
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (4096,), generator=g))
+    norm = Normalizer.fit(x)
+    macs = count_macs(create_model(arch))
+    eager = Setting(s.precision, s.channels_last, s.compile, graphs=False)
+
+    def runset(k):
+        steps = [_resident_step(arch, x, y, batch, norm, device, s) for _ in range(k)]
+        streams = [torch.cuda.Stream(device) if device.type == "cuda" and k > 1 else None for _ in range(k)]
+
+        def step():
+            for fn, st in zip(steps, streams):
+                if st is None:
+                    fn()
+                else:
+                    with torch.cuda.stream(st):
+                        fn()
+        return step
+
+    cands = [(f"{eager.label}, 1 run (baseline)", lambda: _resident_step(arch, x, y, batch, norm, device, eager), 1)]
+    cands += [(f"{s.label}, {k} runs", lambda k=k: runset(k), k) for k in ks]
+    res = measure(cands, batch, device, plan)
+    return rows_for(arch, "train", batch, 32, res, macs, dev_name, [s.precision] * len(cands))
 
 
 def bench_inference(arch: str, device, batch: int, size: int, settings: list[Setting], plan: Plan,

@@ -13,11 +13,12 @@ class Setting:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    graphs: bool = False             # the step captured as one CUDA graph (GraphedStep)
 
     @property
     def label(self) -> str:
         return "+".join([self.precision] + (["channels_last"] if self.channels_last else [])
-                        + (["compile"] if self.compile else []))
+                        + (["compile"] if self.compile else []) + (["graphs"] if self.graphs else []))
 
     @property
     def memory_format(self):
@@ -44,11 +45,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(candidates: list[tuple[str, object]], batch: int, device, plan: Plan) -> list[dict]:
-    """Time candidates given as (label, factory); a factory builds its model and data and returns a zero-argument
-    function that runs one step. The first candidate is the baseline. Returns one result dict per candidate."""
+def measure(candidates: list[tuple], batch: int, device, plan: Plan) -> list[dict]:
+    """Time candidates given as (label, factory[, runs]); a factory builds its model and data and returns a
+    zero-argument function that runs one step (of each of its `runs` runs: images/s counts them all). The
+    first candidate is the baseline. Returns one result dict per candidate."""
     built = []
-    for label, factory in candidates:
+    for label, factory, *runs in candidates:
         sync(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if device.type == "cuda":
@@ -60,23 +62,23 @@ def measure(candidates: list[tuple[str, object]], batch: int, device, plan: Plan
         sync(device)
         warm = time.perf_counter() - t
         peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
-        built.append((label, step, warm, peak))
+        built.append((label, step, warm, peak, runs[0] if runs else 1))
     rates = [[] for _ in built]
     for _ in range(plan.rounds):
-        for i, (_, step, _, _) in enumerate(built):
+        for i, (_, step, _, _, k) in enumerate(built):
             sync(device)
             time.sleep(SETTLE_S)
             t = time.perf_counter()
             for _ in range(plan.steps):
                 step()
             sync(device)
-            rates[i].append(batch * plan.steps / (time.perf_counter() - t))
+            rates[i].append(k * batch * plan.steps / (time.perf_counter() - t))
     out = []
-    for (label, _, warm, peak), r in zip(built, rates):
+    for (label, _, warm, peak, k), r in zip(built, rates):
         ratios = [a / b for a, b in zip(r, rates[0])]
         ips = statistics.median(r)
-        out.append({"setting": label, "images_per_s": ips, "images_per_s_rounds": r,
-                    "ratio": statistics.median(ratios), "ratio_rounds": ratios, "step_ms": 1000 * batch / ips,
+        out.append({"setting": label, "runs": k, "images_per_s": ips, "images_per_s_rounds": r,
+                    "ratio": statistics.median(ratios), "ratio_rounds": ratios, "step_ms": 1000 * k * batch / ips,
                     "warmup_s": warm, "peak_mem_bytes": peak, "baseline_images_per_s": statistics.median(rates[0])})
     return out
 

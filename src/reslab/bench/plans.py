@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import bench_cifar, bench_data, bench_imagenet, bench_inference
+from .cases import bench_cifar, bench_data, bench_imagenet, bench_inference, bench_runsets
 from .harness import Plan, Setting
 from .report import markdown
 
@@ -24,10 +24,15 @@ PLANS = {
 SETTINGS = {
     "cpu": (Setting("fp32", False, False), Setting("fp32", True, False), Setting("fp32", True, True)),
     "cuda": (Setting("fp32", False, False), Setting("fp32", True, False), Setting("bf16", True, False),
-             Setting("bf16", True, True)),
+             Setting("bf16", True, True), Setting("bf16", True, False, graphs=True)),
     "quick": (Setting("fp32", False, False), Setting("fp32", True, False)),
 }
 CIFAR_ARCHS = {"quick": ("resnet8",), "full": ("resnet20", "resnet56", "resnet110")}
+# run sets (K runs in one process): the setting each run uses, and the K to time, per device. On the CPU a set
+# only interleaves its runs (the check is that it costs nothing); on a GPU the runs fill each other's gaps.
+RUNSETS = {"quick": (Setting("fp32", True), (2,)), "cpu": (Setting("fp32", True), (3,)),
+           "cuda": (Setting("bf16", True, graphs=True), (1, 5, 10))}
+RUNSET_ARCHS = {"quick": ("resnet8",), "full": ("resnet20", "resnet110")}
 IMAGENET_ARCHS = ("resnet18", "resnet50")
 BATCH = {"quick": (16, 16, 16), "cpu": (128, 256, 64), "cuda": (128, 256, 256)}  # CIFAR train, CIFAR infer, 224
 
@@ -55,6 +60,9 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     for a in archs or CIFAR_ARCHS["quick" if quick else "full"]:
         groups.append(lambda a=a: bench_cifar(a, dev, b32, settings, plan, dev_name))
         groups.append(lambda a=a: bench_inference(a, dev, b32_infer, 32, settings, plan, dev_name))
+    rs_setting, ks = RUNSETS[kind]
+    for a in archs or RUNSET_ARCHS["quick" if quick else "full"]:
+        groups.append(lambda a=a: bench_runsets(a, dev, b32, rs_setting, ks, plan, dev_name))
     if plan224 is not None:
         # compiling the 224x224 nets on a 2-core CPU costs more than the few steps measured there
         s224 = settings if gpu else [s for s in settings if not s.compile]

@@ -229,8 +229,8 @@ def load_detector(path) -> FasterRCNN:
         raise ReslabError(f"{ckpt.resolve(path)} is a classification checkpoint, not a detector; train one with "
                           "`reslab detect train`")
     cfg = DetectorConfig.from_dict(ck["detector"])
-    from ..interop import config_from_metadata
-    model = build_detector(cfg, ResNet(config_from_metadata(cfg.backbone)))
+    from ..checkpoint import build_model
+    model = build_detector(cfg, build_model(cfg.backbone))
     ckpt.load_model_state(model, ck["model"], str(ckpt.resolve(path)))
     model.reslab = {"categories": ck["categories"], "step": ck["step"], "checkpoint": str(ckpt.resolve(path))}
     return model.eval()

@@ -24,15 +24,32 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .. import dist
-from ..engine import _truncate_metrics, rng_state, seed_everything, set_rng_state
 from ..errors import ReslabError
-from ..interop import config_from_metadata
-from ..logs import MetricsLog, Progress, environment, write_json
-from ..resnet import ResNet
+from ..logs import MetricsLog, Progress, environment, truncate_metrics, write_json
 from .coco_eval import evaluate
 from .config import DetectorConfig, DetectRecipe, lr_at
 from .data import Categories, CocoDetection, TrainStream, eval_loader
 from .model import build_detector, create_detector
+
+
+# torchvision's RPN and RoI heads sample anchors and proposals from the global generators, so a detection run
+# seeds them and its checkpoints save them (classification runs draw from their own seeds instead).
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
 
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")  # torchvision's names
 
@@ -154,7 +171,7 @@ def _resumed_model(ck: dict, run: DetectRun, cats: Categories, path: Path) -> nn
     if wrong:
         raise ReslabError(f"{path} was trained with other settings: {'; '.join(wrong)}; resume with the run's "
                           "options (or leave them out), or start a new run with another --out")
-    return build_detector(cfg, ResNet(config_from_metadata(cfg.backbone)))
+    return build_detector(cfg, ckpt.build_model(cfg.backbone))
 
 
 def _resume_checkpoint(run: DetectRun, out: Path) -> dict | None:
@@ -176,7 +193,7 @@ def build_state(run: DetectRun, d: dist.DistInfo) -> tuple[TrainState, CocoDetec
     out = Path(run.out)
     ck = _resume_checkpoint(run, out)
     seed = run.seed if run.seed is not None else (ck["seed"] if ck else 0)
-    seed_everything(seed + d.rank, deterministic=False)
+    seed_everything(seed + d.rank)
     train_ds = CocoDetection(run.data_dir, run.train_split, train=True)
     cats = train_ds.categories
     val_ds = CocoDetection(run.data_dir, run.val_split, train=False, categories=cats)
@@ -208,7 +225,7 @@ def train(run: DetectRun) -> dict:
         if d.is_main:
             out.mkdir(parents=True, exist_ok=True)
             if ck:
-                _truncate_metrics(out, state.step)
+                truncate_metrics(out, state.step)
             write_json(out / "config.json", {
                 "run": asdict(run), "recipe": asdict(state.recipe), "detector": state.model.config.to_dict(),
                 "categories": state.categories.to_list(), "world_size": d.world_size,
