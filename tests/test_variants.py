@@ -13,8 +13,7 @@ import torch.nn.functional as F
 import reslab
 from reslab.blocks import GATE_BIAS_INIT, PAPER_SHORTCUTS, SHORTCUTS, GatedShortcut, ShortcutA
 from reslab.complexity import count_layers, count_macs, count_params, describe
-from reslab.interop import config_from_metadata
-from reslab.resnet import ResNet
+from reslab.checkpoint import build_model
 from reslab.responses import layer_response_std, response_layers
 
 
@@ -128,7 +127,7 @@ def test_state_dict_round_trips_through_metadata(name, overrides):
     meta = json.loads(json.dumps(m.metadata))  # as a checkpoint stores it
     for k, v in overrides.items():
         assert meta[k] == v
-    again = ResNet(config_from_metadata(meta)).eval()
+    again = build_model(meta).eval()
     again.load_state_dict(m.state_dict(), strict=True)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
