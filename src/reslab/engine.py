@@ -262,7 +262,7 @@ class Trainer:
         st.best_err = min(st.best_err, m["top1_err"])
         st.metrics = rec
         self.save(best=improved)
-        self._t_log = time.time()
+        self._t_log, self._imgs = time.time(), 0  # throughput counts training only, not this evaluation
         return rec
 
     def save(self, best: bool) -> None:

@@ -30,13 +30,13 @@ EFFECTIVE_FLOPS = {"cpu": 0.15e12, "cuda": 2.7e12}
 
 
 def run_status(run_dir: Path) -> str:
-    """new | done | resume@STEP | corrupt, read from the run's last checkpoint without loading its tensors."""
+    """new | done | resume@STEP | unusable, read from the run's last checkpoint without loading its tensors."""
     if not (Path(run_dir) / ckpt.LAST).is_file():
         return "new"
     try:
         st = ckpt.read_status(run_dir)
     except ReslabError:
-        return "corrupt"
+        return "unusable"
     return "done" if st["finished"] else f"resume@{st['step']}"
 
 
@@ -83,8 +83,11 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
     pending = []
     for cfg in configs:
         status = run_status(Path(cfg.out))
-        if status == "corrupt":
-            raise ReslabError(f"{Path(cfg.out) / ckpt.LAST} is unreadable; move it away to restart that run")
+        if status == "unusable":
+            try:
+                ckpt.read_status(cfg.out)
+            except ReslabError as e:  # unreadable, or from an earlier reslab: say which, and what to do
+                raise ReslabError(f"{e}; move {Path(cfg.out) / ckpt.LAST} away to restart that run") from None
         if status != "done":
             pending.append(cfg)
     for i in range(0, len(pending), concurrent):  # runs not yet finished, `concurrent` at a time in one process

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from . import checkpoint as ckpt
 from . import dist
 from .config import RunConfig
@@ -25,8 +23,8 @@ class TrainingState:
         self.best_err = math.inf
         self.elapsed = 0.0              # training seconds spent by earlier processes of this run
         self.metrics: dict = {}         # the last evaluation
-        # the run's own generator, for anything random outside the loader (which draws from its seed)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        # No generator state: a run's randomness is a function of its seed alone (the model is initialised
+        # from it, the loaders draw from (seed, epoch, batch)), so nothing random needs saving.
 
     @property
     def finished(self) -> bool:
@@ -42,7 +40,7 @@ class TrainingState:
             "train": {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                       "ema": self.ema.module.state_dict() if self.ema is not None else None,
                       "schedule": self.schedule.state_dict(), "loader": self.data.train.state_dict(),
-                      "rng": self.generator.get_state(), "elapsed": self.elapsed},
+                      "elapsed": self.elapsed},
         }
 
     def load_state_dict(self, ck: dict, source: str = "checkpoint") -> None:
@@ -59,7 +57,6 @@ class TrainingState:
             self.ema.module.load_state_dict(t["ema"])
         self.schedule.load_state_dict(t["schedule"])
         self.data.train.load_state_dict(t["loader"])
-        self.generator.set_state(t["rng"])
         self.step, self.best_err, self.elapsed = ck["step"], ck["best_err"], t["elapsed"]
         self.metrics = ck.get("metrics") or {}
 
