@@ -76,12 +76,13 @@ def load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dic
 
 
 def read_status(path: str | os.PathLike) -> dict:
-    """{step, iters, finished} of a training checkpoint; the tensors (model, optimiser) stay on disk."""
+    """{step, iters, finished, config} of a training checkpoint; the tensors (model, optimiser) stay on disk."""
     ck = load(path, mmap=True)
     if ck.get("format") != FORMAT:
         raise ReslabError(f"{resolve(path)}: written by an earlier reslab (no run status inside); "
                           "it can be evaluated and exported, not resumed")
-    return {"step": ck["step"], "iters": ck["config"]["recipe"]["iters"], "finished": ck["finished"]}
+    return {"step": ck["step"], "iters": ck["config"]["recipe"]["iters"], "finished": ck["finished"],
+            "config": ck["config"]}
 
 
 def training_state(path: str | os.PathLike) -> dict:

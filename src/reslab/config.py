@@ -7,7 +7,7 @@ field is named once; `to_cli_args` writes the command line that rebuilds a confi
 every experiment's recorded command rebuilds its config exactly.
 
 Resuming: the checkpoint's config is authoritative. Fields marked `free` (where the data lives, the device,
-workers, display, compilation) may change between sessions; any other field given on the command line with
+workers, display, compilation, CUDA graphs) may change between sessions; any other field given on the command line with
 another value than the run's is an error (`resume_config`).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ FREE = {"free": True}   # field metadata: may differ when a run is resumed
 @dataclass(frozen=True)
 class ModelSpec:
     arch: str = "resnet20"
-    # ResNetConfig fields that differ from the arch's own defaults, as sorted (name, value) pairs
+    # ResNetConfig fields set for this run (over the arch's own defaults), as sorted (name, value) pairs
     options: tuple[tuple[str, Any], ...] = ()
 
     def kwargs(self) -> dict:
@@ -132,7 +132,8 @@ def extend(cfg: RunConfig, iters: int) -> RunConfig:
     r = cfg.recipe
     if iters <= r.iters:
         raise ReslabError(f"--extend-to {iters} must be more than the run's {r.iters} iterations")
-    if r.schedule == "cosine":
-        raise ReslabError("--extend-to cannot lengthen a cosine schedule: its lr at every step depends on the "
-                          "total, so the part already trained would not belong to the longer run")
+    if r.schedule != "step":
+        raise ReslabError(f"--extend-to lengthens step schedules only: a {r.schedule} schedule's lr depends on "
+                          "the total (cosine) or on the evaluations made (plateau), so the part already trained "
+                          "would not belong to the longer run")
     return replace(cfg, recipe=replace(r, iters=iters))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ def configure_backends(deterministic: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores (cuDNN's default too)
 
 
-def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+def init_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     """The run's network, initialised from the run's seed alone (the global generator is left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -69,21 +70,24 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, explicit: set | None = None,
                  extend_to: int | None = None, dist_info: dist.DistInfo | None = None):
-        self.d = d = dist_info or dist.init(cfg.runtime.device)
         self.out = out = Path(cfg.out)
-        # 'auto' settings become what they mean on this device before anything is compared or saved
-        cfg = RunConfig(cfg.out, cfg.model, cfg.recipe, cfg.data, resolve_runtime(cfg.runtime, d.device), cfg.seed)
         ck = None
         if (out / ckpt.LAST).exists():
             if not resume:
                 raise ReslabError(f"{out} already holds a run ({ckpt.LAST}); pass --resume to continue it or "
                                   "choose another --out")
             ck = ckpt.training_state(out / ckpt.LAST)
-            cfg = resume_config(RunConfig.from_dict(ck["config"]), cfg, explicit)
+            saved = RunConfig.from_dict(ck["config"])
+            # 'auto' settings become what they mean on the device the run will use, then are compared
+            dev = dist.pick_device(cfg.runtime.device if explicit is None or ("runtime", "device") in explicit
+                                   else saved.runtime.device)
+            cfg = resume_config(saved, replace(cfg, runtime=resolve_runtime(cfg.runtime, dev)), explicit)
         elif extend_to is not None:
             raise ReslabError(f"--extend-to needs a run to extend, and {out} holds none ({ckpt.LAST} is missing)")
         if extend_to is not None:
             cfg = extend(cfg, extend_to)
+        self.d = d = dist_info or dist.init(cfg.runtime.device)
+        cfg = replace(cfg, runtime=resolve_runtime(cfg.runtime, d.device))
         cfg.recipe.validate()
         self.cfg, rt, r = cfg, cfg.runtime, cfg.recipe
         if rt.sync_bn and d.device.type == "cpu":
@@ -93,7 +97,7 @@ class Trainer:
             cfg.data.name, cfg.data.dir, batch_size=r.batch_size, device=d.device, seed=cfg.seed, rank=d.rank,
             world_size=d.world_size, val_split=r.val_split, normalization=r.normalization,
             channels_last=rt.channels_last, workers=cfg.data.workers)
-        model = build_model(cfg, len(data.classes))
+        model = init_model(cfg, len(data.classes))
         model = model.to(d.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
         self.model = model
         opt = make_optimizer(model, r)
@@ -165,7 +169,8 @@ class Trainer:
         return min(r.iters, stop_at or r.iters)
 
     def end(self, stop: int) -> None:
-        if self.state.step >= stop and not self.state.finished:
+        st = self.state
+        if st.step >= stop and not st.finished and self.saved_step != st.step:
             self.save(best=False)  # stopped early (stop_at): keep the exact position resumable
 
     def close(self) -> None:
@@ -214,6 +219,8 @@ class Trainer:
         """Every step since the last check had a finite loss, and the weights are finite; otherwise stop
         with an error that says what is on disk. Runs on every rank (it all-reduces)."""
         st = self.state
+        if self._checked == st.step:  # a log line and an evaluation at the same step: checked already
+            return
         weights = [t for t in list(self.model.parameters()) + list(self.model.buffers()) if t.is_floating_point()]
         bad = torch.stack([self.step_fn.acc[3], (~torch.isfinite(torch.stack([t.detach().float().sum()
                                                                               for t in weights]))).sum().double()])

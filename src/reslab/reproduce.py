@@ -17,11 +17,12 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .complexity import count_macs
-from .config import RunConfig
+from .config import RunConfig, resume_config
 from .errors import ReslabError
 from .experiments import BUDGETS, get_experiment
 from .flags import to_cli_args
 from .runset import train_set
+from .step import resolve_runtime
 from .zoo import create_model
 
 # Effective training throughput used only for --dry-run estimates, in FLOP/s (6 x MACs x images/s), from
@@ -44,6 +45,12 @@ def estimate_seconds(cfg: RunConfig, device_type: str) -> float:
     macs = count_macs(create_model(cfg.model.arch, **cfg.model.kwargs()))
     flops = 6.0 * macs * cfg.recipe.iters * cfg.recipe.batch_size
     return flops / EFFECTIVE_FLOPS.get(device_type, EFFECTIVE_FLOPS["cpu"])
+
+
+def resolved(cfg: RunConfig) -> RunConfig:
+    """The config with its automatic runtime choices made, as a run records it."""
+    from .dist import pick_device
+    return replace(cfg, runtime=resolve_runtime(cfg.runtime, pick_device(cfg.runtime.device)))
 
 
 def command(cfg: RunConfig) -> str:
@@ -88,16 +95,18 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
                 ckpt.read_status(cfg.out)
             except ReslabError as e:  # unreadable, or from an earlier reslab: say which, and what to do
                 raise ReslabError(f"{e}; move {Path(cfg.out) / ckpt.LAST} away to restart that run") from None
-        if status != "done":
+        if status == "done":  # a finished run is skipped only if it is this experiment's run
+            resume_config(RunConfig.from_dict(ckpt.read_status(cfg.out)["config"]), resolved(cfg), None)
+        else:
             pending.append(cfg)
     for i in range(0, len(pending), concurrent):  # runs not yet finished, `concurrent` at a time in one process
         group = pending[i:i + concurrent]
         names = ", ".join(Path(c.out).name for c in group)
         t = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {names}: training", file=sys.stderr, flush=True)
-        # resume=True also starts a run that has no checkpoint yet; a resumed run keeps its recorded config
-        # except where this command says where the data is and which device to use
-        train_set(group, resume=True, explicit={("data", "dir"), ("runtime", "device")})
+        # resume=True also starts a run that has no checkpoint yet; a resumed run must be the experiment's
+        # run (every field but the free ones: data folder, device, ...), else a one-line error says which
+        train_set(group, resume=True)
         print(f"[{time.strftime('%H:%M:%S')}] {names}: done in {(time.time() - t) / 60:.1f} min",
               file=sys.stderr, flush=True)
     if exp.post == "layer_responses":

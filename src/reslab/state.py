@@ -39,6 +39,8 @@ class TrainingState:
             "step": self.step, "finished": self.finished, "best_err": self.best_err, "metrics": self.metrics,
             "train": {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                       "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                      # how many updates the EMA has seen: at 0 the next update copies the weights over it
+                      "ema_n": int(self.ema.n_averaged) if self.ema is not None else 0,
                       "schedule": self.schedule.state_dict(), "loader": self.data.train.state_dict(),
                       "elapsed": self.elapsed},
         }
@@ -55,6 +57,7 @@ class TrainingState:
         self.scaler.load_state_dict(t["scaler"])
         if self.ema is not None and t.get("ema") is not None:
             self.ema.module.load_state_dict(t["ema"])
+            self.ema.n_averaged.fill_(t["ema_n"])
         self.schedule.load_state_dict(t["schedule"])
         self.data.train.load_state_dict(t["loader"])
         self.step, self.best_err, self.elapsed = ck["step"], ck["best_err"], t["elapsed"]

@@ -156,15 +156,9 @@ class GraphedStep:
         x, y = self.loader.batch_of(self.idx, self.variant)
         return self.step.update(x, y, self.ctx)
 
-    def _state(self) -> list[torch.Tensor]:
-        s = self.step
-        opt_state = [t for st in s.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-        return [*s.model.parameters(), *s.model.buffers(), *opt_state, s.acc]
-
     def _capture(self) -> None:
         s = self.step
-        before = [t.detach().clone() for t in self._state()]
-        had_buffers = {id(p) for p in s.opt.state}
+        before = snapshot(s)
         side = torch.cuda.Stream(s.device)
         side.wait_stream(torch.cuda.current_stream(s.device))
         with torch.cuda.stream(side):
@@ -172,13 +166,28 @@ class GraphedStep:
                 s.opt.zero_grad(set_to_none=True)
                 self._body()
         torch.cuda.current_stream(s.device).wait_stream(side)
-        with torch.no_grad():
-            for t, v in zip(self._state(), before):  # the same tensors; new momentum buffers came last
-                t.copy_(v)
-            for p, st in s.opt.state.items():
-                if id(p) not in had_buffers and st.get("momentum_buffer") is not None:
-                    st["momentum_buffer"].zero_()
+        restore(s, before)
         s.opt.zero_grad(set_to_none=True)  # backward inside the capture allocates .grad from the graph's pool
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.wrong = self._body()
+
+
+def snapshot(step: TrainStep) -> dict:
+    """Copies of everything a training step changes, keyed by the tensor's identity."""
+    opt_state = [t for st in step.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    return {id(t): (t, t.detach().clone())
+            for t in [*step.model.parameters(), *step.model.buffers(), step.acc, *opt_state]}
+
+
+@torch.no_grad()
+def restore(step: TrainStep, saved: dict) -> None:
+    """Undo the steps taken since `snapshot`: every tensor back to its copy, in place (a captured graph
+    keeps pointing at the same memory), and momentum buffers created since then to zero — SGD's first
+    step (buf = grad) is exactly 0.9 * 0 + grad."""
+    for t, copy in saved.values():
+        t.copy_(copy)
+    for st in step.opt.state.values():
+        buf = st.get("momentum_buffer")
+        if isinstance(buf, torch.Tensor) and id(buf) not in saved:
+            buf.zero_()

@@ -59,13 +59,15 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     groups = [lambda: bench_data(dev, 128, plan_data, folder_images=16 if quick else 256)]
     for a in archs or CIFAR_ARCHS["quick" if quick else "full"]:
         groups.append(lambda a=a: bench_cifar(a, dev, b32, settings, plan, dev_name))
-        groups.append(lambda a=a: bench_inference(a, dev, b32_infer, 32, settings, plan, dev_name))
+        groups.append(lambda a=a: bench_inference(a, dev, b32_infer, 32, [s for s in settings if not s.graphs],
+                                                  plan, dev_name))
     rs_setting, ks = RUNSETS[kind]
     for a in archs or RUNSET_ARCHS["quick" if quick else "full"]:
         groups.append(lambda a=a: bench_runsets(a, dev, b32, rs_setting, ks, plan, dev_name))
     if plan224 is not None:
         # compiling the 224x224 nets on a 2-core CPU costs more than the few steps measured there
-        s224 = settings if gpu else [s for s in settings if not s.compile]
+        # graphs need the resident CIFAR loader, so the 224x224 rows (synthetic batches) leave them out
+        s224 = [s for s in settings if not s.graphs and (gpu or not s.compile)]
         for a in IMAGENET_ARCHS if imagenet_archs is None else imagenet_archs:
             groups.append(lambda a=a: bench_imagenet(a, dev, b224, s224, plan224, dev_name))
             groups.append(lambda a=a: bench_inference(a, dev, b224, 224, s224, plan224, dev_name))

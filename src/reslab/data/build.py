@@ -40,8 +40,8 @@ class FolderStream:
     """A torchvision DataLoader seen as the resident loader is: one epoch per iteration, resumable.
     Resuming mid-epoch re-reads and discards the batches already used in that epoch."""
 
-    def __init__(self, loader, device, seed: int = 0):
-        self.loader, self.device, self.seed = loader, device, seed
+    def __init__(self, loader, device, seed: int = 0, rank: int = 0):
+        self.loader, self.device, self.seed, self.rank = loader, device, seed, rank
         self.epoch, self.batch = 0, 0
 
     def __len__(self) -> int:
@@ -63,15 +63,18 @@ class FolderStream:
         return FolderStream(DataLoader(ld.dataset, batch_size=ld.batch_size, sampler=sampler,
                                        num_workers=ld.num_workers, pin_memory=ld.pin_memory, drop_last=True,
                                        collate_fn=ld.collate_fn, generator=torch.Generator()),
-                            self.device, seed)
+                            self.device, seed, self.rank)
 
     def __iter__(self):
         if hasattr(self.loader.sampler, "set_epoch"):
             self.loader.sampler.set_epoch(self.epoch)
         if self.loader.generator is not None:
-            # worker seeds drawn from (seed, epoch), not from the global generator. (Persistent workers keep
-            # their seeds across epochs, so augmentation is exact on resume only at an epoch boundary.)
-            self.loader.generator.manual_seed(mix_seed(self.seed, self.epoch))
+            # the workers' seeds come from (seed, epoch, rank), not from the global generator. Persistent
+            # workers are seeded once, when the first epoch starts, so a resumed folder run draws other
+            # augmentations than the uninterrupted one (its shuffling is exact: DistributedSampler's seed +
+            # epoch); with workers=0 the transforms draw from the global generator. CIFAR's resident loader
+            # is exact wherever a run resumes.
+            self.loader.generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank))
         for x, y in islice(iter(self.loader), self.batch, None):
             self.batch += 1
             yield _to(x, self.device), y.to(self.device, non_blocking=True)
@@ -128,7 +131,7 @@ def _build_folder(root, batch_size, device, seed, rank, world_size, normalizatio
     if with_train:
         train_ds.transform = folder.train_transform(normalizer)
         train = FolderStream(folder.make_loader(train_ds, batch_size // world_size, train=True, workers=workers,
-                                                seed=seed, rank=rank, world_size=world_size), device, seed)
+                                                seed=seed, rank=rank, world_size=world_size), device, seed, rank)
     val_ds = folder.ImageFolderSplit(root, "val", folder.eval_transform(normalizer, view))
     per_rank = max(1, eval_batch // world_size // (10 if view == "10crop" else 1))
     evl = FolderStream(folder.make_loader(val_ds, per_rank, train=False, workers=workers, rank=rank,
