@@ -109,12 +109,14 @@ def test_checkpoint_contents_load_with_weights_only(data_dir, tmp_path):
     ck = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
     assert {"format", "config", "model", "model_config", "normalizer", "classes", "data", "step", "finished",
             "best_err", "metrics", "train"} == set(ck)
-    assert {"optimizer", "scaler", "ema", "schedule", "loader", "elapsed"} == set(ck["train"])
+    assert {"optimizer", "scaler", "ema", "ema_n", "schedule", "loader", "elapsed"} == set(ck["train"])
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
     assert ck["config"]["recipe"]["name"] == "cifar-paper" and ck["model_config"]["name"] == "resnet8"
     assert ck["config"]["runtime"]["precision"] == "fp32"  # resolved, so a resume elsewhere keeps it
     assert ck["finished"] and ck["data"]["identity"]["description"].startswith("an unrecognised copy")
-    assert ckpt.read_status(tmp_path / "r") == {"step": 40, "iters": 40, "finished": True}
+    status = ckpt.read_status(tmp_path / "r")
+    assert (status["step"], status["iters"], status["finished"]) == (40, 40, True)
+    assert status["config"] == ck["config"]
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     env = json.loads((tmp_path / "r" / "env.json").read_text())
     assert cfg["recipe"]["iters"] == 40 and "torch" in env and "git" in env
