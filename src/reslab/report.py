@@ -174,8 +174,9 @@ GROSS_WILBER = {"paper": 6.97, "norelu": 6.32, "bnadd": 13.56}
 COMPARISONS = ("gross-wilber", "width-vs-depth", "block-design", "shortcut-options")
 
 
-def experiment_section(manifest: dict, runs: list[dict], root: Path) -> list[str]:
-    """One comparison experiment: each net (all seeds together) with its params, MACs and test error."""
+def experiment_section(manifest: dict, runs: list[dict], root: Path, where: Path | None = None) -> list[str]:
+    """One comparison experiment: each net (all seeds together) with its params, MACs and test error. A run
+    is looked for beside the manifest (`where`, as in a copied results folder), then where it was trained."""
     if manifest["experiment"] not in COMPARISONS:
         return []
     from .complexity import count_macs, count_params
@@ -184,7 +185,8 @@ def experiment_section(manifest: dict, runs: list[dict], root: Path) -> list[str
     groups: dict[str, list] = {}
     for entry in manifest["runs"]:
         label = entry["name"].rsplit("-s", 1)[0]
-        groups.setdefault(label, []).append((entry, by_path.get(Path(entry["config"]["out"]).resolve())))
+        here = by_path.get((where / entry["name"]).resolve()) if where is not None else None
+        groups.setdefault(label, []).append((entry, here or by_path.get(Path(entry["config"]["out"]).resolve())))
     ref = "Gross & Wilber (ResNet-110) %" if manifest["experiment"] == "gross-wilber" else None
     out = ["", f"## {manifest['experiment']}: {manifest['paper']} ({manifest['budget']} budget)", "",
            "| net | arch and options | params | MACs | test err %: mean ± std (n) |" + (f" {ref} |" if ref else ""),
@@ -277,7 +279,7 @@ def write_report(root) -> Path:
                          f"{max(r['std']):.3f} |")
     manifests = sorted(root.rglob("manifest-*.json"))
     for m in manifests:
-        lines += experiment_section(json.loads(m.read_text()), runs, root)
+        lines += experiment_section(json.loads(m.read_text()), runs, root, m.parent)
     if manifests:
         lines += ["", "## Commands", ""]
         for m in manifests:
