@@ -77,3 +77,14 @@ def make_jpeg_folder(root: Path, classes=("cat", "dog"), per_class=3, size=(40, 
 @pytest.fixture
 def jpeg_dir(tmp_path):
     return make_jpeg_folder(tmp_path / "imgs")
+
+
+def randomise_bn(model, seed=0):
+    """BN statistics and affine parameters away from their init, so that outputs depend on them."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)

@@ -9,7 +9,7 @@ from reslab.cli import main
 
 def test_flops_arithmetic():
     assert train_flops_per_image(40_551_040) == 6 * 40_551_040
-    # ResNet-50 v1.5: 4.089 GMACs -> about 24.5 GFLOP per trained image (PAPER.md §5)
+    # ResNet-50 v1.5: 4.089 GMACs -> about 24.5 GFLOP per trained image (docs/paper.md)
     assert train_flops_per_image(4.089e9) == pytest.approx(24.5e9, rel=0.01)
     assert achieved(1000, 40_000_000) == pytest.approx(2.4e11)
     assert achieved(1000, 40_000_000, train=False) == pytest.approx(8e10)

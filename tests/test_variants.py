@@ -1,4 +1,4 @@
-"""The block switches readers ask about (PAPER.md §2.4, §2.5): bn_after_add, block_layers, shortcut="gated".
+"""The block switches readers ask about (docs/paper.md): bn_after_add, block_layers, shortcut="gated".
 
 Expected parameter counts and MACs are computed here from the layer sizes, not by the code under test.
 """
@@ -15,6 +15,8 @@ from reslab.blocks import GATE_BIAS_INIT, PAPER_SHORTCUTS, SHORTCUTS, GatedShort
 from reslab.complexity import count_layers, count_macs, count_params, describe
 from reslab.checkpoint import build_model
 from reslab.responses import layer_response_std, response_layers
+
+from conftest import randomise_bn
 
 
 # ----------------------------------------------------------------- counts by hand (CIFAR, paper §4.2)
@@ -165,16 +167,6 @@ def test_gated_is_a_shortcut_option_beside_the_papers():
 
 
 # ----------------------------------------------------------------- what each switch computes
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 def _bn(x, bn):
     """Eval-mode BN written out: (x - mean) / sqrt(var + eps) * gamma + beta, per channel."""
     v = lambda t: t[None, :, None, None]  # noqa: E731
@@ -199,7 +191,7 @@ def _branch(blk, z):
 @torch.no_grad()
 def test_bn_after_add_normalises_the_sum_before_the_relu():
     m = reslab.create_model("resnet20", bn_after_add=True).eval()
-    _randomise_bn(m)
+    randomise_bn(m)
     seen = {}
     for where, blk, cin, stride in (("identity", m.layer1[1], 16, 1), ("option A", m.layer2[0], 16, 2)):
         z = torch.randn(2, cin, 8, 8)
@@ -218,7 +210,7 @@ def test_bn_after_add_normalises_the_sum_before_the_relu():
 @torch.no_grad()
 def test_bn_after_add_without_relu_ends_the_block_with_the_bn():
     m = reslab.create_model("resnet20", bn_after_add=True, relu_after_add=False).eval()
-    _randomise_bn(m)
+    randomise_bn(m)
     blk, z = m.layer1[0], torch.randn(2, 16, 8, 8)
     torch.testing.assert_close(blk(z), _bn(_branch(blk, z) + z, blk.bn_add))
 
@@ -226,7 +218,7 @@ def test_bn_after_add_without_relu_ends_the_block_with_the_bn():
 @torch.no_grad()
 def test_gated_block_starts_near_its_shortcut():
     m = reslab.create_model("resnet20", shortcut="gated").eval()
-    _randomise_bn(m)
+    randomise_bn(m)
     t0 = 1 / (1 + math.exp(-GATE_BIAS_INIT))
     assert GATE_BIAS_INIT == -2.0 and t0 == pytest.approx(0.1192, abs=1e-4)
     for where, blk, cin, cout, stride in (("identity", m.layer1[1], 16, 16, 1), ("grows", m.layer2[0], 16, 32, 2)):
@@ -274,7 +266,7 @@ def test_block_layers_names_strides_and_zero_init_last(k):
 @torch.no_grad()
 def test_preact_block_layers_is_bn_relu_conv_k_times():
     m = reslab.create_model("resnet20", block_layers=3, preact=True).eval()
-    _randomise_bn(m)
+    randomise_bn(m)
     blk, z = m.layer1[1], torch.randn(2, 16, 8, 8)
     out = z
     for i in (1, 2, 3):
@@ -339,7 +331,7 @@ def test_variants_pickle_trace_and_export():
 @torch.no_grad()
 def test_post_activation_block_layers_is_conv_bn_relu_k_times(k):
     m = reslab.create_model("resnet20", block_layers=k).eval()
-    _randomise_bn(m)
+    randomise_bn(m)
     for blk, cin, cout, stride in ((m.layer1[1], 16, 16, 1), (m.layer3[0], 32, 64, 2)):
         z = torch.randn(2, cin, 8, 8)
         torch.testing.assert_close(blk(z), (_branch(blk, z) + _option_a(z, cout, stride)).relu())

@@ -11,14 +11,16 @@ from reslab.blocks import ShortcutA
 from reslab.complexity import count_layers, count_macs, count_params, stage_shapes
 from reslab.zoo import register_model
 
+from conftest import randomise_bn
+
 ALL = reslab.list_models()
 
-# PAPER.md §2.1 (Table 6 params, rounded as the paper prints them) and forward MACs at 32x32, option A
+# docs/paper.md (Table 6 params, rounded as the paper prints them) and forward MACs at 32x32, option A
 CIFAR = {
     "resnet20": (0.27, 2, 40.55e6), "resnet32": (0.46, 2, 68.86e6), "resnet44": (0.66, 2, 97.17e6),
     "resnet56": (0.85, 2, 125.49e6), "resnet110": (1.7, 1, 252.89e6), "resnet1202": (19.4, 1, 2829e6),
 }
-# PAPER.md §2.2: params (option B, = torchvision), MACs v1 and v1.5 at 224x224
+# docs/paper.md: params (option B, = torchvision), MACs v1 and v1.5 at 224x224
 IMAGENET = {
     "resnet18": (11_689_512, 1.814e9, 1.814e9), "resnet34": (21_797_672, 3.664e9, 3.664e9),
     "resnet50": (25_557_032, 3.858e9, 4.089e9), "resnet101": (44_549_160, 7.570e9, 7.801e9),
@@ -114,21 +116,11 @@ def test_cifar_stage_shapes_follow_the_paper():
     assert shapes["stem"] == [64, 56, 56] and shapes["layer4"] == [2048, 7, 7]
 
 
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("name", sorted(IMAGENET))
 def test_v15_output_parity_with_torchvision_both_directions(name):
     torch.manual_seed(0)
     tv = getattr(torchvision.models, name)().eval()
-    _randomise_bn(tv)
+    randomise_bn(tv)
     ours = reslab.create_model(name, stride_in_1x1=False, num_classes=1000).eval()
     ours.load_state_dict(tv.state_dict(), strict=True)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))

@@ -36,13 +36,13 @@ class RunData:
                 "eval_size": self.eval_size, "identity": self.identity}
 
 
-class FolderStream:
-    """A torchvision DataLoader seen as the resident loader is: one epoch per iteration, resumable.
-    Resuming mid-epoch re-reads and discards the batches already used in that epoch."""
+class EpochCursor:
+    """Where a DataLoader-backed stream is: its position is {epoch, batch within the epoch} and nothing else,
+    so a stream that restores it yields the same next batch (the subclass's __iter__ honours it)."""
 
-    def __init__(self, loader, device, seed: int = 0, rank: int = 0):
-        self.loader, self.device, self.seed, self.rank = loader, device, seed, rank
-        self.epoch, self.batch = 0, 0
+    loader: object
+    epoch: int = 0
+    batch: int = 0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -52,6 +52,15 @@ class FolderStream:
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.batch = int(d["epoch"]), int(d["batch"])
+
+
+class FolderStream(EpochCursor):
+    """A torchvision DataLoader seen as the resident loader is: one epoch per iteration, resumable.
+    Resuming mid-epoch re-reads and discards the batches already used in that epoch."""
+
+    def __init__(self, loader, device, seed: int = 0, rank: int = 0):
+        self.loader, self.device, self.seed, self.rank = loader, device, seed, rank
+        self.epoch, self.batch = 0, 0
 
     def fork(self, seed: int) -> "FolderStream":
         """An independent stream over the same files with another shuffling seed and its own (non-persistent)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from ..data.build import EpochCursor
 from ..errors import ReslabError
 
 
@@ -194,7 +195,7 @@ class FlipSampler(Sampler):
             yield i, bool(flips[i])
 
 
-class TrainStream:
+class TrainStream(EpochCursor):
     """Training batches one epoch per iteration, resumable: state = {epoch, batch within the epoch}.
     Resuming asks the sampler to skip the used items, so they are not even decoded again."""
 
@@ -210,15 +211,6 @@ class TrainStream:
                                  generator=torch.Generator().manual_seed(seed))
         self.batch_size = batch_size
         self.epoch, self.batch = 0, 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.epoch, self.batch = int(d["epoch"]), int(d["batch"])
 
     def __iter__(self):
         self.sampler.set_position(self.epoch, self.batch * self.batch_size)
