@@ -8,6 +8,7 @@ import torch
 
 from reslab.data import Normalizer, ResidentLoader, cifar
 from reslab.data import folder as fold
+from reslab.data.augment import Augment
 from reslab.data.safe_pickle import load_batch
 from reslab.errors import ReslabError
 
@@ -184,8 +185,8 @@ def test_forks_leave_the_training_position_alone(jpeg_dir):
     norm = fold.imagenet_normalizer()
 
     def stream():
-        ds = fold.ImageFolderSplit(jpeg_dir, "train", fold.eval_transform(norm, "center", size=16, resize=20))
-        return FolderStream(fold.make_loader(ds, 2, train=True, workers=1, seed=0), "cpu")
+        ds = fold.ImageFolderSplit(jpeg_dir, "train", augment=Augment.for_size("scale", 16))
+        return FolderStream(fold.make_loader(ds, 2, train=True, workers=1, seed=0), fold.Finisher(ds, "cpu", norm))
     S, R = stream(), stream()
     want = [x for x, _ in R]
     it = iter(S)
@@ -218,11 +219,12 @@ def test_folder_views_have_the_right_count_and_sizes(jpeg_dir):
     ms = fold.ImageFolderSplit(jpeg_dir, "val", fold.eval_transform(norm, "multiscale"))
     views, _ = ms[0]
     assert [min(v.shape[-2:]) for v in views] == list(fold.MULTISCALE_SIZES)
-    tr = fold.ImageFolderSplit(jpeg_dir, "train", fold.train_transform(norm, size=32, scale=(36, 48)))
-    assert tr[1][0].shape == (3, 32, 32)
+    tr = fold.ImageFolderSplit(jpeg_dir, "train", augment=Augment.for_size("scale", 32))
+    crop, _, (box, flip, alpha) = tr[1, 7]
+    assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8 and box.shape == (4,) and alpha.shape == (3,)
     c = fold.ImageFolderSplit(jpeg_dir, "val", fold.eval_transform(norm, "center", size=24, resize=32))
     loader = fold.make_loader(c, 4, train=False, workers=0, rank=1, world_size=2)
-    assert sum(len(yb) for _, yb in loader) == 3
+    assert sum(len(yb) for _, yb, _ in loader) == 3
 
 
 def test_corrupt_jpeg_stops_with_its_name_or_is_skipped(jpeg_dir, capsys):

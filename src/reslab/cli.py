@@ -153,7 +153,8 @@ def cmd_train(a) -> int:
 def cmd_eval(a) -> int:
     from .predict import evaluate_checkpoint
     m = evaluate_checkpoint(a.path, data_dir=a.data_dir, view=a.views, device=a.device,
-                            precise_bn_batches=a.precise_bn, batch_size=a.batch_size, workers=a.workers)
+                            precise_bn_batches=a.precise_bn, batch_size=a.batch_size, workers=a.workers,
+                            decode=a.decode)
     if a.json:
         print_json(m)
     else:
@@ -163,7 +164,7 @@ def cmd_eval(a) -> int:
 
 
 def _register_train(sub) -> None:
-    from .data.folder import VIEWS
+    from .data.folder import DECODERS, VIEWS
     from .flags import add_run_flags
     p = sub.add_parser("train", help="train a zoo model with a paper recipe (no arguments: resnet20 on CIFAR-10)")
     add_run_flags(p)
@@ -184,6 +185,8 @@ def _register_train(sub) -> None:
     p.add_argument("--precise-bn", type=int, default=0, metavar="N")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--decode", default="auto", choices=DECODERS,
+                   help="image folders: decode in the workers (cpu) or batched on the device; auto: device on a GPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -41,6 +41,7 @@ class DataSpec:
     name: str = "cifar10"                                  # cifar10 | cifar100 | folder
     dir: str | None = field(default=None, metadata=FREE)   # archive or folder; None: $RESLAB_DATA, else download
     workers: int = field(default=4, metadata=FREE)         # DataLoader workers (image folders)
+    decode: str = field(default="auto", metadata=FREE)     # image folders: cpu | device | auto (device on a GPU)
 
 
 @dataclass(frozen=True)

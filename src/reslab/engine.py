@@ -33,6 +33,7 @@ from . import checkpoint as ckpt
 from . import dist
 from .config import RunConfig, extend, resume_config
 from .data import build as data_build
+from .data.augment import Augment
 from .errors import ReslabError
 from .evaluate import evaluate, precise_bn
 from .flags import to_cli_args
@@ -96,7 +97,8 @@ class Trainer:
         self.data = data = data_build.build(
             cfg.data.name, cfg.data.dir, batch_size=r.batch_size, device=d.device, seed=cfg.seed, rank=d.rank,
             world_size=d.world_size, val_split=r.val_split, normalization=r.normalization,
-            channels_last=rt.channels_last, workers=cfg.data.workers)
+            channels_last=rt.channels_last, workers=cfg.data.workers, augment=Augment.for_size(r.crop, r.crop_size),
+            decode=cfg.data.decode)
         model = init_model(cfg, len(data.classes))
         model = model.to(d.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
         self.model = model

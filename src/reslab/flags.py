@@ -32,6 +32,10 @@ _HELP = {
     ("recipe", "no_wd_bn_bias"): "no weight decay on BN parameters and biases",
     ("data", "dir"): "dataset archive or folder (default: $RESLAB_DATA, else download)",
     ("data", "workers"): "DataLoader workers (image folders)",
+    ("data", "decode"): "image folders: decode JPEGs in the workers (cpu) or batched on the run's device "
+                        "(device; nvJPEG on a GPU); auto: device on a GPU",
+    ("recipe", "crop"): "image folders: the paper's scale augmentation or RandomResizedCrop",
+    ("recipe", "crop_size"): "image folders: training crop side (test views keep the 256/224 proportions)",
     ("runtime", "precision"): "auto: bf16 on CUDA, fp32 on the CPU",
     ("runtime", "channels_last"): "channels_last memory format (default on)",
     ("runtime", "compile"): "torch.compile the model (default off: it trained no faster, see benchmarks/results)",
@@ -46,12 +50,15 @@ _HELP = {
 
 def _choices() -> dict:
     from .blocks import SHORTCUTS
+    from .data.augment import CROPS
     from .data.build import DATASETS
+    from .data.folder import DECODERS
     from .data.normalize import MODES
     from .step import PRECISIONS
     from .recipes import SCHEDULES
     return {("recipe", "schedule"): SCHEDULES, ("recipe", "normalization"): MODES, ("data", "name"): DATASETS,
-            ("runtime", "precision"): ("auto", *PRECISIONS), ("model", "shortcut"): SHORTCUTS}
+            ("runtime", "precision"): ("auto", *PRECISIONS), ("model", "shortcut"): SHORTCUTS,
+            ("recipe", "crop"): CROPS, ("data", "decode"): DECODERS}
 
 
 def _model_fields():

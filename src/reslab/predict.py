@@ -7,12 +7,14 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import build as data_build
+from .data.augment import Augment
 from .dist import pick_device
 from .evaluate import evaluate, precise_bn
 
 
 def evaluate_checkpoint(path, data_dir=None, view: str = "center", device: str = "auto",
-                        precise_bn_batches: int = 0, batch_size: int = 256, workers: int = 4) -> dict:
+                        precise_bn_batches: int = 0, batch_size: int = 256, workers: int = 4,
+                        decode: str = "auto") -> dict:
     """A checkpoint's model on its own dataset and evaluation split, with its own normalisation."""
     p = ckpt.resolve(path)
     ck = ckpt.load(p)
@@ -25,12 +27,18 @@ def evaluate_checkpoint(path, data_dir=None, view: str = "center", device: str =
     data = data_build.build(data_name, data_dir, batch_size=batch_size, device=dev,
                             val_split=info.get("eval_split") == "val5k", normalizer=model.reslab["normalizer"],
                             view=view, workers=workers, eval_batch=batch_size, with_train=precise_bn_batches > 0,
-                            seed=cfg.get("seed", 0))
+                            seed=cfg.get("seed", 0), augment=augment_of(cfg), decode=decode)
     if precise_bn_batches:
         precise_bn(model, iter(data.train), precise_bn_batches)
     m = evaluate(model, data.eval)
     return {"checkpoint": str(p), "arch": ck["model_config"].get("name"), "data": data_name,
             "split": data.eval_split, "view": view, "step": ck.get("step"), **m}
+
+
+def augment_of(cfg: dict) -> Augment:
+    """The crop a checkpoint's run trained with (older checkpoints: the paper's, at 224)."""
+    r = cfg.get("recipe") or {}
+    return Augment.for_size(r.get("crop", "scale"), r.get("crop_size", 224))
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")

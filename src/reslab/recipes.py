@@ -53,6 +53,8 @@ class Recipe:
     eval_every: int = 2_000          # iterations between evaluations (and checkpoints)
     log_every: int = 100             # iterations between metric lines
     normalization: str = "pixel"     # "pixel" (paper) | "channel"
+    crop: str = "scale"              # image folders: "scale" (paper §3.4: shorter side in [256, 480]) | "rrc"
+    crop_size: int = 224             # image folders: the training crop; the test views keep the proportions
     budget: float = 1.0              # fraction of the paper's schedule this recipe runs
 
     def scaled(self, f: float) -> "Recipe":
@@ -86,6 +88,11 @@ class Recipe:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid choices: {', '.join(SCHEDULES)}")
         if self.batch_size < 1 or self.iters < 1 or self.lr <= 0:
             raise ValueError("batch_size, iters and lr must be positive")
+        from .data.augment import CROPS
+        if self.crop not in CROPS:
+            raise ValueError(f"unknown crop {self.crop!r}; valid choices: {', '.join(CROPS)}")
+        if self.crop_size < 8:
+            raise ValueError(f"crop_size must be at least 8 pixels, got {self.crop_size}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -55,60 +55,51 @@ class EpochCursor:
 
 
 class FolderStream(EpochCursor):
-    """A torchvision DataLoader seen as the resident loader is: one epoch per iteration, resumable.
-    Resuming mid-epoch re-reads and discards the batches already used in that epoch."""
+    """A torchvision DataLoader seen as the resident loader is: one epoch per iteration, resumable, each batch
+    finished on the device by `finish` (folder.Finisher). Resuming mid-epoch re-reads and discards the
+    batches already used in that epoch; the shuffling (DistributedSampler: seed + epoch) and every image's
+    augmentation (folder.Keyed: seed, epoch, index) are what the uninterrupted run drew."""
 
-    def __init__(self, loader, device, seed: int = 0, rank: int = 0):
-        self.loader, self.device, self.seed, self.rank = loader, device, seed, rank
+    def __init__(self, loader, finish, seed: int = 0, rank: int = 0):
+        self.loader, self.finish, self.seed, self.rank = loader, finish, seed, rank
         self.epoch, self.batch = 0, 0
 
     def fork(self, seed: int) -> "FolderStream":
         """An independent stream over the same files with another shuffling seed and its own (non-persistent)
         workers: a second iterator of a persistent-worker DataLoader would reset the training one."""
         from torch.utils.data import DataLoader, DistributedSampler
-        ld, sp = self.loader, self.loader.sampler
+        from .folder import Keyed
+        ld, sp = self.loader, self.loader.sampler.inner
         sampler = DistributedSampler(ld.dataset, num_replicas=sp.num_replicas, rank=sp.rank, shuffle=True,
                                      seed=seed, drop_last=True)
-        return FolderStream(DataLoader(ld.dataset, batch_size=ld.batch_size, sampler=sampler,
+        return FolderStream(DataLoader(ld.dataset, batch_size=ld.batch_size, sampler=Keyed(sampler, seed),
                                        num_workers=ld.num_workers, pin_memory=ld.pin_memory, drop_last=True,
-                                       collate_fn=ld.collate_fn, generator=torch.Generator()),
-                            self.device, seed, self.rank)
+                                       collate_fn=ld.collate_fn), self.finish, seed, self.rank)
 
     def __iter__(self):
         if hasattr(self.loader.sampler, "set_epoch"):
             self.loader.sampler.set_epoch(self.epoch)
-        if self.loader.generator is not None:
-            # the workers' seeds come from (seed, epoch, rank), not from the global generator. Persistent
-            # workers are seeded once, when the first epoch starts, so a resumed folder run draws other
-            # augmentations than the uninterrupted one (its shuffling is exact: DistributedSampler's seed +
-            # epoch); with workers=0 the transforms draw from the global generator. CIFAR's resident loader
-            # is exact wherever a run resumes.
-            self.loader.generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank))
-        for x, y in islice(iter(self.loader), self.batch, None):
+        for batch in islice(iter(self.loader), self.batch, None):
             self.batch += 1
-            yield _to(x, self.device), y.to(self.device, non_blocking=True)
+            yield self.finish(batch)
         self.epoch, self.batch = self.epoch + 1, 0
-
-
-def _to(x, device):
-    if isinstance(x, list):  # multi-scale: a list (batch) of lists (scales) of tensors
-        return [[v.to(device, non_blocking=True) for v in views] for views in x]
-    return x.to(device, non_blocking=True)
 
 
 def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: int = 0, world_size: int = 1,
           val_split: bool = False, normalization: str = "pixel", normalizer: Normalizer | None = None,
           channels_last: bool = False, view: str = "center", workers: int = 4, eval_batch: int | None = None,
-          with_train: bool = True) -> RunData:
+          with_train: bool = True, augment=None, decode: str = "auto") -> RunData:
+    """Loaders for a run. `normalizer` (e.g. from a checkpoint) overrides fitting one on the training split.
+    Folders: `augment` (augment.Augment: crop kind and size) and `decode` (folder.DECODERS)."""
     # Randomness is the run's own: the resident loader draws from (seed, epoch, batch), folder loaders from
-    # a generator seeded here, so runs side by side in one process never share the global generator.
-    """Loaders for a run. `normalizer` (e.g. from a checkpoint) overrides fitting one on the training split."""
+    # (seed, epoch, index), so runs side by side in one process never share the global generator.
     if data not in DATASETS:
         raise ReslabError(f"unknown dataset {data!r}; valid choices: {', '.join(DATASETS)}")
     eval_batch = eval_batch or max(batch_size, 256)
     if data == "folder":
+        from .augment import Augment
         return _build_folder(data_dir, batch_size, device, seed, rank, world_size, normalization, normalizer,
-                             view, workers, eval_batch, with_train)
+                             view, workers, eval_batch, with_train, augment or Augment(), decode)
     if view != "center":
         raise ReslabError(f"--views {view} needs an ImageNet-style folder; CIFAR is tested on the single "
                           "original 32x32 view (paper §4.2)")
@@ -126,23 +117,28 @@ def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: 
 
 
 def _build_folder(root, batch_size, device, seed, rank, world_size, normalization, normalizer, view, workers,
-                  eval_batch, with_train) -> RunData:
+                  eval_batch, with_train, augment, decode) -> RunData:
     from . import folder
     if not root:
         raise ReslabError("--data folder needs --data-dir pointing at a folder with train/ and val/")
     if batch_size % world_size:
         raise ReslabError(f"the global batch ({batch_size}) must be a multiple of the world size ({world_size})")
-    train_ds = folder.ImageFolderSplit(root, "train")
+    if decode not in folder.DECODERS:
+        raise ReslabError(f"unknown decode {decode!r}; valid choices: {', '.join(folder.DECODERS)}")
+    encoded = decode == "device" or (decode == "auto" and torch.device(device).type == "cuda")
+    train_ds = folder.ImageFolderSplit(root, "train", augment=augment, encoded=encoded)
     if normalizer is None:
         normalizer = (folder.imagenet_normalizer() if normalization == "channel"
-                      else folder.fit_normalizer(train_ds, "pixel", seed=seed))
+                      else folder.fit_normalizer(train_ds, "pixel", size=augment.size, seed=seed))
     train = None
     if with_train:
-        train_ds.transform = folder.train_transform(normalizer)
-        train = FolderStream(folder.make_loader(train_ds, batch_size // world_size, train=True, workers=workers,
-                                                seed=seed, rank=rank, world_size=world_size), device, seed, rank)
-    val_ds = folder.ImageFolderSplit(root, "val", folder.eval_transform(normalizer, view))
+        loader = folder.make_loader(train_ds, batch_size // world_size, train=True, workers=workers, seed=seed,
+                                    rank=rank, world_size=world_size)
+        train = FolderStream(loader, folder.Finisher(train_ds, device, normalizer), seed, rank)
+    transform = folder.eval_transform(normalizer, view, size=augment.size)
+    val_ds = folder.ImageFolderSplit(root, "val", None if encoded else transform, encoded=encoded)
     per_rank = max(1, eval_batch // world_size // (10 if view == "10crop" else 1))
     evl = FolderStream(folder.make_loader(val_ds, per_rank, train=False, workers=workers, rank=rank,
-                                          world_size=world_size, multiscale=view == "multiscale"), device)
+                                          world_size=world_size, multiscale=view == "multiscale"),
+                       folder.Finisher(val_ds, device, normalizer, transform))
     return RunData(train, evl, normalizer, train_ds.classes, "val", len(train_ds), len(val_ds))

@@ -1,84 +1,76 @@
 """ImageNet-style folders (`train/<class>/*.JPEG`, `val/<class>/*.JPEG`) with the paper's pipelines.
 
-Training (paper §3.4): shorter side resized to a random size in [256, 480], a random 224x224 crop, a random
-horizontal flip, AlexNet's PCA colour lighting, then normalisation. `rrc=True` swaps the resize+crop for
-torchvision's RandomResizedCrop(224) (the modern recipe).
+Training (paper §3.4): the paper's scale augmentation (or RandomResizedCrop), flip and PCA lighting, drawn
+per image by `augment.Augment` from (seed, epoch, index), so every way of decoding crops the same boxes.
 
-Evaluation views (paper §3.4 and §4.1):
+Two places to decode (`decode`):
+  cpu     DataLoader workers decode and crop each image; the batch of uint8 crops goes to the device, where
+          flip, lighting and normalisation run batched.
+  device  workers only read the files' bytes (and a JPEG's size from its header, to draw its crop); the main
+          process decodes the whole batch on the run's device (nvJPEG on a GPU, via torchvision), crops
+          and resizes there, and finishes as above. Files that are not JPEGs are decoded in the workers.
+Both give the same crops of the same images; on a GPU the decoders' pixels may differ by a level or two.
+
+Evaluation views (paper §3.4 and §4.1), for a crop size of 224:
   center      resize shorter side to 256, centre 224 crop                   -> (C, 224, 224)
   10crop      resize 256, four corners + centre, and their flips             -> (10, C, 224, 224)
   multiscale  the whole image with its shorter side at 224/256/384/480/640   -> list of 5 tensors
               (scored by the fully-convolutional head; sizes differ, so batch size 1)
+Other crop sizes keep the proportions. On the device path the same torchvision transforms run on the
+decoded GPU tensors.
 
 Corrupt images: with on_corrupt="stop" (the default) the first undecodable file stops the run with an error
-that names it; with "skip" it is reported once on stderr by name, counted, and replaced by the next
-decodable image of the split, so an epoch keeps its length.
+that names it; with "skip" it is reported once on stderr by name, counted, and replaced (by the next
+decodable image of the split in a worker, or by another image of the same batch when only the device's
+decoder finds it broken), so an epoch keeps its length.
 """
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
 from ..errors import ReslabError
+from .augment import Augment, crop_resize, finish
 from .normalize import Normalizer
+from .resident import mix_seed
 
 MULTISCALE_SIZES = (224, 256, 384, 480, 640)
 VIEWS = ("center", "10crop", "multiscale")
-# AlexNet's PCA of ImageNet RGB pixels (Krizhevsky et al. 2012), in [0, 1] units; std of alpha 0.1.
-PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
-PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+DECODERS = ("auto", "cpu", "device")   # auto: on the GPU where the run is on one, else in the workers
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class Lighting(torch.nn.Module):
-    """AlexNet PCA lighting noise on a float image in [0, 1]: add eigvec @ (alpha * eigval), alpha ~ N(0, std)."""
-
-    def __init__(self, alphastd: float = 0.1):
-        super().__init__()
-        self.alphastd = alphastd
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if self.alphastd == 0:
-            return img
-        alpha = torch.randn(3) * self.alphastd
-        rgb = PCA_EIGVEC @ (alpha * PCA_EIGVAL)
-        return img + rgb.view(3, 1, 1).to(img)
-
-
 class Normalize(torch.nn.Module):
-    """A Normalizer as a transform on one float image in [0, 1] (any size: the pixel mean is resized)."""
+    """A Normalizer as a transform on one float image in [0, 1] (any size: the pixel mean is resized), on
+    whatever device the image is."""
 
     def __init__(self, norm: Normalizer):
         super().__init__()
         self.norm = norm
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return (img - self.norm.mean_at(*img.shape[-2:])) / self.norm.std
+        return (img - self.norm.mean_at(*img.shape[-2:]).to(img.device)) / self.norm.std.to(img.device)
 
 
-def train_transform(norm: Normalizer, size: int = 224, scale=(256, 480), rrc: bool = False, lighting: float = 0.1):
-    crop = [v2.RandomResizedCrop(size, antialias=True)] if rrc else [
-        v2.RandomShortestSize(list(range(scale[0], scale[1] + 1)), antialias=True), v2.RandomCrop(size)]
-    return v2.Compose([*crop, v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                       Lighting(lighting), Normalize(norm)])
-
-
-def eval_transform(norm: Normalizer, view: str = "center", size: int = 224, resize: int = 256):
+def eval_transform(norm: Normalizer, view: str = "center", size: int = 224, resize: int | None = None):
     if view not in VIEWS:
         raise ReslabError(f"unknown view {view!r}; valid choices: {', '.join(VIEWS)}")
+    resize = resize or round(size * 256 / 224)
     tail = [v2.ToDtype(torch.float32, scale=True), Normalize(norm)]
     if view == "center":
         return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), *tail])
     if view == "10crop":
         return TenCropStack(v2.Resize(resize, antialias=True), size, v2.Compose(tail))
-    return MultiScale([v2.Compose([v2.Resize(s, antialias=True), *tail]) for s in MULTISCALE_SIZES])
+    return MultiScale([v2.Compose([v2.Resize(round(s * size / 224), antialias=True), *tail])
+                       for s in MULTISCALE_SIZES])
 
 
 class TenCropStack(torch.nn.Module):
@@ -90,7 +82,7 @@ class TenCropStack(torch.nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         crops = v2.functional.ten_crop(self.resize(img), [self.size, self.size])
-        return torch.stack([self.after(c) for c in crops])
+        return self.after(torch.stack(crops))   # one batched normalisation of the ten crops
 
 
 class MultiScale(torch.nn.Module):
@@ -104,20 +96,56 @@ class MultiScale(torch.nn.Module):
         return [t(img) for t in self.per_scale]
 
 
-def decode(path: str) -> torch.Tensor:
+def decode(path: str, data: torch.Tensor | None = None) -> torch.Tensor:
+    """A file (or its bytes, already read) as a uint8 RGB (3, H, W) tensor, decoded on the CPU."""
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        return decode_image(read_bytes(path) if data is None else data, mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision raises RuntimeError for many decoder failures
         raise ReslabError(f"{path}: cannot decode image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-class ImageFolderSplit(Dataset):
-    """One split (`train` or `val`) of an ImageNet-style folder, decoded by torchvision."""
+def read_bytes(path: str) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor in ordinary memory (torchvision's read_file maps the file, and a
+    mapped storage cannot be handed from a DataLoader worker to the main process)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ReslabError(f"{path}: cannot read ({e.strerror})") from None
+    if not raw:
+        raise ReslabError(f"{path}: empty file, not an image")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
-    def __init__(self, root, split: str, transform=None, on_corrupt: str = "stop"):
+
+def is_jpeg(data: torch.Tensor) -> bool:
+    return data.numel() > 3 and data[:3].tolist() == [0xFF, 0xD8, 0xFF]
+
+
+def jpeg_size(path: str, data: torch.Tensor) -> tuple[int, int]:
+    """(height, width) from a JPEG's header, without decoding it (Pillow reads the header lazily)."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            w, h = im.size
+    except Exception as e:
+        raise ReslabError(f"{path}: cannot read the JPEG header ({type(e).__name__}: {e})") from None
+    return h, w
+
+
+class ImageFolderSplit(Dataset):
+    """One split (`train`, `val`; `test` where a tree has no `val`) of an ImageNet-style folder.
+
+    `ds[i]` is (image or view, target). The loaders index with (i, seed) and get (payload, target, params):
+    with `augment`, params are the image's drawn crop box, flip and lighting, and the payload is the
+    uint8 crop; with `encoded`, the payload is the file's bytes (a JPEG) or the decoded image (anything
+    else), cropped or transformed later on the device."""
+
+    def __init__(self, root, split: str, transform=None, on_corrupt: str = "stop", augment: Augment | None = None,
+                 encoded: bool = False):
         if on_corrupt not in ("stop", "skip"):
             raise ValueError(f"on_corrupt must be 'stop' or 'skip', got {on_corrupt!r}")
         folder = Path(root) / split
+        if split == "val" and not folder.is_dir() and (Path(root) / "test").is_dir():
+            folder = Path(root) / "test"   # e.g. the CIFAR-10 JPEG tree: train/ and test/
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} not found: an ImageNet-style folder has train/<class>/ and val/<class>/")
         try:
@@ -127,26 +155,65 @@ class ImageFolderSplit(Dataset):
         self.classes = self.inner.classes
         self.samples = self.inner.samples
         self.targets = self.inner.targets
-        self.transform, self.on_corrupt = transform, on_corrupt
+        self.transform, self.on_corrupt, self.augment, self.encoded = transform, on_corrupt, augment, encoded
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         for j in range(len(self.samples)):
             path, target = self.samples[(i + j) % len(self.samples)]
             try:
-                img = decode(path)
+                payload, params = self._load(path, 0 if seed is None else seed)
             except ReslabError as e:
                 if self.on_corrupt == "stop":
                     raise
-                if path not in self.skipped:
-                    self.skipped.append(path)
-                    print(f"reslab: skipping corrupt image: {e}", file=sys.stderr)
+                self.note_skipped(path, e)
                 continue
-            return (self.transform(img) if self.transform else img), target
+            return (payload, target) if seed is None else (payload, target, params)
         raise ReslabError(f"no decodable image in {len(self.samples)} files")
+
+    def note_skipped(self, path: str, e: Exception) -> None:
+        if path not in self.skipped:
+            self.skipped.append(path)
+            print(f"reslab: skipping corrupt image: {e}", file=sys.stderr)
+
+    def _load(self, path: str, seed: int):
+        data = read_bytes(path)
+        if self.encoded and is_jpeg(data):
+            img, (h, w) = data, jpeg_size(path, data)
+        else:
+            img = decode(path, data)
+            h, w = img.shape[-2:]
+        if self.augment is None:
+            return (img if self.encoded or self.transform is None else self.transform(img)), None
+        box, flip, alpha = self.augment.draw(h, w, seed)
+        box = torch.tensor(box, dtype=torch.float32)
+        if not self.encoded:
+            img = crop_resize([img], box[None], self.augment.size)[0]
+        return img, (box, flip, torch.tensor(alpha))
+
+
+class Keyed(Sampler):
+    """Another sampler's indices, each with the seed of that image's augmentation in this epoch:
+    (index, mix_seed(seed, epoch, index)). The seeds are drawn here, in the main process, so they do not
+    depend on workers, ranks or where a run resumed."""
+
+    def __init__(self, inner: Sampler, seed: int = 0):
+        self.inner, self.seed, self.epoch = inner, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((i, mix_seed(self.seed, self.epoch, i)) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 class ShardSampler(Sampler[int]):
@@ -162,25 +229,107 @@ class ShardSampler(Sampler[int]):
         return self.hi - self.lo
 
 
-def _collate_lists(batch):
-    """Multi-scale samples are lists of differently-sized tensors: keep them as lists."""
-    views = [b[0] for b in batch]
-    return views, torch.tensor([b[1] for b in batch])
+def collate(batch):
+    """(payloads, targets, params): payloads stacked where they are tensors of one shape, else a list
+    (encoded files, multi-scale views); params (boxes, flips, alphas) stacked, or None for evaluation."""
+    payloads, targets, params = zip(*batch)
+    first = payloads[0]
+    same = isinstance(first, torch.Tensor) and first.ndim >= 3 and all(
+        isinstance(p, torch.Tensor) and p.shape == first.shape for p in payloads)
+    x = torch.stack(payloads) if same else list(payloads)
+    if params[0] is None:
+        return x, torch.tensor(targets), None
+    boxes, flips, alphas = zip(*params)
+    return x, torch.tensor(targets), (torch.stack(boxes), torch.tensor(flips), torch.stack(alphas))
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int = 4, seed: int = 0,
                 rank: int = 0, world_size: int = 1, multiscale: bool = False) -> DataLoader:
-    """A DataLoader with workers, pinned memory and persistent workers. Training shuffles with a seeded
-    DistributedSampler (call loader.sampler.set_epoch(e)); evaluation uses an exact ShardSampler."""
+    """A DataLoader with workers, pinned memory and persistent workers, yielding collate()'s batches.
+    Training shuffles with a seeded DistributedSampler (call loader.sampler.set_epoch(e)); evaluation uses
+    an exact ShardSampler."""
     if train:
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                                      seed=seed, drop_last=True)
+        inner = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                    seed=seed, drop_last=True)
     else:
-        sampler = ShardSampler(len(dataset), rank, world_size)
-    return DataLoader(dataset, batch_size=1 if multiscale else batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=train,
-                      collate_fn=_collate_lists if multiscale else None,
-                      generator=torch.Generator().manual_seed(seed) if train else None)
+        inner = ShardSampler(len(dataset), rank, world_size)
+    return DataLoader(dataset, batch_size=1 if multiscale else batch_size, sampler=Keyed(inner, seed),
+                      num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      drop_last=train, collate_fn=collate)
+
+
+class Finisher:
+    """The main process's half of the pipeline: a collated batch to the network's input (x, y) on `device`.
+    Decodes encoded payloads there (batched), crops and augments training batches, transforms evaluation
+    views."""
+
+    def __init__(self, dataset: ImageFolderSplit, device, norm: Normalizer, transform=None):
+        self.ds, self.device, self.norm, self.transform = dataset, torch.device(device), norm, transform
+
+    def __call__(self, batch):
+        x, y, params = batch
+        y = y.to(self.device, non_blocking=True)
+        if not self.ds.encoded:
+            if params is None:
+                return _to(x, self.device), y
+            return finish(x.to(self.device, non_blocking=True), params[1], params[2], self.norm), y
+        imgs, keep = self.decode(list(x))
+        if len(keep) < len(imgs):  # skipped images: reuse good ones of the batch, so the batch keeps its size
+            pick = torch.tensor([keep[k % len(keep)] if k not in keep else k for k in range(len(imgs))])
+            imgs, y = [imgs[int(k)] for k in pick], y[pick.to(y.device)]
+            params = params and tuple(p[pick] for p in params)
+        if params is not None:
+            crops = crop_resize(imgs, params[0].to(self.device), self.ds.augment.size)
+            return finish(crops, params[1], params[2], self.norm), y
+        views = [self.transform(img) for img in imgs]
+        return (views if isinstance(views[0], list) else torch.stack(views)), y
+
+    def decode(self, payloads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+        """Decode the batch's JPEG bytes on the device in one call; a failure there retries image by image
+        (on the device, then on the CPU) to name the broken file. Returns the images and the positions that
+        decoded."""
+        enc = [k for k, p in enumerate(payloads) if p.ndim == 1]
+        out = list(payloads)
+        if enc:
+            try:
+                dec = decode_jpeg([payloads[k] for k in enc], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                dec = [self._decode_one(payloads[k]) for k in enc]
+            for k, d in zip(enc, dec):
+                out[k] = d
+        keep = [k for k, o in enumerate(out) if o is not None]
+        if not keep:
+            raise ReslabError(f"no image of a batch of {len(out)} could be decoded")
+        return [o.to(self.device, non_blocking=True) if o is not None else None for o in out], keep
+
+    def _decode_one(self, data: torch.Tensor):
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            pass
+        try:
+            return decode("", data)   # the CPU's libjpeg accepts some files nvJPEG refuses (CMYK, say)
+        except ReslabError:
+            path = self._path_of(data)
+            err = ReslabError(f"{path}: cannot decode image on {self.device.type} or the CPU")
+            if self.ds.on_corrupt == "stop":
+                raise err from None
+            self.ds.note_skipped(path, err)
+            return None
+
+    def _path_of(self, data: torch.Tensor) -> str:
+        # only on the error path: find the file whose bytes these are, to name it
+        n = data.numel()
+        for path, _ in self.ds.samples:
+            if Path(path).stat().st_size == n and torch.equal(read_bytes(path), data):
+                return path
+        return "an image of this batch"
+
+
+def _to(x, device):
+    if isinstance(x, list):  # multi-scale: a list (batch) of lists (scales) of tensors
+        return [[v.to(device, non_blocking=True) for v in views] for views in x]
+    return x.to(device, non_blocking=True)
 
 
 def fit_normalizer(dataset: ImageFolderSplit, mode: str = "channel", size: int = 224, max_images: int = 10_000,

@@ -1,0 +1,224 @@
+"""Image-folder pipelines: the two decoding paths crop the same boxes, the boxes have the paper's
+distribution, a stream is exact wherever it resumes and whatever its workers, and a ResNet-18 learns from
+real photographs (the CIFAR-10 JPEG tree in ../shared)."""
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from reslab.data import folder as fold
+from reslab.data.augment import Augment, crop_resize, finish
+from reslab.data.build import FolderStream
+from reslab.errors import ReslabError
+
+from conftest import make_jpeg_folder
+
+JPEG_PACK = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "cifar-10-jpeg.tar.xz"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def smooth_jpegs(root: Path, n=6, size=(75, 100)):
+    """Smooth photographs-like images (gradients and blobs), where resampling filters agree closely."""
+    from PIL import Image
+    yy, xx = np.mgrid[0:size[0], 0:size[1]].astype(np.float32)
+    for i in range(n):
+        d = root / "train" / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        img = np.stack([128 + 100 * np.sin(xx / (9 + i) + c) * np.cos(yy / (13 + c)) for c in range(3)], -1)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i}.jpg", quality=95)
+    (root / "val").mkdir(exist_ok=True)
+    (root / "val" / "c0").symlink_to(root / "train" / "c0")
+    return root
+
+
+def stream(root, *, encoded, workers=0, seed=0, batch=4, aug=Augment.for_size("scale", 32), norm=None):
+    ds = fold.ImageFolderSplit(root, "train", augment=aug, encoded=encoded)
+    norm = norm or fold.imagenet_normalizer()
+    return FolderStream(fold.make_loader(ds, batch, train=True, workers=workers, seed=seed),
+                        fold.Finisher(ds, "cpu", norm), seed)
+
+
+def test_both_decoding_paths_give_the_same_batches(tmp_path):
+    """Decoding in the workers (cpu) and decoding the batch on the device (here the CPU, batched, as on a
+    GPU) crop the same boxes of the same images: the batches are bitwise equal on the CPU."""
+    root = make_jpeg_folder(tmp_path / "imgs", per_class=5, size=(40, 56))
+    for aug in (Augment.for_size("scale", 24), Augment.for_size("rrc", 24)):
+        a = [(x, y) for x, y in stream(root, encoded=False, aug=aug, batch=3)]
+        b = [(x, y) for x, y in stream(root, encoded=True, aug=aug, batch=3)]
+        assert len(a) == len(b) == 3
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    norm = fold.imagenet_normalizer()
+    for view in fold.VIEWS:
+        t = fold.eval_transform(norm, view, size=24)
+        cpu = fold.ImageFolderSplit(root, "val", t)
+        dev = fold.ImageFolderSplit(root, "val", encoded=True)
+        la = FolderStream(fold.make_loader(cpu, 4, train=False, workers=0, multiscale=view == "multiscale"),
+                          fold.Finisher(cpu, "cpu", norm, t))
+        lb = FolderStream(fold.make_loader(dev, 4, train=False, workers=0, multiscale=view == "multiscale"),
+                          fold.Finisher(dev, "cpu", norm, t))
+        for (xa, ya), (xb, yb) in zip(la, lb, strict=True):
+            assert torch.equal(ya, yb)
+            flat = lambda x: [v for views in x for v in views] if isinstance(x, list) else [x]  # noqa: E731
+            assert all(torch.equal(p, q) for p, q in zip(flat(xa), flat(xb), strict=True))
+
+
+def test_a_stream_is_exact_whatever_its_workers_and_wherever_it_resumes(tmp_path):
+    root = make_jpeg_folder(tmp_path / "imgs", per_class=6, size=(40, 56))
+    def two_epochs(s):
+        return [x for x, _ in s] + [x for x, _ in s]
+    want = two_epochs(stream(root, encoded=False, workers=0))
+    got2 = two_epochs(stream(root, encoded=False, workers=2))
+    assert all(torch.equal(a, b) for a, b in zip(want, got2, strict=True))
+    s = stream(root, encoded=True, workers=1)
+    it = iter(s)
+    head = [next(it)[0]]                      # one batch of epoch 0, then "interrupted"
+    r = stream(root, encoded=True, workers=2)
+    r.load_state_dict(s.state_dict())
+    rest = two_epochs(r)
+    assert all(torch.equal(a, b) for a, b in zip(head + rest, want, strict=True))
+    assert not torch.equal(want[0], want[len(want) // 2])  # epochs draw new crops
+
+
+def test_scale_boxes_have_the_papers_distribution():
+    """Shorter side s ~ U{256..480}, crop 224 anywhere in the resized image, flip 1/2, lighting N(0, 0.1):
+    the box's side in the original is 224*375/s, its position uniform; 4,000 draws of a 375x500 image."""
+    aug = Augment()
+    h, w = 375, 500
+    draws = [aug.draw(h, w, seed) for seed in range(4000)]
+    boxes = torch.tensor([b for b, _, _ in draws])
+    side_h = boxes[:, 3] - boxes[:, 1]
+    s = 224 * h / side_h                                              # the shorter side each box implies
+    assert s.min() >= 256 - 1e-3 and s.max() <= 480 + 1e-3
+    want = 224 * h * sum(1 / k for k in range(256, 481)) / 225      # E[224*375/s] over s uniform on 256..480
+    assert abs(float(side_h.mean()) - want) < 1.0
+    assert abs(float(s.mean()) - 368) < 3                           # (256+480)/2, sd/sqrt(n) ~ 1
+    # the box keeps the image's aspect (a square crop of the resized image) and stays inside the image
+    ratio = (boxes[:, 2] - boxes[:, 0]) / side_h
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=0.01)
+    assert boxes[:, :2].min() >= 0 and boxes[:, 2].max() <= w and boxes[:, 3].max() <= h
+    # position: uniform over the free range, so the box centre's mean is the image centre
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    assert abs(float(cx.mean()) - w / 2) < 3
+    flips = torch.tensor([f for _, f, _ in draws], dtype=torch.float)
+    alphas = torch.tensor([a for _, _, a in draws])
+    assert abs(float(flips.mean()) - 0.5) < 0.03 and abs(float(alphas.std()) - 0.1) < 0.005
+    # RandomResizedCrop: torchvision's sampler, area 8-100%, aspect 3/4-4/3 (its fallback aside)
+    rrc = torch.tensor([Augment.for_size("rrc", 224).draw(h, w, seed)[0] for seed in range(500)])
+    bw, bh = rrc[:, 2] - rrc[:, 0], rrc[:, 3] - rrc[:, 1]
+    area = bw * bh / (h * w)
+    assert area.min() >= 0.079 and area.max() <= 1 and ((bw / bh) > 0.74).all() and ((bw / bh) < 1.35).all()
+    # a function of the seed only, and different seeds differ
+    assert aug.draw(h, w, 7) == aug.draw(h, w, 7) and aug.draw(h, w, 7) != aug.draw(h, w, 8)
+
+
+def test_a_box_crop_is_the_papers_resize_then_crop(tmp_path):
+    """Cropping the box from the original and resizing it to 224 takes the pixels that resizing the whole
+    image to shorter side s and cropping 224 at (top, left) takes; only the filter differs. On a smooth
+    image the two agree to about a level, and a box misplaced by a few pixels would not."""
+    root = smooth_jpegs(tmp_path / "imgs", n=1, size=(150, 200))
+    img = fold.decode(str(next((root / "train").rglob("*.jpg"))))
+    aug = Augment.for_size("scale", 56)
+    for seed in range(5):
+        box, _, _ = aug.draw(150, 200, seed)
+        side = aug.size * 150 / (box[3] - box[1])
+        s = round(side)
+        rh, rw = s, int(s * 200 / 150)
+        top, left = round(box[1] * rh / 150), round(box[0] * rw / 200)
+        paper = v2.functional.crop(v2.functional.resize(img, [rh, rw], antialias=True), top, left, 56, 56)
+        ours = crop_resize([img], torch.tensor([box]), 56)[0]
+        diff = (paper.float() - ours.float()).abs()
+        shifted = crop_resize([img], torch.tensor([[box[0] + 6, box[1], box[2] + 6, box[3]]]), 56)[0]
+        assert diff.mean() < 1.5, (seed, float(diff.mean()))
+        assert (paper.float() - shifted.float()).abs().mean() > 3 * diff.mean()
+
+
+def test_finish_flips_lights_and_normalises_per_image():
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    norm = fold.imagenet_normalizer()
+    alpha = torch.tensor([[0.0, 0.0, 0.0], [0.1, -0.2, 0.05]])
+    out = finish(x, torch.tensor([True, False]), alpha, norm)
+    ref0 = (x[0].flip(-1).float() / 255 - norm.mean) / norm.std
+    assert torch.allclose(out[0], ref0, atol=1e-6)
+    from reslab.data.augment import PCA_EIGVAL, PCA_EIGVEC
+    rgb = PCA_EIGVEC @ (alpha[1] * PCA_EIGVAL)
+    ref1 = (x[1].float() / 255 + rgb.view(3, 1, 1) - norm.mean) / norm.std
+    assert torch.allclose(out[1], ref1, atol=1e-6)
+
+
+def test_corrupt_files_on_the_device_path_stop_with_their_name_or_are_skipped(tmp_path, capsys):
+    root = make_jpeg_folder(tmp_path / "imgs", per_class=4, size=(40, 56))
+    bad = root / "train" / "cat" / "1.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff this is not a jpeg")
+    with pytest.raises(ReslabError, match="1.JPEG"):
+        list(stream(root, encoded=True, batch=2))
+    ds = fold.ImageFolderSplit(root, "train", augment=Augment.for_size("scale", 24), encoded=True, on_corrupt="skip")
+    s = FolderStream(fold.make_loader(ds, 2, train=True, workers=0), fold.Finisher(ds, "cpu", fold.imagenet_normalizer()))
+    assert sum(len(y) for _, y in s) == 8 and ds.skipped == [str(bad)]
+    assert "1.JPEG" in capsys.readouterr().err
+    # a PNG among the JPEGs is decoded in the worker and cropped like the rest
+    from PIL import Image
+    Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(bad.with_suffix(".png"))
+    bad.unlink()
+    assert sum(len(y) for _, y in stream(root, encoded=True, batch=2)) == 8
+
+
+@cuda
+def test_the_gpu_path_matches_the_cpu_path():
+    """nvJPEG's pixels may differ from libjpeg's by a level or two; the crops, flips and lighting are the
+    same, so the normalised batches agree closely, and the evaluation views within float tolerance."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        root = smooth_jpegs(Path(tmp), n=8, size=(300, 400))
+        aug = Augment.for_size("scale", 224)
+        norm = fold.imagenet_normalizer()
+        cpu = stream(root, encoded=False, aug=aug, norm=norm)
+        ds = fold.ImageFolderSplit(root, "train", augment=aug, encoded=True)
+        gpu = FolderStream(fold.make_loader(ds, 4, train=True, workers=0), fold.Finisher(ds, "cuda", norm))
+        for (xa, _), (xb, _) in zip(cpu, gpu, strict=True):
+            d = (xa - xb.cpu()).abs() * norm.std.view(1, 3, 1, 1) * 255   # in levels
+            assert d.mean() < 1.0 and d.max() <= 8
+        for view in fold.VIEWS:
+            t = fold.eval_transform(norm, view)
+            ds = fold.ImageFolderSplit(root, "val", encoded=True)
+            imgs = [fold.decode(p) for p, _ in ds.samples]
+            for img in imgs:
+                a, b = t(img), t(img.cuda())
+                pairs = zip(a, b) if isinstance(a, list) else [(a, b)]
+                assert all(torch.allclose(p, q.cpu(), atol=2e-2) for p, q in pairs)
+
+
+def extract_cifar_jpegs(dest: Path, classes=("airplane", "frog", "truck"), train=200, test=60) -> Path:
+    """A few classes of the CIFAR-10 JPEG tree (real 32x32 photographs) out of the shared pack."""
+    keep = {(split, c): n for c in classes for split, n in (("train", train), ("test", test))}
+    with tarfile.open(JPEG_PACK) as tar:
+        for m in tar:
+            parts = m.name.split("/")
+            if m.isfile() and len(parts) == 3 and keep.get((parts[0], parts[1]), 0) > 0:
+                keep[parts[0], parts[1]] -= 1
+                tar.extract(m, dest, filter="data")
+    return dest
+
+
+@pytest.mark.skipif(not JPEG_PACK.exists(), reason="needs ../shared/datasets/cifar10-jpeg")
+def test_resnet18_learns_from_real_photographs(tmp_path):
+    """The whole folder pipeline on real JPEGs: 600 CIFAR-10 photographs of three classes, upscaled by the
+    scale augmentation to 32x32 crops of boxes 15-28 px wide, through both decoding paths; a ResNet-18
+    (ImageNet stem) trained for 200 steps must beat chance (66.7% error) clearly on 180 held-out photos."""
+    from reslab.cli import main
+    root = extract_cifar_jpegs(tmp_path / "c10")
+    out = tmp_path / "run"
+    rc = main(["train", "--arch", "resnet18", "--data", "folder", "--data-dir", str(root), "--recipe",
+               "imagenet-paper", "--crop-size", "32", "--batch-size", "32", "--iters", "200", "--schedule", "step",
+               "--milestones", "150", "--lr", "0.05", "--eval-every", "100", "--workers", "1", "--decode", "device",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, final = [m for m in evals if m["kind"] == "eval"]
+    assert final["n"] == 180 and final["top1_err"] < 0.45, final    # chance is 0.667
+    assert final["loss"] < first["loss"] and math.isfinite(final["loss"])
