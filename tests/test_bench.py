@@ -36,6 +36,8 @@ def test_quick_bench_writes_a_well_formed_result(tmp_path, capsys):
     assert (tmp_path / "r.md").read_text().count("|") > 20
     sets = [row for row in r["rows"] if row["runs"] > 1]  # K runs in one process: aggregate images/s
     assert sets and sets[0]["setting"].endswith("2 runs") and sets[0]["ratio"] > 0
+    fused = [row for row in sets if "fused" in row["setting"]]  # design (b): the K runs as one fused model
+    assert len(fused) == 1 and fused[0]["runs"] == 2 and fused[0]["ratio"] > 0
     assert all(row["runs"] == 1 for row in r["rows"] if row["kind"] != "train" or "runs" not in row["setting"])
 
 

@@ -18,11 +18,18 @@ def reslab_step(model, batches, device, s: Setting, loader=None):
     with `s.graphs`, the engine's GraphedStep, which takes (indices, variants) plans from the resident
     `loader` and gathers the batch inside the graph."""
     from ..recipes import get_recipe
-    from ..step import GraphedStep, TrainStep, make_optimizer
+    from ..step import TrainStep, make_optimizer
     model = model.to(device, memory_format=s.memory_format).train()
     opt = make_optimizer(model, get_recipe("cifar-paper"))
     net = torch.compile(model) if s.compile else model
     ts = TrainStep(net, model, opt, torch.amp.GradScaler(device.type, enabled=False), None, s.precision, device)
+    return stepper(ts, batches, s, loader)
+
+
+def stepper(ts, batches, s: Setting, loader=None):
+    """One training step per call: `ts` on the next of `batches`, or with `s.graphs` the GraphedStep of `ts`
+    fed index plans by `loader` (which gathers the batch inside the graph)."""
+    from ..step import GraphedStep
     if s.graphs:
         plans, graphed = forever_plans(loader), GraphedStep(ts, loader)
         return lambda: graphed(*next(plans), LR)
@@ -98,16 +105,21 @@ def _resident_step(arch, x, y, batch, norm, device, s: Setting):
     return reslab_step(create_model(arch), forever(loader), device, s, loader)
 
 
+def synthetic_cifar(n: int = 4096):
+    """uint8 CIFAR-sized images, labels and their normaliser (the run-set and fused rows' data)."""
+    from ..data import Normalizer
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (n,), generator=g))
+    return x, y, Normalizer.fit(x)
+
+
 def bench_runsets(arch: str, device, batch: int, s: Setting, ks: tuple[int, ...], plan: Plan,
                   dev_name: str) -> list[dict]:
     """K runs of one net trained together (a RunSet: one step of each run in turn, each on its own CUDA stream
     on a GPU) against one run alone, eager, under the same setting: aggregate images/s, and the `runs` field
     says K. Synthetic CIFAR-sized data on the device."""
-    from ..data import Normalizer
-    g = torch.Generator().manual_seed(0)
-    x, y = (torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, generator=g),
-            torch.randint(0, 10, (4096,), generator=g))
-    norm = Normalizer.fit(x)
+    x, y, norm = synthetic_cifar()
     macs = count_macs(create_model(arch))
     eager = Setting(s.precision, s.channels_last, s.compile, graphs=False)
 
@@ -128,6 +140,35 @@ def bench_runsets(arch: str, device, batch: int, s: Setting, ks: tuple[int, ...]
     cands += [(f"{s.label}, {k} runs", lambda k=k: runset(k), k) for k in ks]
     res = measure(cands, batch, device, plan)
     return rows_for(arch, "train", batch, 32, res, macs, dev_name, [s.precision] * len(cands))
+
+
+def bench_fused(arch: str, device, batch: int, s: Setting, ks: tuple[int, ...], plan: Plan,
+                dev_name: str) -> list[dict]:
+    """Design (b) next to bench_runsets' design (a): K runs of one net as one FusedResNet (grouped convs,
+    K*C-channel BNs; src/reslab/fused.py), each member on its own batch stream, one step for all K, against
+    the same baseline (one run alone, eager) under the same setting. With `s.graphs` the fused step is
+    captured by the engine's GraphedStep, which gathers all K members' batches inside the graph.
+    images/s is the aggregate over the K members; `runs` says K."""
+    x, y, norm = synthetic_cifar()
+    macs = count_macs(create_model(arch))
+    eager = Setting(s.precision, s.channels_last, s.compile, graphs=False)
+    cands = [(f"{eager.label}, 1 run (baseline)", lambda: _resident_step(arch, x, y, batch, norm, device, eager), 1)]
+    cands += [(f"{s.label}, fused {k} runs", lambda k=k: _fused_step(arch, k, x, y, batch, norm, device, s), k)
+              for k in ks]
+    res = measure(cands, batch, device, plan)
+    return rows_for(arch, "train", batch, 32, res, macs, dev_name, [s.precision] * len(cands))
+
+
+def _fused_step(arch, k, x, y, batch, norm, device, s: Setting):
+    from ..data import ResidentLoader
+    from ..fused import FusedBatches, FusedResNet, fused_train_step
+    from ..recipes import get_recipe
+    base = ResidentLoader(x, y, batch, norm, train=True, device=device, channels_last=s.channels_last)
+    batches = FusedBatches([base.fork(i) for i in range(k)])  # one copy of the data, K seeds
+    model = FusedResNet.create(arch, seeds=range(k)).to(device, memory_format=s.memory_format).train()
+    net = torch.compile(model) if s.compile else model
+    ts = fused_train_step(model, get_recipe("cifar-paper"), s.precision, device, net=net)
+    return stepper(ts, forever(batches), s, batches)
 
 
 def bench_inference(arch: str, device, batch: int, size: int, settings: list[Setting], plan: Plan,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import bench_cifar, bench_data, bench_imagenet, bench_inference, bench_runsets
+from .cases import bench_cifar, bench_data, bench_fused, bench_imagenet, bench_inference, bench_runsets
 from .harness import Plan, Setting
 from .report import markdown
 
@@ -30,6 +30,7 @@ SETTINGS = {
 CIFAR_ARCHS = {"quick": ("resnet8",), "full": ("resnet20", "resnet56", "resnet110")}
 # run sets (K runs in one process): the setting each run uses, and the K to time, per device. On the CPU a set
 # only interleaves its runs (the check is that it costs nothing); on a GPU the runs fill each other's gaps.
+# The fused rows (K runs as one model of grouped convs) use the same setting and Ks.
 RUNSETS = {"quick": (Setting("fp32", True), (2,)), "cpu": (Setting("fp32", True), (3,)),
            "cuda": (Setting("bf16", True, graphs=True), (1, 5, 10))}
 RUNSET_ARCHS = {"quick": ("resnet8",), "full": ("resnet20", "resnet110")}
@@ -64,6 +65,8 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     rs_setting, ks = RUNSETS[kind]
     for a in archs or RUNSET_ARCHS["quick" if quick else "full"]:
         groups.append(lambda a=a: bench_runsets(a, dev, b32, rs_setting, ks, plan, dev_name))
+        # design (b) of the same question, same setting and Ks: the K runs fused into one model (fused.py)
+        groups.append(lambda a=a: bench_fused(a, dev, b32, rs_setting, ks, plan, dev_name))
     if plan224 is not None:
         # compiling the 224x224 nets on a 2-core CPU costs more than the few steps measured there
         # graphs need the resident CIFAR loader, so the 224x224 rows (synthetic batches) leave them out
