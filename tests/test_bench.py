@@ -44,3 +44,20 @@ def test_quick_bench_writes_a_well_formed_result(tmp_path, capsys):
 def test_bench_rejects_zero_rounds(capsys):
     assert main(["bench", "--quick", "--rounds", "0"]) != 0
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_jpeg_folder_rows_have_their_baselines_and_the_step_alone():
+    """The end-to-end group on a tiny folder it writes itself: data rows (textbook DataLoader baseline vs
+    reslab's pipeline), e2e rows (plus the step alone on a synthetic batch) and evaluation-view rows."""
+    import torch
+    from reslab.bench import e2e
+    from reslab.bench.harness import Plan, Setting
+    cpu, s = torch.device("cpu"), Setting("fp32", True)
+    rows = e2e.bench_folder("resnet18", cpu, 4, s, Plan(1, 1, 1, drain=1), "cpu", images=12, workers=1, size=32)
+    assert [r["kind"] for r in rows] == ["data", "data", "e2e", "e2e", "e2e"]
+    assert "baseline" in rows[0]["setting"] and "baseline" in rows[2]["setting"] and "step alone" in rows[4]["setting"]
+    assert all(r["images_per_s"] > 0 and r["ratio"] > 0 and r["runs"] == 1 for r in rows)
+    assert rows[2]["arch"] == "resnet18 (v1.5)" and rows[3]["tflops"] > 0
+    ev = e2e.bench_eval_views("resnet18", cpu, s, Plan(1, 0, 1), "cpu", images=2, workers=0, batch=10)
+    assert [r["kind"] for r in ev] == ["eval", "eval"] and "10crop" in ev[0]["setting"] and "multiscale" in ev[1]["setting"]
+    assert ev[1]["tflops"] > ev[0]["tflops"] / 10 > 0   # multi-scale: ~18 centre views of work per image

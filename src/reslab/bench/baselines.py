@@ -3,7 +3,6 @@ with per-sample transforms, and synthetic inputs."""
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +31,6 @@ def synthetic(batch, size, num_classes, device, mem=torch.contiguous_format):
     x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=mem)
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
     return itertools.repeat((x, y))
-
-
-def write_jpegs(root: str, n: int) -> None:
-    from PIL import Image
-    rng = torch.Generator().manual_seed(0)
-    for i in range(n):
-        d = Path(root) / "train" / f"c{i % 4}"
-        d.mkdir(parents=True, exist_ok=True)
-        arr = torch.randint(0, 256, (375, 500, 3), dtype=torch.uint8, generator=rng).numpy()
-        Image.fromarray(arr).save(d / f"{i}.JPEG", quality=90)
 
 
 def forever(loader):

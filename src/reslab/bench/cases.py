@@ -8,7 +8,7 @@ import torch
 from ..complexity import count_macs
 from ..step import autocast_for
 from ..zoo import create_model
-from .baselines import LR, baseline_batches, forever, plain_step, synthetic, write_jpegs
+from .baselines import LR, baseline_batches, forever, plain_step, synthetic
 from .flops import achieved, peak_for
 from .harness import Plan, Setting, measure
 
@@ -186,11 +186,9 @@ def bench_inference(arch: str, device, batch: int, size: int, settings: list[Set
     return rows_for(arch + (" (v1.5)" if kw else ""), "infer", batch, size, res, macs, dev_name, precs)
 
 
-def bench_data(device, batch: int, plan: Plan, folder_images: int = 256) -> list[dict]:
-    """Augmented images/s of the data pipelines alone (a step = one batch): the resident CIFAR loader vs the
-    baseline DataLoader; and the ImageNet-style folder loader (paper training augmentation) on synthetic
-    JPEGs, which has no baseline."""
-    import tempfile
+def bench_data(device, batch: int, plan: Plan) -> list[dict]:
+    """Augmented images/s of the CIFAR pipelines alone (a step = one batch): the resident loader vs the
+    baseline DataLoader. (Image folders: bench.e2e.)"""
     from ..data import Normalizer, ResidentLoader
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (8192, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -203,21 +201,8 @@ def bench_data(device, batch: int, plan: Plan, folder_images: int = 256) -> list
                    ("cifar resident loader", lambda: stepper(forever(
                        ResidentLoader(x, y, batch, Normalizer.fit(x), train=True, device=device))))],
                   batch, device, plan)
-    with tempfile.TemporaryDirectory() as tmp:
-        from ..data import folder
-        write_jpegs(tmp, folder_images)
-        ds = folder.ImageFolderSplit(tmp, "train", folder.train_transform(folder.imagenet_normalizer()))
-        dl = folder.make_loader(ds, 8, train=True, workers=2)
-        fres = measure([("folder loader, paper augmentation, 2 workers", lambda: stepper(on(dl, device)))], 8,
-                       device, Plan(max(1, plan.steps // 4), 1, plan.rounds))
-        fres[0]["ratio"] = fres[0]["ratio_rounds"] = fres[0]["baseline_images_per_s"] = None
-    return [{"arch": "-", "kind": "data", "batch": b, "size": None, **r, "tflops": 0.0, "peak_fraction": None}
-            for r, b in zip(res + fres, [batch, batch, 8])]
+    return [{"arch": "-", "kind": "data", "batch": batch, "size": None, **r, "tflops": 0.0, "peak_fraction": None}
+            for r in res]
 
-
-def on(loader, device):
-    """Endless batches from a (re-iterable) DataLoader, moved to the device."""
-    for xb, yb in forever(loader):
-        yield xb.to(device, non_blocking=True), yb
 
 

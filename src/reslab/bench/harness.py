@@ -33,6 +33,7 @@ class Plan:
     steps: int
     warmup: int
     rounds: int
+    drain: int = 0      # untimed steps before each timed segment: use up a prefetch queue refilled meanwhile
 
 
 # pause before each timed segment: the previous candidate's DataLoader workers refill their prefetch queue
@@ -68,6 +69,9 @@ def measure(candidates: list[tuple], batch: int, device, plan: Plan) -> list[dic
         for i, (_, step, _, _, k) in enumerate(built):
             sync(device)
             time.sleep(SETTLE_S)
+            for _ in range(plan.drain):
+                step()
+            sync(device)
             t = time.perf_counter()
             for _ in range(plan.steps):
                 step()

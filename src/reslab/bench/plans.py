@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .cases import bench_cifar, bench_data, bench_fused, bench_imagenet, bench_inference, bench_runsets
+from . import e2e
 from .harness import Plan, Setting
 from .report import markdown
 
@@ -35,11 +36,18 @@ RUNSETS = {"quick": (Setting("fp32", True), (2,)), "cpu": (Setting("fp32", True)
            "cuda": (Setting("bf16", True, graphs=True), (1, 5, 10))}
 RUNSET_ARCHS = {"quick": ("resnet8",), "full": ("resnet20", "resnet110")}
 IMAGENET_ARCHS = ("resnet18", "resnet50")
+# JPEG folders end to end (bench.e2e), per device: the net, the photographs written, the batch, the plan of the
+# data/e2e rows and of the evaluation rows. The drain uses up the workers' prefetch queue (2 batches each)
+# before every timed segment. A 224x224 ResNet-50 step takes seconds on the CPU, so the CPU times ResNet-18.
+_W = e2e.default_workers()
+E2E = {"cpu": ("resnet18", 96, 16, Plan(3, 1, 2, drain=2 * _W + 1), Plan(2, 1, 2, drain=2 * _W + 1), 16),
+       "cuda": ("resnet50", 4096, 256, Plan(30, 5, 3, drain=2 * _W + 2), Plan(10, 2, 3, drain=2 * _W + 2), 1000)}
+E2E_SETTING = {"cpu": Setting("fp32", True), "cuda": Setting("bf16", True)}
 BATCH = {"quick": (16, 16, 16), "cpu": (128, 256, 64), "cuda": (128, 256, 256)}  # CIFAR train, CIFAR infer, 224
 
 
 def _with_rounds(plan: Plan | None, rounds: int | None) -> Plan | None:
-    return plan if plan is None or rounds is None else Plan(plan.steps, plan.warmup, rounds)
+    return plan if plan is None or rounds is None else Plan(plan.steps, plan.warmup, rounds, plan.drain)
 
 
 def run(device: str = "auto", quick: bool = False, out: str | None = None, archs=None,
@@ -57,7 +65,7 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     plan, plan224, plan_data = (_with_rounds(p, rounds) for p in PLANS[kind])
     settings = list(SETTINGS[kind])
     b32, b32_infer, b224 = BATCH[kind]
-    groups = [lambda: bench_data(dev, 128, plan_data, folder_images=16 if quick else 256)]
+    groups = [lambda: bench_data(dev, 128, plan_data)]
     for a in archs or CIFAR_ARCHS["quick" if quick else "full"]:
         groups.append(lambda a=a: bench_cifar(a, dev, b32, settings, plan, dev_name))
         groups.append(lambda a=a: bench_inference(a, dev, b32_infer, 32, [s for s in settings if not s.graphs],
@@ -74,6 +82,13 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
         for a in IMAGENET_ARCHS if imagenet_archs is None else imagenet_archs:
             groups.append(lambda a=a: bench_imagenet(a, dev, b224, s224, plan224, dev_name))
             groups.append(lambda a=a: bench_inference(a, dev, b224, 224, s224, plan224, dev_name))
+        if kind in E2E and (imagenet_archs is None or imagenet_archs):
+            arch, n, b, p_train, p_eval, n_eval = E2E[kind]
+            arch, s = (imagenet_archs[0] if imagenet_archs else arch), E2E_SETTING[kind]
+            groups.append(lambda arch=arch, s=s: e2e.bench_folder(arch, dev, b, s, _with_rounds(p_train, rounds),
+                                                                  dev_name, images=n, workers=_W))
+            groups.append(lambda arch=arch, s=s: e2e.bench_eval_views(arch, dev, s, _with_rounds(p_eval, rounds),
+                                                                      dev_name, images=n_eval, workers=_W))
     rows = []
     for group in groups:
         done = group()
