@@ -66,12 +66,12 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     settings = list(SETTINGS[kind])
     b32, b32_infer, b224 = BATCH[kind]
     groups = [lambda: bench_data(dev, 128, plan_data)]
-    for a in archs or CIFAR_ARCHS["quick" if quick else "full"]:
+    for a in archs if archs is not None else CIFAR_ARCHS["quick" if quick else "full"]:
         groups.append(lambda a=a: bench_cifar(a, dev, b32, settings, plan, dev_name))
         groups.append(lambda a=a: bench_inference(a, dev, b32_infer, 32, [s for s in settings if not s.graphs],
                                                   plan, dev_name))
     rs_setting, ks = RUNSETS[kind]
-    for a in archs or RUNSET_ARCHS["quick" if quick else "full"]:
+    for a in archs if archs is not None else RUNSET_ARCHS["quick" if quick else "full"]:
         groups.append(lambda a=a: bench_runsets(a, dev, b32, rs_setting, ks, plan, dev_name))
         # design (b) of the same question, same setting and Ks: the K runs fused into one model (fused.py)
         groups.append(lambda a=a: bench_fused(a, dev, b32, rs_setting, ks, plan, dev_name))

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU work of issues 12, 13 and 15 as phases, one `run` call each (each fits the 600 s limit; the
+# device machine keeps /tmp while it stays warm, so call the phases back to back). Everything a phase
+# measures goes to $OUT, with the hardware and versions in $OUT/log.txt.
+#
+#   carry: .device-data  (holds cifar-10-jpeg.tar.xz and rebuild.py from ../shared/datasets/cifar10-jpeg,
+#                         and optionally runs/ : run folders from an earlier session, to resume)
+#   bash benchmarks/gpu_session.sh check   # data, the CUDA tests (graphed step, GPU decode), a 2k-step probe
+#   bash benchmarks/gpu_session.sh bench   # issue 12: CIFAR rows, run sets and fused sets at K = 1, 5, 10
+#   bash benchmarks/gpu_session.sh full    # issue 12: the full cifar-paper schedule of ResNet-20, then 110
+#   bash benchmarks/gpu_session.sh table6  # issue 13: Table 6 at the paper's budget, 3 seeds, 5 at a time
+#   bash benchmarks/gpu_session.sh control # issue 13: the independent control script, ResNet-20, seed 0
+#   bash benchmarks/gpu_session.sh e2e     # issue 15: ResNet-50 steps, JPEG folders end to end, eval views
+set -u
+PHASE=${1:?phase: check, bench, full, table6, control or e2e}
+T0=$(date +%s)
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+BUDGET_S=${BUDGET_S:-570}
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 RESLAB_CACHE=/tmp/reslab-cache
+R="python3 -m reslab"
+DATA=/tmp/c10/cifar-10-batches-py
+left() { echo $(( T0 + BUDGET_S - $(date +%s) )); }
+log() { tee -a $OUT/log.txt; }
+{ echo "== $PHASE $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch,torchvision;print('torch',torch.__version__,'torchvision',torchvision.__version__)"
+  nproc; } 2>&1 | log
+[ -f $DATA/test_batch ] || python3 .device-data/rebuild.py .device-data/cifar-10-jpeg.tar.xz /tmp/c10 2>&1 | tail -n 2 | log
+keep_runs() {  # what comes back: every run folder's record, and the checkpoints to resume from next time
+  (cd /tmp/runs 2>/dev/null && tar czf $OUT/runs-$PHASE.tgz $(find . -name metrics.jsonl -o -name config.json \
+     -o -name env.json -o -name manifest.json -o -name last.pt | grep -v "/best.pt") 2>/dev/null)
+}
+case $PHASE in
+check)
+  python3 -m pytest -q tests/test_run.py -k graphed tests/test_folder.py -k "gpu or decoding" 2>&1 | tail -n 5 | log
+  timeout $(left) $R train --arch resnet20 --data-dir $DATA --iters 2000 --eval-every 1000 --out /tmp/probe \
+    --no-progress 2>&1 | grep -v -i warn | tail -n 4 | log
+  tail -n 3 /tmp/probe/metrics.jsonl >> $OUT/log.txt ;;
+bench)
+  timeout $(left) $R bench --device cuda --arch resnet20 resnet110 --imagenet-arch --out $OUT/bench-cifar.json \
+    2>&1 | tail -n 40 | log ;;
+full)
+  mkdir -p /tmp/runs
+  for a in resnet20 resnet110; do
+    [ $(left) -gt 60 ] || break
+    /usr/bin/time -f "$a wall %e s" timeout $(left) $R train --arch $a --data-dir $DATA --recipe cifar-paper \
+      --out /tmp/runs/full-$a --no-progress $([ -f /tmp/runs/full-$a/last.pt ] && echo --resume) 2>&1 | grep -v -i warn | tail -n 3 | log
+  done
+  keep_runs ;;
+table6)
+  [ -d .device-data/runs ] && mkdir -p /tmp/runs && cp -rn .device-data/runs/. /tmp/runs/
+  timeout $(left) $R reproduce cifar-table6 --budget paper --seeds ${SEEDS:-3} --concurrent ${K:-5} \
+    --data-dir $DATA --out /tmp/runs/table6 2>&1 | grep -v -i warn | tail -n 20 | log
+  keep_runs ;;
+control)
+  mkdir -p /tmp/runs
+  timeout $(left) python3 benchmarks/control_cifar.py --data-dir $DATA --out /tmp/runs/control-resnet20-s0 \
+    --resume 2>&1 | tail -n 5 | log
+  keep_runs ;;
+e2e)
+  timeout $(left) $R bench --device cuda --arch --imagenet-arch resnet50 --out $OUT/bench-imagenet.json \
+    2>&1 | tail -n 40 | log ;;
+*) echo "unknown phase $PHASE" | log; exit 2 ;;
+esac
+echo "$PHASE wall $(( $(date +%s) - T0 )) s" | log
