@@ -10,9 +10,10 @@
 #   bash benchmarks/gpu_session.sh full    # issue 12: the full cifar-paper schedule of ResNet-20, then 110
 #   bash benchmarks/gpu_session.sh table6  # issue 13: Table 6 at the paper's budget, 3 seeds, 5 at a time
 #   bash benchmarks/gpu_session.sh control # issue 13: the independent control script, ResNet-20, seed 0
-#   bash benchmarks/gpu_session.sh e2e     # issue 15: ResNet-50 steps, JPEG folders end to end, eval views
+#   bash benchmarks/gpu_session.sh r50     # issue 15: the ResNet-50 step under each setting (compile modes)
+#   bash benchmarks/gpu_session.sh e2e     # issue 15: JPEG folders end to end, 10-crop/multi-scale evaluation
 set -u
-PHASE=${1:?phase: check, bench, full, table6, control or e2e}
+PHASE=${1:?phase: check, bench, full, table6, control, r50 or e2e}
 T0=$(date +%s)
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 BUDGET_S=${BUDGET_S:-570}
@@ -36,7 +37,7 @@ check)
     --no-progress 2>&1 | grep -v -i warn | tail -n 4 | log
   tail -n 3 /tmp/probe/metrics.jsonl >> $OUT/log.txt ;;
 bench)
-  timeout $(left) $R bench --device cuda --arch resnet20 resnet110 --imagenet-arch --out $OUT/bench-cifar.json \
+  timeout $(left) $R bench --device cuda --only cifar runsets --arch resnet20 resnet110 --out $OUT/bench-cifar.json \
     2>&1 | tail -n 40 | log ;;
 full)
   mkdir -p /tmp/runs
@@ -56,8 +57,11 @@ control)
   timeout $(left) python3 benchmarks/control_cifar.py --data-dir $DATA --out /tmp/runs/control-resnet20-s0 \
     --resume 2>&1 | tail -n 5 | log
   keep_runs ;;
+r50)
+  timeout $(left) $R bench --device cuda --only imagenet --imagenet-arch resnet50 --out $OUT/bench-r50.json \
+    2>&1 | tail -n 40 | log ;;
 e2e)
-  timeout $(left) $R bench --device cuda --arch --imagenet-arch resnet50 --out $OUT/bench-imagenet.json \
+  timeout $(left) $R bench --device cuda --only e2e eval --imagenet-arch resnet50 --out $OUT/bench-e2e.json \
     2>&1 | tail -n 40 | log ;;
 *) echo "unknown phase $PHASE" | log; exit 2 ;;
 esac

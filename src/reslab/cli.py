@@ -197,18 +197,21 @@ def cmd_bench(a) -> int:
     from .bench import markdown, run
     out = a.out or f"benchmarks/results/{'quick' if a.quick else 'latest'}.json"
     result = run(device=a.device, quick=a.quick, out=out, archs=a.arch, imagenet_archs=a.imagenet_arch,
-                 rounds=a.rounds)
+                 rounds=a.rounds, only=a.only)
     print(markdown(result))
     print(f"written: {out} and {out[:-5]}.md")
     return 0
 
 
 def _register_bench(sub) -> None:
+    from .bench.plans import GROUPS
     p = sub.add_parser("bench", help="training/inference throughput against baselines measured in the same run")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (CI)")
     p.add_argument("--device", default="auto")
     p.add_argument("--arch", nargs="*", default=None, help="CIFAR nets to bench (default resnet20/56/110)")
     p.add_argument("--imagenet-arch", nargs="*", default=None, help="224x224 nets (default resnet18/50)")
+    p.add_argument("--only", nargs="+", default=None, choices=GROUPS, metavar="GROUP",
+                   help=f"run only these groups ({', '.join(GROUPS)})")
     p.add_argument("--out", default=None, help="result JSON (a Markdown table is written beside it)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds per group (default 5; more narrows the ratio on a noisy machine)")

@@ -21,7 +21,7 @@ def reslab_step(model, batches, device, s: Setting, loader=None):
     from ..step import TrainStep, make_optimizer
     model = model.to(device, memory_format=s.memory_format).train()
     opt = make_optimizer(model, get_recipe("cifar-paper"))
-    net = torch.compile(model) if s.compile else model
+    net = torch.compile(model, mode=s.compile_mode) if s.compile else model
     ts = TrainStep(net, model, opt, torch.amp.GradScaler(device.type, enabled=False), None, s.precision, device)
     return stepper(ts, batches, s, loader)
 
@@ -43,7 +43,7 @@ def forever_plans(loader):
 
 def inference_step(model, batch, size, device, s: Setting):
     model = model.to(device, memory_format=s.memory_format).eval()
-    net = torch.compile(model) if s.compile else model
+    net = torch.compile(model, mode=s.compile_mode) if s.compile else model
     x, _ = next(synthetic(batch, size, 10, device, s.memory_format))
     ctx = autocast_for(device, s.precision)
 
@@ -166,7 +166,7 @@ def _fused_step(arch, k, x, y, batch, norm, device, s: Setting):
     base = ResidentLoader(x, y, batch, norm, train=True, device=device, channels_last=s.channels_last)
     batches = FusedBatches([base.fork(i) for i in range(k)])  # one copy of the data, K seeds
     model = FusedResNet.create(arch, seeds=range(k)).to(device, memory_format=s.memory_format).train()
-    net = torch.compile(model) if s.compile else model
+    net = torch.compile(model, mode=s.compile_mode) if s.compile else model
     ts = fused_train_step(model, get_recipe("cifar-paper"), s.precision, device, net=net)
     return stepper(ts, forever(batches), s, batches)
 

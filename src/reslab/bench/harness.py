@@ -14,11 +14,13 @@ class Setting:
     channels_last: bool = False
     compile: bool = False
     graphs: bool = False             # the step captured as one CUDA graph (GraphedStep)
+    compile_mode: str | None = None  # torch.compile mode (None: its default)
 
     @property
     def label(self) -> str:
+        comp = ([f"compile({self.compile_mode})" if self.compile_mode else "compile"] if self.compile else [])
         return "+".join([self.precision] + (["channels_last"] if self.channels_last else [])
-                        + (["compile"] if self.compile else []) + (["graphs"] if self.graphs else []))
+                        + comp + (["graphs"] if self.graphs else []))
 
     @property
     def memory_format(self):

@@ -36,6 +36,10 @@ RUNSETS = {"quick": (Setting("fp32", True), (2,)), "cpu": (Setting("fp32", True)
            "cuda": (Setting("bf16", True, graphs=True), (1, 5, 10))}
 RUNSET_ARCHS = {"quick": ("resnet8",), "full": ("resnet20", "resnet110")}
 IMAGENET_ARCHS = ("resnet18", "resnet50")
+# what else the 224x224 nets try on a GPU (the target: ResNet-50 at >= 5,000 img/s): inductor's autotuned
+# kernels; its CUDA graphs are left out, launch overhead being small beside a ResNet-50 step
+GROUPS = ("data", "cifar", "infer", "runsets", "imagenet", "e2e", "eval")
+EXTRA_224 = {"cuda": (Setting("bf16", True, True, compile_mode="max-autotune-no-cudagraphs"),)}
 # JPEG folders end to end (bench.e2e), per device: the net, the photographs written, the batch, the plan of the
 # data/e2e rows and of the evaluation rows. The drain uses up the workers' prefetch queue (2 batches each)
 # before every timed segment. A 224x224 ResNet-50 step takes seconds on the CPU, so the CPU times ResNet-18.
@@ -51,8 +55,9 @@ def _with_rounds(plan: Plan | None, rounds: int | None) -> Plan | None:
 
 
 def run(device: str = "auto", quick: bool = False, out: str | None = None, archs=None,
-        imagenet_archs=None, rounds: int | None = None) -> dict:
-    """The whole benchmark; `rounds` overrides the number of interleaved rounds of every group."""
+        imagenet_archs=None, rounds: int | None = None, only=None) -> dict:
+    """The whole benchmark; `rounds` overrides the number of interleaved rounds of every group, `only` keeps
+    the groups of those names (GROUPS)."""
     from ..dist import pick_device
     from ..logs import environment, hardware_line
     if rounds is not None and rounds < 1:
@@ -65,32 +70,37 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     plan, plan224, plan_data = (_with_rounds(p, rounds) for p in PLANS[kind])
     settings = list(SETTINGS[kind])
     b32, b32_infer, b224 = BATCH[kind]
-    groups = [lambda: bench_data(dev, 128, plan_data)]
+    groups = [("data", lambda: bench_data(dev, 128, plan_data))]   # (name, group): --only picks by name
     for a in archs if archs is not None else CIFAR_ARCHS["quick" if quick else "full"]:
-        groups.append(lambda a=a: bench_cifar(a, dev, b32, settings, plan, dev_name))
-        groups.append(lambda a=a: bench_inference(a, dev, b32_infer, 32, [s for s in settings if not s.graphs],
-                                                  plan, dev_name))
+        groups.append(("cifar", lambda a=a: bench_cifar(a, dev, b32, settings, plan, dev_name)))
+        groups.append(("infer", lambda a=a: bench_inference(a, dev, b32_infer, 32, [s for s in settings if not s.graphs],
+                                                            plan, dev_name)))
     rs_setting, ks = RUNSETS[kind]
     for a in archs if archs is not None else RUNSET_ARCHS["quick" if quick else "full"]:
-        groups.append(lambda a=a: bench_runsets(a, dev, b32, rs_setting, ks, plan, dev_name))
+        groups.append(("runsets", lambda a=a: bench_runsets(a, dev, b32, rs_setting, ks, plan, dev_name)))
         # design (b) of the same question, same setting and Ks: the K runs fused into one model (fused.py)
-        groups.append(lambda a=a: bench_fused(a, dev, b32, rs_setting, ks, plan, dev_name))
+        groups.append(("runsets", lambda a=a: bench_fused(a, dev, b32, rs_setting, ks, plan, dev_name)))
     if plan224 is not None:
         # compiling the 224x224 nets on a 2-core CPU costs more than the few steps measured there
         # graphs need the resident CIFAR loader, so the 224x224 rows (synthetic batches) leave them out
-        s224 = [s for s in settings if not s.graphs and (gpu or not s.compile)]
+        s224 = [s for s in settings if not s.graphs and (gpu or not s.compile)] + list(EXTRA_224.get(kind, ()))
         for a in IMAGENET_ARCHS if imagenet_archs is None else imagenet_archs:
-            groups.append(lambda a=a: bench_imagenet(a, dev, b224, s224, plan224, dev_name))
-            groups.append(lambda a=a: bench_inference(a, dev, b224, 224, s224, plan224, dev_name))
+            groups.append(("imagenet", lambda a=a: bench_imagenet(a, dev, b224, s224, plan224, dev_name)))
+            groups.append(("infer", lambda a=a: bench_inference(a, dev, b224, 224, s224, plan224, dev_name)))
         if kind in E2E and (imagenet_archs is None or imagenet_archs):
             arch, n, b, p_train, p_eval, n_eval = E2E[kind]
             arch, s = (imagenet_archs[0] if imagenet_archs else arch), E2E_SETTING[kind]
-            groups.append(lambda arch=arch, s=s: e2e.bench_folder(arch, dev, b, s, _with_rounds(p_train, rounds),
-                                                                  dev_name, images=n, workers=_W))
-            groups.append(lambda arch=arch, s=s: e2e.bench_eval_views(arch, dev, s, _with_rounds(p_eval, rounds),
-                                                                      dev_name, images=n_eval, workers=_W))
+            groups.append(("e2e", lambda arch=arch, s=s: e2e.bench_folder(
+                arch, dev, b, s, _with_rounds(p_train, rounds), dev_name, images=n, workers=_W)))
+            groups.append(("eval", lambda arch=arch, s=s: e2e.bench_eval_views(
+                arch, dev, s, _with_rounds(p_eval, rounds), dev_name, images=n_eval, workers=_W)))
+    if only:
+        unknown = set(only) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"unknown bench group(s) {', '.join(sorted(unknown))}; valid: {', '.join(GROUPS)}")
+        groups = [(name, g) for name, g in groups if name in only]
     rows = []
-    for group in groups:
+    for _, group in groups:
         done = group()
         rows += done
         for r in done:  # progress: a full CPU run takes a while
