@@ -14,7 +14,7 @@ import torch
 from ..errors import ReslabError
 from . import cifar
 from .normalize import Normalizer
-from .resident import ResidentLoader, mix_seed
+from .resident import ResidentLoader
 
 DATASETS = ("cifar10", "cifar100", "folder")
 
