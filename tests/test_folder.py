@@ -119,8 +119,9 @@ def test_scale_boxes_have_the_papers_distribution():
 
 def test_a_box_crop_is_the_papers_resize_then_crop(tmp_path):
     """Cropping the box from the original and resizing it to 224 takes the pixels that resizing the whole
-    image to shorter side s and cropping 224 at (top, left) takes; only the filter differs. On a smooth
-    image the two agree to about a level, and a box misplaced by a few pixels would not."""
+    image to shorter side s and cropping 224 at (top, left) takes; only the filter and the box's rounding to
+    whole pixels on the CPU differ. On a smooth image (up to ~11 levels per pixel) the two agree to a few
+    levels, and a box misplaced by 6 pixels is several times further off."""
     root = smooth_jpegs(tmp_path / "imgs", n=1, size=(150, 200))
     img = fold.decode(str(next((root / "train").rglob("*.jpg"))))
     aug = Augment.for_size("scale", 56)
@@ -134,7 +135,7 @@ def test_a_box_crop_is_the_papers_resize_then_crop(tmp_path):
         ours = crop_resize([img], torch.tensor([box]), 56)[0]
         diff = (paper.float() - ours.float()).abs()
         shifted = crop_resize([img], torch.tensor([[box[0] + 6, box[1], box[2] + 6, box[3]]]), 56)[0]
-        assert diff.mean() < 1.5, (seed, float(diff.mean()))
+        assert diff.mean() < 3, (seed, float(diff.mean()))
         assert (paper.float() - shifted.float()).abs().mean() > 3 * diff.mean()
 
 

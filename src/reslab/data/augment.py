@@ -10,11 +10,10 @@ crop identical boxes, and a run resumed mid-epoch, with any number of workers, d
 run drew.
 
 Resizing the whole image to shorter side s and then cropping 224x224 at (top, left) takes the pixels of one
-box of the original image; we crop that box and resize it straight to 224x224 (`crop_resize`, RoIAlign with
-an adaptive sampling grid, which averages several samples per output pixel when shrinking). The boxes have
-the paper's distribution exactly; only the resampling filter differs from a resize of the whole image, and
-the work no longer grows with the image's size. The result is rounded to uint8 on both paths, so batches
-travel between processes and to the GPU at a quarter of float32's size.
+box of the original image; we crop that box and resize it straight to 224x224 (`crop_resize`). The boxes
+have the paper's distribution exactly; only the resampling filter differs from a resize of the whole image,
+and the work no longer grows with the image's size. Crops are uint8, so batches travel between processes
+and to the GPU at a quarter of float32's size.
 """
 from __future__ import annotations
 
@@ -79,8 +78,21 @@ class Augment:
 
 def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crop each uint8 (3, H, W) image's box and resize it to size x size: uint8 (N, 3, size, size).
-    Images of equal size go through RoIAlign together (one call per shape, on whatever device they are)."""
+
+    On the CPU, image by image with torchvision's antialiased bilinear resize of the box rounded to whole
+    pixels (its uint8 kernel: 0.4 ms for a 500x375 photograph, 7x faster than RoIAlign there). On a GPU,
+    images of equal size together through RoIAlign on the exact box (one call per shape instead of
+    several kernels per image). Both filters average the box's pixels into each output pixel; they differ
+    by a level or so, and the boxes are the same."""
     out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=boxes.device)
+    if boxes.device.type == "cpu":
+        from torchvision.transforms.v2 import functional as TF
+        for i, (img, b) in enumerate(zip(images, boxes.tolist())):
+            h, w = img.shape[-2:]
+            top, left = min(h - 1, round(b[1])), min(w - 1, round(b[0]))
+            bh, bw = max(1, min(h - top, round(b[3] - b[1]))), max(1, min(w - left, round(b[2] - b[0])))
+            out[i] = TF.resized_crop(img, top, left, bh, bw, [size, size], antialias=True)
+        return out
     by_shape: dict[tuple, list[int]] = {}
     for i, img in enumerate(images):
         by_shape.setdefault(tuple(img.shape), []).append(i)
