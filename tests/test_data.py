@@ -220,11 +220,12 @@ def test_folder_views_have_the_right_count_and_sizes(jpeg_dir):
     views, _ = ms[0]
     assert [min(v.shape[-2:]) for v in views] == list(fold.MULTISCALE_SIZES)
     tr = fold.ImageFolderSplit(jpeg_dir, "train", augment=Augment.for_size("scale", 32))
-    crop, _, (box, flip, alpha) = tr[1, 7]
+    crop, _, (box, flip, alpha), used = tr[1, 7]
     assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8 and box.shape == (4,) and alpha.shape == (3,)
+    assert used == 1
     c = fold.ImageFolderSplit(jpeg_dir, "val", fold.eval_transform(norm, "center", size=24, resize=32))
     loader = fold.make_loader(c, 4, train=False, workers=0, rank=1, world_size=2)
-    assert sum(len(yb) for _, yb, _ in loader) == 3
+    assert sum(len(yb) for _, yb, _, _ in loader) == 3
 
 
 def test_corrupt_jpeg_stops_with_its_name_or_is_skipped(jpeg_dir, capsys):

@@ -12,7 +12,7 @@ import torch
 from torchvision.transforms import v2
 
 from reslab.data import folder as fold
-from reslab.data.augment import Augment, crop_resize, finish
+from reslab.data.augment import Augment, Finish, crop_resize
 from reslab.data.build import FolderStream
 from reslab.errors import ReslabError
 
@@ -83,6 +83,15 @@ def test_a_stream_is_exact_whatever_its_workers_and_wherever_it_resumes(tmp_path
     rest = two_epochs(r)
     assert all(torch.equal(a, b) for a, b in zip(head + rest, want, strict=True))
     assert not torch.equal(want[0], want[len(want) // 2])  # epochs draw new crops
+    # rank 1 of 2 crops its images exactly as one process does: each image's draw is its own (seed, epoch, index)
+    from reslab.data.resident import mix_seed
+    ds = fold.ImageFolderSplit(root, "train", augment=Augment.for_size("scale", 32))
+    ld = fold.make_loader(ds, 2, train=True, workers=0, seed=3, rank=1, world_size=2)
+    ld.sampler.set_epoch(1)
+    for crops, _, (boxes, _, _), indices in ld:
+        for c, b, i in zip(crops, boxes, indices):
+            alone, _, (box, _, _), _ = ds[i, mix_seed(3, 1, i)]
+            assert torch.equal(c, alone) and torch.equal(b, box)
 
 
 def test_scale_boxes_have_the_papers_distribution():
@@ -143,7 +152,7 @@ def test_finish_flips_lights_and_normalises_per_image():
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     norm = fold.imagenet_normalizer()
     alpha = torch.tensor([[0.0, 0.0, 0.0], [0.1, -0.2, 0.05]])
-    out = finish(x, torch.tensor([True, False]), alpha, norm)
+    out = Finish(norm, "cpu")(x, torch.tensor([True, False]), alpha)
     ref0 = (x[0].flip(-1).float() / 255 - norm.mean) / norm.std
     assert torch.allclose(out[0], ref0, atol=1e-6)
     from reslab.data.augment import PCA_EIGVAL, PCA_EIGVEC
@@ -167,6 +176,11 @@ def test_corrupt_files_on_the_device_path_stop_with_their_name_or_are_skipped(tm
     Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(bad.with_suffix(".png"))
     bad.unlink()
     assert sum(len(y) for _, y in stream(root, encoded=True, batch=2)) == 8
+    # a 16-bit PNG is scaled to 8 bits, not wrapped around
+    deep = root / "train" / "dog" / "deep.png"
+    Image.fromarray(np.full((40, 56), 40000, np.uint16)).save(deep)
+    img = fold.decode(str(deep))
+    assert img.dtype == torch.uint8 and int(img.float().mean().round()) == round(40000 / 257)
 
 
 @cuda
@@ -223,3 +237,9 @@ def test_resnet18_learns_from_real_photographs(tmp_path):
     first, final = [m for m in evals if m["kind"] == "eval"]
     assert final["n"] == 180 and final["top1_err"] < 0.45, final    # chance is 0.667
     assert final["loss"] < first["loss"] and math.isfinite(final["loss"])
+    # the checkpoint's users see its crop size: 10-crop evaluation at 37/32, predictions at the same view
+    from reslab.predict import evaluate_checkpoint, predict
+    ten = evaluate_checkpoint(out, view="10crop", workers=0, decode="cpu")
+    assert ten["n"] == 180 and ten["top1_err"] < 0.45, ten
+    frogs = predict(out, [root / "test" / "frog"], top=1)
+    assert len(frogs) == 60 and sum(r["top"][0]["class"] == "frog" for r in frogs) > 30

@@ -110,7 +110,7 @@ def build_model(model_config: dict):
 
 def load_model(source, key: str = "model"):
     """A model from a checkpoint file, run folder or already-loaded checkpoint dict, in eval mode, with
-    `model.reslab = {classes, normalizer, config}`. `key="ema"` takes a run's EMA weights instead."""
+    `model.reslab = {classes, normalizer, config, crop_size}`. `key="ema"` takes a run's EMA weights instead."""
     from .data.normalize import Normalizer
     ck = source if isinstance(source, dict) else load(source)
     name = "checkpoint" if isinstance(source, dict) else str(resolve(source))
@@ -123,8 +123,14 @@ def load_model(source, key: str = "model"):
     model = build_model(ck["model_config"])
     load_model_state(model, state, name)
     model.reslab = {"classes": ck.get("classes"), "normalizer": Normalizer.from_state_dict(ck["normalizer"]),
-                    "config": ck["model_config"]}
+                    "config": ck["model_config"], "crop_size": crop_size_of(ck)}
     return model.eval()
+
+
+def crop_size_of(ck: dict) -> int | None:
+    """The training crop of an image-folder run (recipe crop_size), for test views at its proportions;
+    None where the checkpoint does not say (CIFAR, older files: the paper's 224)."""
+    return ((ck.get("config") or {}).get("recipe") or {}).get("crop_size")
 
 
 def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpoint",

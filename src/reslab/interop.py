@@ -1,7 +1,7 @@
 """Weights in and out: reslab checkpoints, safetensors + JSON sidecar, and state dicts from elsewhere.
 
     reslab.load(path)   a reslab checkpoint (.pt), a converted file, or a .safetensors with its .json sidecar
-                        -> a model in eval mode with .reslab = {classes, normalizer, config}
+                        -> a model in eval mode with .reslab = {classes, normalizer, config, crop_size}
 
 Converters (`reslab convert SRC --from torchvision|cifar-repro --arch NAME --out FILE.pt`):
   torchvision  a torchvision ResNet state dict (v1.5): loaded into the same-depth reslab net with
@@ -65,7 +65,8 @@ def save_safetensors(ck: dict, out: Path) -> tuple[Path, Path]:
     sidecar.write_text(json.dumps({
         "format": "reslab-safetensors-1", "architecture": meta.get("name"), "model_config": meta,
         "shortcut": meta.get("shortcut"), "stride_variant": meta.get("stride_variant"),
-        "normalization": ck["normalizer"]["mode"], "classes": ck.get("classes")}, indent=2))
+        "normalization": ck["normalizer"]["mode"], "classes": ck.get("classes"),
+        "crop_size": ckpt.crop_size_of(ck)}, indent=2))
     return out, sidecar
 
 
@@ -79,7 +80,8 @@ def _load_safetensors(p: Path) -> ResNet:
     norm = Normalizer(side["normalization"], tensors.pop(_NORM_PREFIX + "mean"), tensors.pop(_NORM_PREFIX + "std"))
     model = ckpt.build_model(side["model_config"])
     ckpt.load_model_state(model, tensors, str(p))
-    model.reslab = {"classes": side.get("classes"), "normalizer": norm, "config": side["model_config"]}
+    model.reslab = {"classes": side.get("classes"), "normalizer": norm, "config": side["model_config"],
+                    "crop_size": side.get("crop_size")}
     return model.eval()
 
 

@@ -57,7 +57,7 @@ def inference_step(model, batch, size, device, s: Setting):
 def rows_for(arch, kind, batch, size, results, macs, dev_name, precisions) -> list[dict]:
     rows = []
     for res, prec in zip(results, precisions):
-        flops = achieved(res["images_per_s"], macs, train=kind == "train")
+        flops = achieved(res["images_per_s"], macs, train=kind in ("train", "e2e"))
         peak = peak_for(dev_name, prec)
         rows.append({"arch": arch, "kind": kind, "batch": batch, "size": size, **res, "tflops": flops / 1e12,
                      "peak_fraction": flops / peak if peak else None})

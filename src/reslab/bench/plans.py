@@ -100,18 +100,24 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
             raise ValueError(f"unknown bench group(s) {', '.join(sorted(unknown))}; valid: {', '.join(GROUPS)}")
         groups = [(name, g) for name, g in groups if name in only]
     rows = []
+    result = {"machine": hardware_line(env), "device": dev_name, "env": env,
+              "date": time.strftime("%Y-%m-%d"), "quick": quick, "rows": rows}
     for _, group in groups:
         done = group()
         rows += done
+        if out:  # after every group: a run cut short by a time limit keeps what it measured
+            _write(result, out)
         for r in done:  # progress: a full CPU run takes a while
             ratio = f" ({r['ratio']:.2f}x)" if r["ratio"] else ""
             print(f"{r['arch']} {r['kind']} {r['setting']}: {r['images_per_s']:,.0f} img/s{ratio}",
                   file=sys.stderr, flush=True)
-    result = {"machine": hardware_line(env), "device": dev_name, "env": env,
-              "date": time.strftime("%Y-%m-%d"), "quick": quick, "rows": rows}
     if out:
-        p = Path(out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(result, indent=2))
-        p.with_suffix(".md").write_text(markdown(result))
+        _write(result, out)
     return result
+
+
+def _write(result: dict, out) -> None:
+    p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(result, indent=2))
+    p.with_suffix(".md").write_text(markdown(result))

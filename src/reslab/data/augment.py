@@ -6,8 +6,8 @@ Paper §3.4: resize the shorter side to s ~ U{256..480}, take a random 224x224 c
 Why parameters and not a torchvision transform pipeline: the same image must get the same crop whether it is
 decoded on the CPU in a DataLoader worker or in a batch on the GPU, and whichever worker handles it. Each
 image's parameters come from a generator seeded by (run seed, epoch, index) (`draw`), so both decoding paths
-crop identical boxes, and a run resumed mid-epoch, with any number of workers, draws what the uninterrupted
-run drew.
+crop the same boxes (the CPU rounds a box to whole pixels), and a run resumed mid-epoch, with any number of
+workers, draws what the uninterrupted run drew.
 
 Resizing the whole image to shorter side s and then cropping 224x224 at (top, left) takes the pixels of one
 box of the original image; we crop that box and resize it straight to 224x224 (`crop_resize`). The boxes
@@ -70,7 +70,8 @@ class Augment:
         # private RNG state so that it draws from this image's seed and leaves the global generator alone
         from torchvision.transforms import RandomResizedCrop
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**62, (), generator=g)))
+            # the CPU generator only: torch.manual_seed would reseed (and fork_rng not restore) CUDA's
+            torch.default_generator.manual_seed(int(torch.randint(0, 2**62, (), generator=g)))
             i, j, ch, cw = RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, h, w), [0.08, 1.0],
                                                         [3 / 4, 4 / 3])
         return [float(j), float(i), float(j + cw), float(i + ch)]
@@ -98,19 +99,36 @@ def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> t
         by_shape.setdefault(tuple(img.shape), []).append(i)
     for idx in by_shape.values():
         x = torch.stack([images[i] for i in idx]).float()
-        rois = torch.cat([torch.arange(len(idx), dtype=boxes.dtype, device=boxes.device)[:, None], boxes[idx]], 1)
+        # index with a tensor sent without waiting: indexing a CUDA tensor with a list copies synchronously
+        at = torch.tensor(idx, pin_memory=boxes.device.type == "cuda").to(boxes.device, non_blocking=True)
+        rois = torch.cat([torch.arange(len(idx), dtype=boxes.dtype, device=boxes.device)[:, None], boxes[at]], 1)
         # aligned=True: box coordinates are pixel edges, so (0, 0, W, H) is exactly the whole image;
         # sampling_ratio -1: ceil(box/size) samples per output pixel and axis, averaged (shrinking antialiases)
         y = roi_align(x, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        out[idx] = y.round_().clamp_(0, 255).to(torch.uint8)
+        out[at] = y.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
-def finish(x: torch.Tensor, flip: torch.Tensor, alpha: torch.Tensor, norm: Normalizer) -> torch.Tensor:
+class Finish:
     """A batch of crops, uint8 (N, 3, S, S), to the network's input: flip where asked, scale to [0, 1], add
-    each image's PCA lighting, normalise. All batched, on the crops' device."""
-    dev = x.device
-    x = torch.where(flip.to(dev).view(-1, 1, 1, 1), x.flip(-1), x).float().div_(255)
-    rgb = (alpha.to(dev).float() * PCA_EIGVAL.to(dev)) @ PCA_EIGVEC.to(dev).T   # (N, 3): eigvec @ (alpha*eigval)
-    x += rgb[:, :, None, None]
-    return x.sub_(norm.mean_at(*x.shape[-2:]).to(dev)).div_(norm.std.to(dev))
+    each image's PCA lighting, normalise. All batched on `device`, whose constants are copied there once:
+    a per-batch copy of a CPU tensor would make the host wait for the GPU's queue to drain."""
+
+    def __init__(self, norm: Normalizer, device):
+        self.device = torch.device(device)
+        self.eigval, self.eigvec = PCA_EIGVAL.to(self.device), PCA_EIGVEC.to(self.device)
+        self.norm, self.std = norm, norm.std.to(self.device)
+        self.means: dict[tuple[int, int], torch.Tensor] = {}
+
+    def mean_at(self, h: int, w: int) -> torch.Tensor:
+        if (h, w) not in self.means:
+            self.means[h, w] = self.norm.mean_at(h, w).to(self.device)
+        return self.means[h, w]
+
+    def __call__(self, x: torch.Tensor, flip: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        dev = self.device
+        flip, alpha = flip.to(dev, non_blocking=True), alpha.to(dev, non_blocking=True)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).float().div_(255)
+        rgb = (alpha.float() * self.eigval) @ self.eigvec.T   # (N, 3): eigvec @ (alpha * eigval) per image
+        x += rgb[:, :, None, None]
+        return x.sub_(self.mean_at(*x.shape[-2:])).div_(self.std)

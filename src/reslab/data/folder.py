@@ -9,7 +9,9 @@ Two places to decode (`decode`):
   device  workers only read the files' bytes (and a JPEG's size from its header, to draw its crop); the main
           process decodes the whole batch on the run's device (nvJPEG on a GPU, via torchvision), crops
           and resizes there, and finishes as above. Files that are not JPEGs are decoded in the workers.
-Both give the same crops of the same images; on a GPU the decoders' pixels may differ by a level or two.
+Both crop the same boxes of the same images: on the CPU the batches are bitwise equal; on a GPU the decoders'
+pixels, and the resampling filters (RoIAlign there, torchvision's resize of the box rounded to whole pixels
+on the CPU), differ by a level or two.
 
 Evaluation views (paper §3.4 and §4.1), for a crop size of 224:
   center      resize shorter side to 256, centre 224 crop                   -> (C, 224, 224)
@@ -37,7 +39,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
 from ..errors import ReslabError
-from .augment import Augment, crop_resize, finish
+from .augment import Augment, Finish, crop_resize
 from .normalize import Normalizer
 from .resident import mix_seed
 
@@ -54,10 +56,14 @@ class Normalize(torch.nn.Module):
 
     def __init__(self, norm: Normalizer):
         super().__init__()
-        self.norm = norm
+        self.norm, self.cache = norm, {}
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return (img - self.norm.mean_at(*img.shape[-2:]).to(img.device)) / self.norm.std.to(img.device)
+        key = (img.device, *img.shape[-2:])
+        if key not in self.cache:  # once per device and size: a copy per image would wait for the GPU
+            self.cache[key] = (self.norm.mean_at(*img.shape[-2:]).to(img.device), self.norm.std.to(img.device))
+        mean, std = self.cache[key]
+        return (img - mean) / std
 
 
 def eval_transform(norm: Normalizer, view: str = "center", size: int = 224, resize: int | None = None):
@@ -99,9 +105,12 @@ class MultiScale(torch.nn.Module):
 def decode(path: str, data: torch.Tensor | None = None) -> torch.Tensor:
     """A file (or its bytes, already read) as a uint8 RGB (3, H, W) tensor, decoded on the CPU."""
     try:
-        return decode_image(read_bytes(path) if data is None else data, mode=ImageReadMode.RGB)
+        img = decode_image(read_bytes(path) if data is None else data, mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision raises RuntimeError for many decoder failures
-        raise ReslabError(f"{path}: cannot decode image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ReslabError(f"{path}: cannot decode image ({type(e).__name__}: {first})") from None
+    # 16-bit PNGs decode to uint16: scale them, as storing them in uint8 would wrap around
+    return img if img.dtype == torch.uint8 else v2.functional.to_dtype(img, torch.uint8, scale=True)
 
 
 def read_bytes(path: str) -> torch.Tensor:
@@ -134,7 +143,8 @@ def jpeg_size(path: str, data: torch.Tensor) -> tuple[int, int]:
 class ImageFolderSplit(Dataset):
     """One split (`train`, `val`; `test` where a tree has no `val`) of an ImageNet-style folder.
 
-    `ds[i]` is (image or view, target). The loaders index with (i, seed) and get (payload, target, params):
+    `ds[i]` is (image or view, target). The loaders index with (i, seed) and get (payload, target, params,
+    the index of the file used):
     with `augment`, params are the image's drawn crop box, flip and lighting, and the payload is the
     uint8 crop; with `encoded`, the payload is the file's bytes (a JPEG) or the decoded image (anything
     else), cropped or transformed later on the device."""
@@ -172,7 +182,7 @@ class ImageFolderSplit(Dataset):
                     raise
                 self.note_skipped(path, e)
                 continue
-            return (payload, target) if seed is None else (payload, target, params)
+            return (payload, target) if seed is None else (payload, target, params, (i + j) % len(self.samples))
         raise ReslabError(f"no decodable image in {len(self.samples)} files")
 
     def note_skipped(self, path: str, e: Exception) -> None:
@@ -230,17 +240,37 @@ class ShardSampler(Sampler[int]):
 
 
 def collate(batch):
-    """(payloads, targets, params): payloads stacked where they are tensors of one shape, else a list
-    (encoded files, multi-scale views); params (boxes, flips, alphas) stacked, or None for evaluation."""
-    payloads, targets, params = zip(*batch)
+    """(payloads, targets, params, indices): payloads stacked where they are tensors of one shape, else a list
+    (multi-scale views); encoded files packed into one byte tensor with their lengths (one shared-memory
+    block per batch, not one per file) as {"bytes", "lengths", "decoded": {position: image}}; params
+    (boxes, flips, alphas) stacked, or None for evaluation."""
+    payloads, targets, params, indices = zip(*batch)
     first = payloads[0]
-    same = isinstance(first, torch.Tensor) and first.ndim >= 3 and all(
-        isinstance(p, torch.Tensor) and p.shape == first.shape for p in payloads)
-    x = torch.stack(payloads) if same else list(payloads)
+    if any(isinstance(p, torch.Tensor) and p.ndim == 1 for p in payloads):
+        enc = [p for p in payloads if p.ndim == 1]
+        x = {"bytes": torch.cat(enc), "lengths": torch.tensor([len(p) if p.ndim == 1 else 0 for p in payloads]),
+             "decoded": {k: p for k, p in enumerate(payloads) if p.ndim != 1}}
+    elif isinstance(first, torch.Tensor) and all(isinstance(p, torch.Tensor) and p.shape == first.shape
+                                                 for p in payloads):
+        x = torch.stack(payloads)
+    else:
+        x = list(payloads)
     if params[0] is None:
-        return x, torch.tensor(targets), None
+        return x, torch.tensor(targets), None, list(indices)
     boxes, flips, alphas = zip(*params)
-    return x, torch.tensor(targets), (torch.stack(boxes), torch.tensor(flips), torch.stack(alphas))
+    return x, torch.tensor(targets), (torch.stack(boxes), torch.tensor(flips), torch.stack(alphas)), list(indices)
+
+
+def unpack(x) -> list[torch.Tensor]:
+    """collate()'s encoded batch back to one payload per image: byte views of the packed block, or images."""
+    if not isinstance(x, dict):
+        return list(x)
+    ends = x["lengths"].cumsum(0).tolist()
+    out, start = [], 0
+    for k, end in enumerate(ends):
+        out.append(x["decoded"][k] if k in x["decoded"] else x["bytes"][start:end])
+        start = end
+    return out
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int = 4, seed: int = 0,
@@ -264,27 +294,29 @@ class Finisher:
     views."""
 
     def __init__(self, dataset: ImageFolderSplit, device, norm: Normalizer, transform=None):
-        self.ds, self.device, self.norm, self.transform = dataset, torch.device(device), norm, transform
+        self.ds, self.device, self.transform = dataset, torch.device(device), transform
+        self.finish = Finish(norm, self.device)
 
     def __call__(self, batch):
-        x, y, params = batch
+        x, y, params, indices = batch
         y = y.to(self.device, non_blocking=True)
         if not self.ds.encoded:
             if params is None:
                 return _to(x, self.device), y
-            return finish(x.to(self.device, non_blocking=True), params[1], params[2], self.norm), y
-        imgs, keep = self.decode(list(x))
+            return self.finish(x.to(self.device, non_blocking=True), params[1], params[2]), y
+        imgs, keep = self.decode(unpack(x), indices)
         if len(keep) < len(imgs):  # skipped images: reuse good ones of the batch, so the batch keeps its size
             pick = torch.tensor([keep[k % len(keep)] if k not in keep else k for k in range(len(imgs))])
             imgs, y = [imgs[int(k)] for k in pick], y[pick.to(y.device)]
-            params = params and tuple(p[pick] for p in params)
+            if params is not None:
+                params = tuple(p[pick] for p in params)
         if params is not None:
-            crops = crop_resize(imgs, params[0].to(self.device), self.ds.augment.size)
-            return finish(crops, params[1], params[2], self.norm), y
+            crops = crop_resize(imgs, params[0].to(self.device, non_blocking=True), self.ds.augment.size)
+            return self.finish(crops, params[1], params[2]), y
         views = [self.transform(img) for img in imgs]
         return (views if isinstance(views[0], list) else torch.stack(views)), y
 
-    def decode(self, payloads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    def decode(self, payloads: list[torch.Tensor], indices: list[int]) -> tuple[list[torch.Tensor], list[int]]:
         """Decode the batch's JPEG bytes on the device in one call; a failure there retries image by image
         (on the device, then on the CPU) to name the broken file. Returns the images and the positions that
         decoded."""
@@ -294,36 +326,28 @@ class Finisher:
             try:
                 dec = decode_jpeg([payloads[k] for k in enc], mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:
-                dec = [self._decode_one(payloads[k]) for k in enc]
+                dec = [self._decode_one(payloads[k], self.ds.samples[indices[k]][0]) for k in enc]
             for k, d in zip(enc, dec):
                 out[k] = d
         keep = [k for k, o in enumerate(out) if o is not None]
-        if not keep:
-            raise ReslabError(f"no image of a batch of {len(out)} could be decoded")
+        if not keep:  # nothing in the batch to stand in for them (a multi-scale batch holds one image)
+            raise ReslabError(f"no image of a batch of {len(out)} could be decoded "
+                              f"({', '.join(self.ds.samples[i][0] for i in indices[:3])}, ...)")
         return [o.to(self.device, non_blocking=True) if o is not None else None for o in out], keep
 
-    def _decode_one(self, data: torch.Tensor):
+    def _decode_one(self, data: torch.Tensor, path: str):
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             pass
         try:
-            return decode("", data)   # the CPU's libjpeg accepts some files nvJPEG refuses (CMYK, say)
+            return decode(path, data)   # the CPU's libjpeg accepts some files nvJPEG refuses (CMYK, say)
         except ReslabError:
-            path = self._path_of(data)
             err = ReslabError(f"{path}: cannot decode image on {self.device.type} or the CPU")
             if self.ds.on_corrupt == "stop":
                 raise err from None
             self.ds.note_skipped(path, err)
             return None
-
-    def _path_of(self, data: torch.Tensor) -> str:
-        # only on the error path: find the file whose bytes these are, to name it
-        n = data.numel()
-        for path, _ in self.ds.samples:
-            if Path(path).stat().st_size == n and torch.equal(read_bytes(path), data):
-                return path
-        return "an image of this batch"
 
 
 def _to(x, device):
