@@ -33,11 +33,12 @@ log() { tee -a $OUT/log.txt; }
 keep_runs() {
   cd /tmp/runs 2>/dev/null || return 0
   tar czf $OUT/records-$PHASE.tgz $(find . -name metrics.jsonl -o -name config.json -o -name env.json \
-    -o -name manifest.json -o -name '*.md' -o -name '*.png') 2>/dev/null
+    -o -name 'manifest*.json' -o -name '*.md' -o -name '*.png') 2>/dev/null
   local total=0 size
   for f in $(find . -name last.pt | sort); do
-    size=$(stat -c %s $f); total=$(( total + size ))
-    [ $total -le $(( 56 * 1024 * 1024 )) ] || { echo "not returned (over 56 MiB in all): $f" | log; continue; }
+    size=$(stat -c %s $f)
+    [ $(( total + size )) -le $(( 56 * 1024 * 1024 )) ] || { echo "not returned (over 56 MiB in all): $f" | log; continue; }
+    total=$(( total + size ))
     mkdir -p $OUT/ckpt/$(dirname $f) && cp $f $OUT/ckpt/$f
   done
   cd - > /dev/null
