@@ -189,20 +189,24 @@ def bench_inference(arch: str, device, batch: int, size: int, settings: list[Set
 def bench_data(device, batch: int, plan: Plan) -> list[dict]:
     """Augmented images/s of the CIFAR pipelines alone (a step = one batch): the resident loader vs the
     baseline DataLoader. (Image folders: bench.e2e.)"""
-    from ..data import Normalizer, ResidentLoader
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (8192, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (8192,), generator=g)
-
-    def stepper(it):
-        return lambda: next(it)
-
-    res = measure([("cifar DataLoader+transforms (baseline)", lambda: stepper(baseline_batches(x, y, batch, device))),
-                   ("cifar resident loader", lambda: stepper(forever(
-                       ResidentLoader(x, y, batch, Normalizer.fit(x), train=True, device=device))))],
+    from ..data import ResidentLoader
+    x, y, norm = synthetic_cifar(8192)
+    res = measure([("cifar DataLoader+transforms (baseline)", lambda: next_of(baseline_batches(x, y, batch, device))),
+                   ("cifar resident loader", lambda: next_of(forever(
+                       ResidentLoader(x, y, batch, norm, train=True, device=device))))],
                   batch, device, plan)
-    return [{"arch": "-", "kind": "data", "batch": batch, "size": None, **r, "tflops": 0.0, "peak_fraction": None}
-            for r in res]
+    return data_rows(res, batch)
+
+
+def next_of(it):
+    """A data pipeline as a bench step: drawing its next batch."""
+    return lambda: next(it)
+
+
+def data_rows(results: list[dict], batch: int, size: int | None = None) -> list[dict]:
+    """Rows of kind `data` (no model: no FLOPs)."""
+    return [{"arch": "-", "kind": "data", "batch": batch, "size": size, **r, "tflops": 0.0, "peak_fraction": None}
+            for r in results]
 
 
 

@@ -91,20 +91,16 @@ def bench_folder(arch: str, device, batch: int, s: Setting, plan: Plan, dev_name
     """`data` and `e2e` rows on a folder of `images` photographs written here (see the module docstring)."""
     import tempfile
     import torchvision
-    from .cases import reslab_step, rows_for
+    from .cases import data_rows, next_of, reslab_step, rows_for
     with tempfile.TemporaryDirectory() as tmp:
         kb = write_photos(tmp, images)
         tag = f", {workers} workers, {kb:.0f} kB JPEGs"
-
-        def next_of(it):
-            return lambda: next(it)
         cands = [(f"torchvision DataLoader (baseline){tag}",
                   lambda: next_of(textbook_batches(tmp, batch, workers, device, size)))]
         cands += [(f"reslab, decode={d}{tag}", lambda d=d: next_of(reslab_batches(tmp, batch, workers, device, d, size)))
                   for d in decoders(device)]
         data = measure(cands, batch, device, plan)
-        rows = [{"arch": "-", "kind": "data", "batch": batch, "size": size, **r, "tflops": 0.0, "peak_fraction": None}
-                for r in data]
+        rows = data_rows(data, batch, size)
 
         def model():
             return create_model(arch, stride_in_1x1=False)  # v1.5, torchvision's twin
