@@ -1,84 +1,105 @@
 #!/usr/bin/env bash
-# The GPU work of issues 12, 13 and 15 as phases, one `run` call each (each fits the 600 s limit; the
-# device machine keeps /tmp while it stays warm, so call the phases back to back). Everything a phase
-# measures goes to $OUT, with the hardware and versions in $OUT/log.txt.
+# The GPU work of issues 12, 13 and 15 as phases. One `run` call takes one or more phases, each with its own
+# time limit in seconds (PHASE:SECONDS; default 570), e.g. `bash benchmarks/gpu_session.sh check:90 bench:300
+# full:180`. The device machine keeps /tmp while it stays warm, so calls made back to back resume what an
+# earlier one cut off. Everything a phase measures goes to $OUT, hardware and versions in $OUT/log.txt.
 #
 #   carry: .device-data  (holds cifar-10-jpeg.tar.xz and rebuild.py from ../shared/datasets/cifar10-jpeg,
 #                         and optionally runs/ : run folders from an earlier session, to resume; they come
-#                         back as $OUT/records-PHASE.tgz and $OUT/ckpt/ - last.pt files up to 56 MiB per call)
-#   bash benchmarks/gpu_session.sh check   # data, the CUDA tests (graphed step, GPU decode), a 2k-step probe
+#                         back as $OUT/records-PHASE.tgz and $OUT/ckpt-PHASE.tar - last.pt files, 15 MiB at most)
+#   bash benchmarks/gpu_session.sh check   # data, the CUDA tests (graphed step, GPU decode)
 #   bash benchmarks/gpu_session.sh bench   # issue 12: CIFAR rows, run sets and fused sets at K = 1, 5, 10
 #   bash benchmarks/gpu_session.sh full    # issue 12: the full cifar-paper schedule of ResNet-20, then 110
+#                                          # (seed 0; they are also Table 6's runs, in its folder layout)
+#   bash benchmarks/gpu_session.sh seeds   # issues 12+13: ResNet-20 seeds 1-5 as one run set, full schedule
 #   bash benchmarks/gpu_session.sh table6  # issue 13: Table 6 at the paper's budget, 3 seeds, 5 at a time
 #   bash benchmarks/gpu_session.sh control # issue 13: the independent control script, ResNet-20, seed 0
 #   bash benchmarks/gpu_session.sh r50     # issue 15: the ResNet-50 step under each setting (compile modes)
 #   bash benchmarks/gpu_session.sh e2e     # issue 15: JPEG folders end to end, 10-crop/multi-scale evaluation
 set -u
-PHASE=${1:?phase: check, bench, full, table6, control, r50 or e2e}
-T0=$(date +%s)
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-BUDGET_S=${BUDGET_S:-570}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 RESLAB_CACHE=/tmp/reslab-cache
 R="python3 -m reslab"
 DATA=/tmp/c10/cifar-10-batches-py
+T6=/tmp/runs/table6   # reproduce's layout: T6/paper/ARCH-sSEED
 left() { local s=$(( T0 + BUDGET_S - $(date +%s) )); echo $(( s > 10 ? s : 10 )); }  # timeout 0 = no limit
 limit() { timeout -k 10 $(left) "$@"; }
 log() { tee -a $OUT/log.txt; }
-{ echo "== $PHASE $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch,torchvision;print('torch',torch.__version__,'torchvision',torchvision.__version__)"
-  nproc; } 2>&1 | log
-[ -f $DATA/test_batch ] || python3 .device-data/rebuild.py .device-data/cifar-10-jpeg.tar.xz /tmp/c10 2>&1 | tail -n 2 | log
-# what comes back: every run folder's record (small), and its last.pt where the file fits what a call can
-# return (16 MiB a file, 64 MiB in all); larger sets resume only while this machine stays warm
+# what comes back: every run folder's record (small), and last.pt files in one tar up to 15 MiB (a call
+# returns 8 files of 16 MiB at most); the rest resume only while this machine stays warm
 keep_runs() {
   cd /tmp/runs 2>/dev/null || return 0
   tar czf $OUT/records-$PHASE.tgz $(find . -name metrics.jsonl -o -name config.json -o -name env.json \
     -o -name 'manifest*.json' -o -name '*.md' -o -name '*.png') 2>/dev/null
-  local total=0 size
+  local total=0 size keep=""
   for f in $(find . -name last.pt | sort); do
     size=$(stat -c %s $f)
-    [ $(( total + size )) -le $(( 56 * 1024 * 1024 )) ] || { echo "not returned (over 56 MiB in all): $f" | log; continue; }
-    total=$(( total + size ))
-    mkdir -p $OUT/ckpt/$(dirname $f) && cp $f $OUT/ckpt/$f
+    [ $(( total + size )) -le $(( 15 * 1024 * 1024 )) ] || { echo "not returned (over 15 MiB in all): $f" | log; continue; }
+    total=$(( total + size )); keep="$keep $f"
   done
+  [ -z "$keep" ] || tar cf $OUT/ckpt-$PHASE.tar $keep
   cd - > /dev/null
+}
+# one full-schedule training run (resumed where an earlier call left it); a failure of the graphed step
+# (never a time limit) is retried eagerly so the run still happens, and the log says so
+train_full() {  # out, then train flags
+  local out=$1; shift
+  limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-progress \
+    $([ -f $out/last.pt ] && echo --resume) 2>&1 | grep -v -i warn | tail -n 6 | log
+  local rc=${PIPESTATUS[0]}
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && [ $(left) -gt 60 ]; then
+    echo "exit $rc: again with --no-graphs" | log
+    limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-progress --no-graphs \
+      $([ -f $out/last.pt ] && echo --resume) 2>&1 | grep -v -i warn | tail -n 6 | log
+  fi
 }
 mkdir -p /tmp/runs
 [ -d .device-data/runs ] && cp -rn .device-data/runs/. /tmp/runs/   # run folders carried from a session before
+[ $# -gt 0 ] || { echo "phases: check, bench, full, seeds, table6, control, r50, e2e (PHASE[:SECONDS] ...)"; exit 2; }
+for SPEC in "$@"; do
+PHASE=${SPEC%%:*}; BUDGET_S=570; [ "$SPEC" = "$PHASE" ] || BUDGET_S=${SPEC#*:}
+T0=$(date +%s)
+{ echo "== $PHASE (${BUDGET_S} s) $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch,torchvision;print('torch',torch.__version__,'torchvision',torchvision.__version__)"
+  nproc; } 2>&1 | log
+[ -f $DATA/test_batch ] || python3 .device-data/rebuild.py .device-data/cifar-10-jpeg.tar.xz /tmp/c10 2>&1 | tail -n 2 | log
 case $PHASE in
 check)
-  python3 -m pytest -q tests/test_run.py tests/test_folder.py -k "graphed or gpu or decoding or device_path" 2>&1 \
-    | tail -n 5 | log
-  rm -rf /tmp/probe
-  limit $R train --arch resnet20 --data-dir $DATA --iters 2000 --eval-every 1000 --out /tmp/probe \
-    --no-progress 2>&1 | grep -v -i warn | tail -n 4 | log
-  tail -n 3 /tmp/probe/metrics.jsonl >> $OUT/log.txt ;;
+  limit python3 -m pytest -q -p no:cacheprovider tests/test_run.py tests/test_folder.py tests/test_fused.py \
+    -k "graphed or gpu or cuda or decoding or device_path" 2>&1 | tail -n 15 | log ;;
 bench)
-  limit $R bench --device cuda --only cifar runsets --arch resnet20 resnet110 --out $OUT/bench-cifar.json \
-    2>&1 | tail -n 40 | log ;;
+  limit $R bench --device cuda --keep-going --only cifar runsets --arch resnet20 resnet110 \
+    --out $OUT/bench-cifar.json 2>&1 | tail -n 40 | log ;;
 full)
   for a in resnet20 resnet110; do
     [ $(left) -gt 60 ] || break
+    [ -f $T6/paper/$a-s0/last.pt ] && grep -q '"step": 64000' $T6/paper/$a-s0/metrics.jsonl 2>/dev/null && continue
     t=$(date +%s)
-    limit $R train --arch $a --data-dir $DATA --recipe cifar-paper --out /tmp/runs/full-$a --no-progress \
-      $([ -f /tmp/runs/full-$a/last.pt ] && echo --resume) 2>&1 | grep -v -i warn | tail -n 3 | log
+    train_full $T6/paper/$a-s0 --arch $a --seed 0
     echo "$a: this call trained for $(( $(date +%s) - t )) s" | log
   done
   keep_runs ;;
+seeds)
+  t=$(date +%s)
+  limit $R train --arch resnet20 --recipe cifar-paper --seeds 1 2 3 4 5 --data-dir $DATA --out $T6/paper/resnet20 \
+    --no-progress $([ -f $T6/paper/resnet20-s1/last.pt ] && echo --resume) 2>&1 | grep -v -i warn | tail -n 8 | log
+  echo "5 x resnet20: this call trained for $(( $(date +%s) - t )) s" | log
+  keep_runs ;;
 table6)
   limit $R reproduce cifar-table6 --budget paper --seeds ${SEEDS:-3} --concurrent ${K:-5} \
-    --data-dir $DATA --out /tmp/runs/table6 2>&1 | grep -v -i warn | tail -n 20 | log
+    --data-dir $DATA --out $T6 2>&1 | grep -v -i warn | tail -n 20 | log
   keep_runs ;;
 control)
   limit python3 benchmarks/control_cifar.py --data-dir $DATA --out /tmp/runs/control-resnet20-s0 \
     --resume 2>&1 | tail -n 5 | log
   keep_runs ;;
 r50)
-  limit $R bench --device cuda --only imagenet --imagenet-arch resnet50 --out $OUT/bench-r50.json \
+  limit $R bench --device cuda --keep-going --only imagenet --imagenet-arch resnet50 --out $OUT/bench-r50.json \
     2>&1 | tail -n 40 | log ;;
 e2e)
-  limit $R bench --device cuda --only e2e eval --imagenet-arch resnet50 --out $OUT/bench-e2e.json \
+  limit $R bench --device cuda --keep-going --only e2e eval --imagenet-arch resnet50 --out $OUT/bench-e2e.json \
     2>&1 | tail -n 40 | log ;;
-*) echo "unknown phase $PHASE" | log; exit 2 ;;
+*) echo "unknown phase $PHASE" | log ;;
 esac
 echo "$PHASE wall $(( $(date +%s) - T0 )) s" | log
+done

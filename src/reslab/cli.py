@@ -197,10 +197,12 @@ def cmd_bench(a) -> int:
     from .bench import markdown, run
     out = a.out or f"benchmarks/results/{'quick' if a.quick else 'latest'}.json"
     result = run(device=a.device, quick=a.quick, out=out, archs=a.arch, imagenet_archs=a.imagenet_arch,
-                 rounds=a.rounds, only=a.only)
+                 rounds=a.rounds, only=a.only, keep_going=a.keep_going)
     print(markdown(result))
+    for e in result.get("errors", []):
+        print(f"failed group: {e}", file=sys.stderr)
     print(f"written: {out} and {out[:-5]}.md")
-    return 0
+    return 1 if result.get("errors") else 0
 
 
 def _register_bench(sub) -> None:
@@ -215,6 +217,8 @@ def _register_bench(sub) -> None:
     p.add_argument("--out", default=None, help="result JSON (a Markdown table is written beside it)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds per group (default 5; more narrows the ratio on a noisy machine)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a group that fails is reported (result's `errors`, exit status 1) and the others still run")
     p.set_defaults(func=cmd_bench)
 
 

@@ -55,9 +55,10 @@ def _with_rounds(plan: Plan | None, rounds: int | None) -> Plan | None:
 
 
 def run(device: str = "auto", quick: bool = False, out: str | None = None, archs=None,
-        imagenet_archs=None, rounds: int | None = None, only=None) -> dict:
+        imagenet_archs=None, rounds: int | None = None, only=None, keep_going: bool = False) -> dict:
     """The whole benchmark; `rounds` overrides the number of interleaved rounds of every group, `only` keeps
-    the groups of those names (GROUPS)."""
+    the groups of those names (GROUPS); `keep_going` records a failing group's error in the result's
+    `errors` and goes on with the next."""
     from ..dist import pick_device
     from ..logs import environment, hardware_line
     if rounds is not None and rounds < 1:
@@ -102,8 +103,15 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     rows = []
     result = {"machine": hardware_line(env), "device": dev_name, "env": env,
               "date": time.strftime("%Y-%m-%d"), "quick": quick, "rows": rows}
-    for _, group in groups:
-        done = group()
+    for name, group in groups:
+        try:
+            done = group()
+        except Exception as e:  # noqa: BLE001 - one broken group must not cost a device session the others
+            if not keep_going:
+                raise
+            print(f"bench group {name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            result.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {e}")
+            continue
         rows += done
         if out:  # after every group: a run cut short by a time limit keeps what it measured
             _write(result, out)

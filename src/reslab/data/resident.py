@@ -136,11 +136,17 @@ class ResidentLoader:
         the batch is `batch_of(idx, variant)`. A captured CUDA graph runs batch_of itself on static copies
         of these, so only two small index tensors change between steps."""
         perm = self._perm()
+        # every remaining batch's variants drawn now and moved in one copy: a copy per step from pageable
+        # memory would make the host wait for the device at every step (no overlap, none between a set's runs)
+        first, sizes = self.batch, [len(perm[b * self.batch_size:(b + 1) * self.batch_size])
+                                    for b in range(self.batch, len(self))]
+        drawn = [torch.randint(self.variants, (k,), generator=torch.Generator().manual_seed(
+            mix_seed(self.seed, self.epoch, first + i))) for i, k in enumerate(sizes)]
+        variants = torch.cat(drawn).to(self.device).split(sizes) if drawn else ()
         while self.batch < len(self):
             b = self.batch
             glob = perm[b * self.batch_size:(b + 1) * self.batch_size]
-            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, b))
-            variant = torch.randint(self.variants, (len(glob),), generator=g).to(self.device)
+            variant = variants[b - first]
             per_rank = len(glob) // self.world_size
             lo = self.rank * per_rank
             hi = len(glob) if self.rank == self.world_size - 1 else lo + per_rank
