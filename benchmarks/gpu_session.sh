@@ -11,8 +11,11 @@
 #   bash benchmarks/gpu_session.sh bench   # issue 12: CIFAR rows, run sets and fused sets at K = 1, 5, 10
 #   bash benchmarks/gpu_session.sh full    # issue 12: the full cifar-paper schedule of ResNet-20, then 110
 #                                          # (seed 0; they are also Table 6's runs, in its folder layout)
-#   bash benchmarks/gpu_session.sh seeds   # issues 12+13: ResNet-20 seeds 1-5 as one run set, full schedule
+#   bash benchmarks/gpu_session.sh seeds   # issues 12+13: ResNet-20 seeds 1-5 at once, full schedule
+#                                          # (a run set or one fused model: FUSED=0/1, else what
+#                                          # the bench phase of this warm machine measured faster)
 #   bash benchmarks/gpu_session.sh table6  # issue 13: Table 6 at the paper's budget, 3 seeds, 5 at a time
+#                                          # (SEEDS=N, K=N; fused like seeds: each depth's seeds)
 #   bash benchmarks/gpu_session.sh control # issue 13: the independent control script, ResNet-20, seed 0
 #   bash benchmarks/gpu_session.sh r50     # issue 15: the ResNet-50 step under each setting (compile modes)
 #   bash benchmarks/gpu_session.sh e2e     # issue 15: JPEG folders end to end, 10-crop/multi-scale evaluation
@@ -22,6 +25,9 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 RESLAB_CACHE=/tmp/reslab-cache
 R="python3 -m reslab"
 DATA=/tmp/c10/cifar-10-batches-py
 T6=/tmp/runs/table6   # reproduce's layout: T6/paper/ARCH-sSEED
+# design (a) or (b) for K runs at once: FUSED=1/0 decides; else what the bench phase measured faster for five
+# ResNet-20 runs (/tmp/fused-wins, kept while the machine stays warm); else a run set
+fuse() { [ "${FUSED:-$(cat /tmp/fused-wins 2>/dev/null || echo 0)}" = 1 ] && echo --fused; }
 left() { local s=$(( T0 + BUDGET_S - $(date +%s) )); echo $(( s > 10 ? s : 10 )); }  # timeout 0 = no limit
 limit() { timeout -k 10 $(left) "$@"; }
 log() { tee -a $OUT/log.txt; }
@@ -65,11 +71,20 @@ T0=$(date +%s)
 [ -f $DATA/test_batch ] || python3 .device-data/rebuild.py .device-data/cifar-10-jpeg.tar.xz /tmp/c10 2>&1 | tail -n 2 | log
 case $PHASE in
 check)
-  limit python3 -m pytest -q -p no:cacheprovider tests/test_run.py tests/test_folder.py tests/test_fused.py \
+  limit python3 -m pytest -q -p no:cacheprovider tests/test_run.py tests/test_folder.py tests/test_fused.py tests/test_fusedset.py \
     -k "graphed or gpu or cuda or decoding or device_path" 2>&1 | tail -n 15 | log ;;
 bench)
   limit $R bench --device cuda --keep-going --only cifar runsets --arch resnet20 resnet110 \
-    --out $OUT/bench-cifar.json 2>&1 | tail -n 40 | log ;;
+    --out $OUT/bench-cifar.json 2>&1 | tail -n 40 | log
+  python3 - $OUT/bench-cifar.json > /tmp/fused-wins 2>> $OUT/log.txt <<'PY'
+import json, sys
+rows = {r["setting"]: r["images_per_s"] for r in json.load(open(sys.argv[1]))["rows"] if r["arch"] == "resnet20"}
+a = next((v for k, v in rows.items() if k.endswith(", 5 runs")), 0)
+b = next((v for k, v in rows.items() if k.endswith(", fused 5 runs")), 0)
+print(int(b > a))
+print(f"five ResNet-20 runs: run set {a:,.0f} img/s, fused {b:,.0f} img/s", file=sys.stderr)
+PY
+  echo "fused wins: $(cat /tmp/fused-wins)" | log ;;
 full)
   for a in resnet20 resnet110; do
     [ $(left) -gt 60 ] || break
@@ -81,12 +96,12 @@ full)
   keep_runs ;;
 seeds)
   t=$(date +%s)
-  limit $R train --arch resnet20 --recipe cifar-paper --seeds 1 2 3 4 5 --data-dir $DATA --out $T6/paper/resnet20 \
+  limit $R train --arch resnet20 --recipe cifar-paper --seeds 1 2 3 4 5 $(fuse) --data-dir $DATA --out $T6/paper/resnet20 \
     --no-progress $([ -f $T6/paper/resnet20-s1/last.pt ] && echo --resume) 2>&1 | grep -v -i warn | tail -n 8 | log
-  echo "5 x resnet20: this call trained for $(( $(date +%s) - t )) s" | log
+  echo "5 x resnet20 $(fuse || echo '(run set)'): this call trained for $(( $(date +%s) - t )) s" | log
   keep_runs ;;
 table6)
-  limit $R reproduce cifar-table6 --budget paper --seeds ${SEEDS:-3} --concurrent ${K:-5} \
+  limit $R reproduce cifar-table6 --budget paper --seeds ${SEEDS:-3} --concurrent ${K:-5} $(fuse) \
     --data-dir $DATA --out $T6 2>&1 | grep -v -i warn | tail -n 20 | log
   keep_runs ;;
 control)

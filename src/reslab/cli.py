@@ -134,13 +134,17 @@ def cmd_train(a) -> int:
     cfg, explicit = config_from_args(a)
     if a.seeds:
         from dataclasses import replace
+        from .fusedset import train_fused
         from .runset import train_set
         if a.seed is not None or a.extend_to is not None:
             raise ValueError("--seeds trains one run per seed: it does not combine with --seed or --extend-to")
         base = a.out or f"runs/{cfg.model.arch}-{cfg.data.name}"
         configs = [replace(cfg, seed=s, out=f"{base}-s{s}") for s in a.seeds]
-        finals = train_set(configs, resume=a.resume, explicit=explicit | {("", "seed")}, stop_at=a.stop_at)
+        together = train_fused if a.fused else train_set
+        finals = together(configs, resume=a.resume, explicit=explicit | {("", "seed")}, stop_at=a.stop_at)
     else:
+        if a.fused:
+            raise ValueError("--fused trains several seeds as one model: use it with --seeds")
         configs = [cfg]
         finals = [train(cfg, resume=a.resume, explicit=explicit, extend_to=a.extend_to, stop_at=a.stop_at)]
     for c, final in zip(configs, finals):
@@ -176,6 +180,9 @@ def _register_train(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="train one run per seed at once, in one process (folders OUT-sSEED, OUT default "
                         "runs/ARCH-DATA); each equals the run trained alone")
+    p.add_argument("--fused", action="store_true",
+                   help="with --seeds: train the seeds as one fused model (grouped convolutions; each run still "
+                        "has its own folder and checkpoints); falls back to a run set where it cannot, saying why")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint or run folder with the paper's protocols")
@@ -232,7 +239,7 @@ def cmd_reproduce(a) -> int:
         return 0
     from .reproduce import reproduce
     reproduce(a.name, a.data_dir, a.out, a.budget, a.seeds, a.dry_run, a.device, report=not a.no_report,
-              concurrent=a.concurrent)
+              concurrent=a.concurrent, fused=a.fused)
     return 0
 
 
@@ -258,6 +265,9 @@ def _register_reproduce(sub) -> None:
     p.add_argument("--concurrent", type=int, default=1, metavar="K",
                    help="train K runs at a time in one process (a run set; for GPUs, where one small net leaves "
                         "the device mostly idle)")
+    p.add_argument("--fused", action="store_true",
+                   help="with --concurrent: runs that differ only in seed train as one fused model, K at a time "
+                        "(others, and runs that cannot be fused, as run sets)")
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("report", help="plots, tables and numbers from a reproduce folder")
     p.add_argument("dir")

@@ -192,6 +192,18 @@ class Trainer:
         else:
             x, y = next(self._batches)
             wrong, n = self.step_fn(x, y, lr), len(y)
+        self.after_step(wrong, n, lr, stop)
+
+    def reports_at(self, step: int, stop: int) -> bool:
+        """Whether after_step at `step` writes a log line or evaluates (reads the model and counters)."""
+        r = self.cfg.recipe
+        return step % r.log_every == 0 or step >= stop or step % r.eval_every == 0 or step == r.iters
+
+    def after_step(self, wrong: torch.Tensor, n: int, lr: float, stop: int) -> None:
+        """What follows an optimisation step taken at lr `lr` on `n` images (`wrong` of them misclassified):
+        the warm-up rule's window, the counters, and whatever is due at the new step. A fused set
+        (fusedset.py) takes its members' steps itself and calls this for each member."""
+        st, r = self.state, self.cfg.recipe
         if st.schedule.in_warmup_rule:
             self._rule[0] += wrong
             self._rule[1] += n

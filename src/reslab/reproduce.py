@@ -21,6 +21,7 @@ from .config import RunConfig, resume_config
 from .errors import ReslabError
 from .experiments import BUDGETS, get_experiment
 from .flags import to_cli_args
+from .fusedset import train_fused
 from .runset import train_set
 from .step import resolve_runtime
 from .zoo import create_model
@@ -57,14 +58,28 @@ def command(cfg: RunConfig) -> str:
     return shlex.join(["reslab", *to_cli_args(cfg)])  # quoted: paths may hold spaces
 
 
+def groups_of(pending: list[RunConfig], k: int, fused: bool) -> list[list[RunConfig]]:
+    """The runs trained together, `k` at a time in order; with `fused`, runs that differ only in seed and
+    folder go together (a fused set), each architecture's seeds in the order they come."""
+    if not fused:
+        return [pending[i:i + k] for i in range(0, len(pending), k)]
+    by_kind: dict[str, list[RunConfig]] = {}
+    for c in pending:
+        by_kind.setdefault(json.dumps(replace(c, seed=0, out="").to_dict(), sort_keys=True), []).append(c)
+    return [runs[i:i + k] for runs in by_kind.values() for i in range(0, len(runs), k)]
+
+
 def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None = None, dry_run: bool = False,
-              device: str = "auto", report: bool = True, concurrent: int = 1) -> list[Path]:
+              device: str = "auto", report: bool = True, concurrent: int = 1, fused: bool = False) -> list[Path]:
     """Train what is missing of experiment `name` at `budget` (`concurrent` runs at a time in one process, as a
-    RunSet), then the analysis and the report."""
+    RunSet, or with `fused` as fused sets of runs that differ only in seed), then the analysis and the
+    report."""
     from .dist import pick_device
     exp = get_experiment(name)
     if concurrent < 1:
         raise ReslabError(f"--concurrent must be at least 1, got {concurrent}")
+    if fused and concurrent < 2:
+        raise ReslabError("--fused trains --concurrent K runs as one model: give K of 2 or more")
     if exp.needs and not data_dir:
         raise ReslabError(f"{name} needs {exp.needs}")
     configs = [replace(c, runtime=replace(c.runtime, device=device)) for c in exp.configs(budget, out, data_dir, seeds)]
@@ -99,14 +114,13 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
             resume_config(RunConfig.from_dict(ckpt.read_status(cfg.out)["config"]), resolved(cfg), None)
         else:
             pending.append(cfg)
-    for i in range(0, len(pending), concurrent):  # runs not yet finished, `concurrent` at a time in one process
-        group = pending[i:i + concurrent]
+    for group in groups_of(pending, concurrent, fused):  # runs not yet finished, `concurrent` at a time
         names = ", ".join(Path(c.out).name for c in group)
         t = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {names}: training", file=sys.stderr, flush=True)
         # resume=True also starts a run that has no checkpoint yet; a resumed run must be the experiment's
         # run (every field but the free ones: data folder, device, ...), else a one-line error says which
-        train_set(group, resume=True)
+        (train_fused if fused else train_set)(group, resume=True)
         print(f"[{time.strftime('%H:%M:%S')}] {names}: done in {(time.time() - t) / 60:.1f} min",
               file=sys.stderr, flush=True)
     if exp.post == "layer_responses":

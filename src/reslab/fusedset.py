@@ -1,0 +1,210 @@
+"""K runs that differ only in their seed, trained as one fused model (design (b); fused.py holds the model).
+
+Every member is an ordinary run: a Trainer with its own run folder, config, metrics log, evaluations and
+checkpoints, in the single-run layout. Only the optimisation step is shared: the members' models are fused
+into one FusedResNet (grouped convolutions, K*C-channel BatchNorms), their loaders into one FusedBatches
+stream (member i still sees exactly its own batches), and one fused SGD step updates all K. Whenever a member
+reports — a log line, an evaluation, a checkpoint — its weights, BN statistics, momentum buffers and
+counters are first copied out of the fused model into its own model and optimiser, so what it logs and
+saves is what the run trained alone would log and save, up to floating-point summation order (grouped
+convolutions add in another order; tests/test_fusedset.py states the tolerance). A member's checkpoint
+resumes alone (`reslab train --resume`), in a run set, or fused again.
+
+What a fused set refuses, each with the reason (`fuse_refusal`): runs that differ in more than seed and
+folder; fp16 (one GradScaler would skip every member's step when one overflows); EMA; the plateau schedule
+and the warm-up rule of ResNet-110 while it lasts (each member would need its own lr); precise BN (it
+rewrites a member's statistics outside the fused model); image folders (the fused batch is gathered from
+device-resident CIFAR); torchrun. `reslab train --seeds ... --fused` and `reslab reproduce --fused` fall
+back to a run set where fusing is refused, and say why.
+
+A member that diverges stops the whole set (one fused step cannot leave a member out): its last good
+checkpoint and every other member's stay as they were on disk, and the others resume without it.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import dist
+from .config import RunConfig
+from .data.resident import ResidentLoader
+from .engine import Trainer
+from .errors import ReslabError
+from .fused import FusedBatches, FusedResNet, fused_train_step
+from .logs import write_json
+from .recipes import lr_at
+from .step import GraphedStep, graph_fallback
+
+
+class CannotFuse(ReslabError):
+    pass
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_refusal(configs: list[RunConfig]) -> str | None:
+    """Why these runs cannot be fused, from their configs alone (None: nothing in the configs forbids it)."""
+    if not configs:
+        return "a fused set needs at least one run"
+    shared = [_flat(replace(c, seed=0, out="").to_dict()) for c in configs]  # members may differ in these two
+    for c, other in zip(configs[1:], shared[1:]):
+        diff = sorted(k for k in set(shared[0]) | set(other) if shared[0].get(k) != other.get(k))
+        if diff:
+            return f"fused runs may differ only in seed and folder; {Path(c.out).name} differs in {', '.join(diff)}"
+    rt, r = configs[0].runtime, configs[0].recipe
+    reasons = [
+        (rt.precision == "fp16", "one GradScaler would skip every member's step when one member overflows "
+                                 "(fp16); use bf16 or fp32"),
+        (bool(r.ema_decay), "each member would need its own EMA"),
+        (r.schedule == "plateau", "the plateau schedule gives each member its own lr"),
+        (bool(rt.precise_bn), "precise BN rewrites a member's statistics outside the fused model"),
+    ]
+    return next((why for bad, why in reasons if bad), None)
+
+
+def _trainer_refusal(trainers: list[Trainer]) -> str | None:
+    """Why built (or resumed) members cannot be fused."""
+    t0 = trainers[0]
+    if t0.d.enabled:
+        return "a fused set trains in one process; under torchrun, train one run at a time"
+    if not isinstance(t0.data.train, ResidentLoader):
+        return "a fused batch is gathered from device-resident data (CIFAR), not from image folders"
+    if any(t.state.schedule.in_warmup_rule for t in trainers):
+        return ("the warm-up rule (lr 0.01 until training error < 80%) ends at a different step for each "
+                "member; train them as a run set, or fuse them once the rule has ended (--resume)")
+    steps = {t.state.step for t in trainers}
+    if len(steps) > 1:
+        return f"the members are at different steps ({sorted(steps)}); resume them as a run set"
+    return None
+
+
+class FusedSet:
+    def __init__(self, configs: list[RunConfig], *, resume: bool = False, explicit: set | None = None):
+        why = config_refusal(configs)
+        if why:
+            raise CannotFuse(f"cannot fuse these runs: {why}")
+        outs = [c.out for c in configs]
+        if len(set(outs)) != len(outs):
+            raise ReslabError(f"two runs of the set write to the same folder: {sorted({o for o in outs if outs.count(o) > 1})}")
+        d = dist.init(configs[0].runtime.device)
+        self.trainers = ts = [Trainer(c, resume=resume, explicit=explicit, dist_info=d) for c in configs]
+        why = _trainer_refusal(ts)
+        if why:
+            raise CannotFuse(f"cannot fuse these runs: {why}")
+        for i, t in enumerate(ts):
+            t.label = Path(t.cfg.out).name
+            if t.d.is_main:  # the record says how the run was trained (its numbers differ from alone's in rounding)
+                write_json(t.out / "config.json", {**t.config_record(), "fused": {"members": len(ts), "index": i}})
+        t0 = ts[0]
+        self.cfg, self.device = t0.cfg, t0.d.device
+        rt = self.cfg.runtime
+        fmt = torch.channels_last if rt.channels_last else torch.contiguous_format
+        self.model = FusedResNet.from_members([t.model for t in ts]).to(memory_format=fmt)
+        net = torch.compile(self.model, mode=rt.compile_mode) if rt.compile else self.model
+        self.step_fn = fused_train_step(self.model, self.cfg.recipe, rt.precision, self.device, net=net)
+        self._params = [(fp, [dict(t.model.named_parameters())[name] for t in ts])
+                        for name, fp in self.model.net.named_parameters()]
+        self._buffers = [(fb, [dict(t.model.named_buffers())[name] for t in ts])
+                         for name, fb in self.model.net.named_buffers()]
+        self._momentum_in()
+        self.batches = FusedBatches([t.data.train for t in ts])
+        why = graph_fallback(self.device, rt.precision, t0.data.train, None, False, rt.compile, rt.sync_bn)
+        if rt.graphs and why:
+            raise ReslabError(f"--graphs: {why}; drop --graphs")
+        self.graphed = None if why or rt.graphs is False else GraphedStep(self.step_fn, self.batches)
+
+    # ------------------------------------------------------------ members <-> fused model
+    def _momentum_in(self) -> None:
+        """Resumed members bring their momentum buffers: stacked into the fused optimiser's (all or none:
+        members at the same step have all taken a step or none has)."""
+        bufs = [[t.state.optimizer.state.get(p, {}).get("momentum_buffer") for t, p in zip(self.trainers, ps)]
+                for _, ps in self._params]
+        if all(b is None for row in bufs for b in row):
+            return
+        if any(b is None for row in bufs for b in row):
+            raise ReslabError("some members' checkpoints have momentum buffers and some do not; resume them "
+                              "as a run set")
+        for (fp, _), row in zip(self._params, bufs):
+            self.step_fn.opt.state[fp]["momentum_buffer"] = torch.cat(row, 0).to(fp.dtype).contiguous(
+                memory_format=torch.channels_last if fp.ndim == 4 and fp.is_contiguous(
+                    memory_format=torch.channels_last) else torch.contiguous_format)
+
+    @torch.no_grad()
+    def to_members(self) -> None:
+        """Copy the fused weights, BN buffers, momentum buffers and step counters out to every member, which
+        then logs, evaluates and saves as a run of its own."""
+        k = len(self.trainers)
+        for fp, ps in self._params:
+            for p, part in zip(ps, fp.chunk(k, 0)):
+                p.copy_(part)
+        for fb, bs in self._buffers:
+            for b, part in zip(bs, fb.chunk(k, 0) if fb.ndim else [fb] * k):
+                b.copy_(part)
+        for fp, ps in self._params:
+            buf = self.step_fn.opt.state.get(fp, {}).get("momentum_buffer")
+            if buf is None:
+                continue
+            for t, p, part in zip(self.trainers, ps, buf.chunk(k, 0)):
+                st = t.state.optimizer.state[p]
+                if "momentum_buffer" in st:
+                    st["momentum_buffer"].copy_(part)
+                else:
+                    st["momentum_buffer"] = part.clone(memory_format=torch.preserve_format)
+        for t, row in zip(self.trainers, self.step_fn.acc):
+            t.step_fn.acc.add_(row)
+        self.step_fn.acc.zero_()
+
+    # ------------------------------------------------------------ the loop
+    def fit(self, stop_at: int | None = None) -> list[dict]:
+        """Train every member to the end (or `stop_at`); returns each member's last evaluation, in order."""
+        ts = self.trainers
+        stop = min(t.begin(stop_at) for t in ts)
+        t0, r = ts[0], self.cfg.recipe
+        plans = self._endless()
+        try:
+            while t0.state.step < stop:
+                lr = lr_at(t0.state.step, r, t0.state.schedule)
+                if self.graphed is not None:
+                    idx, variant = next(plans)
+                    wrong, n = self.graphed(idx, variant, lr), idx.shape[1]
+                else:
+                    x, y = next(plans)
+                    wrong, n = self.step_fn(x, y, lr), y.shape[1]
+                if t0.reports_at(t0.state.step + 1, stop):
+                    self.to_members()
+                for t, w in zip(ts, wrong):
+                    t.after_step(w, n, lr, stop)
+            self.to_members()
+            for t in ts:
+                t.end(stop)
+        finally:
+            for t in ts:
+                t.close()
+        return [t.state.metrics for t in ts]
+
+    def _endless(self):
+        while True:
+            yield from (self.batches.plans() if self.graphed is not None else self.batches)
+
+
+def train_fused(configs: list[RunConfig], *, resume: bool = False, explicit: set | None = None,
+                stop_at: int | None = None) -> list[dict]:
+    """Train `configs` as one fused set where they can be fused, else as a run set, saying why once."""
+    from .runset import train_set
+    try:
+        fused = FusedSet(configs, resume=resume, explicit=explicit)
+    except CannotFuse as e:
+        print(f"reslab: {e}; training the {len(configs)} runs as a run set", file=sys.stderr, flush=True)
+        return train_set(configs, resume=resume, explicit=explicit, stop_at=stop_at)
+    try:
+        return fused.fit(stop_at)
+    finally:
+        dist.shutdown()
