@@ -6,7 +6,7 @@
 #
 #   carry: .device-data  (holds cifar-10-jpeg.tar.xz and rebuild.py from ../shared/datasets/cifar10-jpeg,
 #                         and optionally runs/ : run folders from an earlier session, to resume; they come
-#                         back as $OUT/records-PHASE.tgz and $OUT/ckpt-PHASE.tar - last.pt files, 15 MiB at most)
+#                         back as $OUT/records.tgz and $OUT/ckpt.tar - last.pt files, 15 MiB at most)
 #   bash benchmarks/gpu_session.sh check   # data, the CUDA tests (graphed step, GPU decode)
 #   bash benchmarks/gpu_session.sh bench   # issue 12: CIFAR rows, run sets and fused sets at K = 1, 5, 10
 #   bash benchmarks/gpu_session.sh full    # issue 12: the full cifar-paper schedule of ResNet-20, then 110
@@ -15,7 +15,8 @@
 #                                          # (a run set or one fused model: FUSED=0/1, else what
 #                                          # the bench phase of this warm machine measured faster)
 #   bash benchmarks/gpu_session.sh table6  # issue 13: Table 6 at the paper's budget, 3 seeds, 5 at a time
-#                                          # (SEEDS=N, K=N; fused like seeds: each depth's seeds)
+#                                          # (SEEDS=N, K=N; fused like seeds: each depth's seeds;
+#                                          # its resnet20-s1, -s2 are the seeds phase's: they resume)
 #   bash benchmarks/gpu_session.sh control # issue 13: the independent control script, ResNet-20, seed 0
 #   bash benchmarks/gpu_session.sh r50     # issue 15: the ResNet-50 step under each setting (compile modes)
 #   bash benchmarks/gpu_session.sh e2e     # issue 15: JPEG folders end to end, 10-crop/multi-scale evaluation
@@ -31,11 +32,11 @@ fuse() { [ "${FUSED:-$(cat /tmp/fused-wins 2>/dev/null || echo 0)}" = 1 ] && ech
 left() { local s=$(( T0 + BUDGET_S - $(date +%s) )); echo $(( s > 10 ? s : 10 )); }  # timeout 0 = no limit
 limit() { timeout -k 10 $(left) "$@"; }
 log() { tee -a $OUT/log.txt; }
-# what comes back: every run folder's record (small), and last.pt files in one tar up to 15 MiB (a call
-# returns 8 files of 16 MiB at most); the rest resume only while this machine stays warm
+# what comes back, once per call (a call returns 8 files at most): every run folder's record (small) in
+# records.tgz, and last.pt files in ckpt.tar up to 15 MiB; the rest resume only while this machine stays warm
 keep_runs() {
   cd /tmp/runs 2>/dev/null || return 0
-  tar czf $OUT/records-$PHASE.tgz $(find . -name metrics.jsonl -o -name config.json -o -name env.json \
+  tar czf $OUT/records.tgz $(find . -name metrics.jsonl -o -name config.json -o -name env.json \
     -o -name 'manifest*.json' -o -name '*.md' -o -name '*.png') 2>/dev/null
   local total=0 size keep=""
   for f in $(find . -name last.pt | sort); do
@@ -43,25 +44,32 @@ keep_runs() {
     [ $(( total + size )) -le $(( 15 * 1024 * 1024 )) ] || { echo "not returned (over 15 MiB in all): $f" | log; continue; }
     total=$(( total + size )); keep="$keep $f"
   done
-  [ -z "$keep" ] || tar cf $OUT/ckpt-$PHASE.tar $keep
+  [ -z "$keep" ] || tar cf $OUT/ckpt.tar $keep
   cd - > /dev/null
 }
-# one full-schedule training run (resumed where an earlier call left it); a failure of the graphed step
-# (never a time limit) is retried eagerly so the run still happens, and the log says so
+# one full-schedule training run, resumed where an earlier call left it (--resume also starts a run that has
+# no checkpoint yet); if the graphed step fails (never a time limit, a divergence or a config error), it is
+# retried eagerly so the run still happens, and the log says so
 train_full() {  # out, then train flags
   local out=$1; shift
-  limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-progress \
-    $([ -f $out/last.pt ] && echo --resume) 2>&1 | grep -v -i warn | tail -n 6 | log
+  limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-progress --resume 2>&1 \
+    | grep -v -i warn | tee /tmp/last-train.txt | tail -n 6 | log
   local rc=${PIPESTATUS[0]}
-  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && [ $(left) -gt 60 ]; then
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && [ $(left) -gt 60 ] \
+     && grep -q -i -e graph -e cuda /tmp/last-train.txt; then
     echo "exit $rc: again with --no-graphs" | log
-    limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-progress --no-graphs \
-      $([ -f $out/last.pt ] && echo --resume) 2>&1 | grep -v -i warn | tail -n 6 | log
+    limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-progress --no-graphs --resume \
+      2>&1 | grep -v -i warn | tail -n 6 | log
   fi
 }
 mkdir -p /tmp/runs
 [ -d .device-data/runs ] && cp -rn .device-data/runs/. /tmp/runs/   # run folders carried from a session before
 [ $# -gt 0 ] || { echo "phases: check, bench, full, seeds, table6, control, r50, e2e (PHASE[:SECONDS] ...)"; exit 2; }
+for SPEC in "$@"; do  # every phase checked before any runs: a typo must not cost the phases before it
+  case ${SPEC%%:*} in check|bench|full|seeds|table6|control|r50|e2e) ;; *) echo "unknown phase in $SPEC"; exit 2 ;; esac
+  case $SPEC in *:*) case ${SPEC#*:} in ''|*[!0-9]*) echo "$SPEC: the limit must be whole seconds"; exit 2 ;; esac ;; esac
+done
+TRAINED=0
 for SPEC in "$@"; do
 PHASE=${SPEC%%:*}; BUDGET_S=570; [ "$SPEC" = "$PHASE" ] || BUDGET_S=${SPEC#*:}
 T0=$(date +%s)
@@ -93,28 +101,28 @@ full)
     train_full $T6/paper/$a-s0 --arch $a --seed 0
     echo "$a: this call trained for $(( $(date +%s) - t )) s" | log
   done
-  keep_runs ;;
+  TRAINED=1 ;;
 seeds)
   t=$(date +%s)
   limit $R train --arch resnet20 --recipe cifar-paper --seeds 1 2 3 4 5 $(fuse) --data-dir $DATA --out $T6/paper/resnet20 \
-    --no-progress $([ -f $T6/paper/resnet20-s1/last.pt ] && echo --resume) 2>&1 | grep -v -i warn | tail -n 8 | log
+    --no-progress --resume 2>&1 | grep -v -i warn | tail -n 8 | log
   echo "5 x resnet20 $(fuse || echo '(run set)'): this call trained for $(( $(date +%s) - t )) s" | log
-  keep_runs ;;
+  TRAINED=1 ;;
 table6)
   limit $R reproduce cifar-table6 --budget paper --seeds ${SEEDS:-3} --concurrent ${K:-5} $(fuse) \
     --data-dir $DATA --out $T6 2>&1 | grep -v -i warn | tail -n 20 | log
-  keep_runs ;;
+  TRAINED=1 ;;
 control)
   limit python3 benchmarks/control_cifar.py --data-dir $DATA --out /tmp/runs/control-resnet20-s0 \
     --resume 2>&1 | tail -n 5 | log
-  keep_runs ;;
+  TRAINED=1 ;;
 r50)
   limit $R bench --device cuda --keep-going --only imagenet --imagenet-arch resnet50 --out $OUT/bench-r50.json \
     2>&1 | tail -n 40 | log ;;
 e2e)
   limit $R bench --device cuda --keep-going --only e2e eval --imagenet-arch resnet50 --out $OUT/bench-e2e.json \
     2>&1 | tail -n 40 | log ;;
-*) echo "unknown phase $PHASE" | log ;;
 esac
 echo "$PHASE wall $(( $(date +%s) - T0 )) s" | log
 done
+[ $TRAINED = 0 ] || keep_runs

@@ -41,6 +41,24 @@ def test_quick_bench_writes_a_well_formed_result(tmp_path, capsys):
     assert all(row["runs"] == 1 for row in r["rows"] if row["kind"] != "train" or "runs" not in row["setting"])
 
 
+def test_a_failing_group_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    """--keep-going (the GPU sessions' mode): the data group breaks; the CIFAR group is still measured, the
+    error names the group in the result's `errors`, and the exit status says something failed."""
+    import reslab.bench.plans as plans
+
+    def broken(*a, **k):
+        raise RuntimeError("no such kernel")
+    monkeypatch.setattr(plans, "bench_data", broken)
+    out = tmp_path / "k.json"
+    assert main(["bench", "--quick", "--only", "data", "cifar", "--keep-going", "--out", str(out)]) == 1
+    r = json.loads(out.read_text())
+    assert r["errors"] == ["data (data): RuntimeError: no such kernel"]
+    assert {row["kind"] for row in r["rows"]} == {"train"}
+    assert "failed group: data (data)" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="no such kernel"):  # without it, the first failure stops the bench
+        main(["bench", "--quick", "--only", "data", "--out", str(tmp_path / "s.json")])
+
+
 def test_bench_rejects_zero_rounds(capsys):
     assert main(["bench", "--quick", "--rounds", "0"]) != 0
     assert "--rounds must be at least 1" in capsys.readouterr().err

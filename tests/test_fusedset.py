@@ -122,11 +122,48 @@ def test_a_diverging_fused_set_stops_with_every_checkpoint_good(data_dir, tmp_pa
                  "--eval-every", "3", "--log-every", "100", "--lr", "1e9", "--data-dir", str(data_dir),
                  "--out", str(tmp_path / "R"), "--seeds", "0", "1", "--fused"]) == 2
     assert "NaN/Inf" in capsys.readouterr().err
+    steps = set()
     for s in (0, 1):
         run = tmp_path / f"R-s{s}"
         if (run / "last.pt").exists():
             ck = ckpt.load(run)
             assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+            steps.add(ck["step"])
+        else:
+            steps.add(None)
+    assert len(steps) == 1  # no member saved at the step where one diverged
+
+
+def test_one_member_diverging_stops_the_set_with_all_checkpoints_at_one_step(data_dir, tmp_path, monkeypatch):
+    """NaN injected into member 1 alone (its weights, after step 7): member 0, first in order, must not save
+    at step 9 before member 1's failure is seen; both stay at step 6, and the error names member 1."""
+    from reslab.engine import TrainingDiverged
+    cs = _configs(tmp_path / "d", data_dir, seeds=(0, 1), iters=12, eval_every=3, log_every=3)
+    fs = FusedSet(cs)
+    real = fs.step_fn.update
+
+    def poisoned(x, y, ctx):
+        wrong = real(x, y, ctx)
+        if fs.trainers[0].state.step == 6:  # the 7th step: member 1's block of the first conv's weights
+            w = fs.model.net.conv1.weight
+            w.data[w.shape[0] // 2:] = float("nan")
+        return wrong
+    monkeypatch.setattr(fs.step_fn, "update", poisoned)
+    with pytest.raises(TrainingDiverged, match="s1: the training loss or the weights became NaN"):
+        fs.fit()
+    assert [ckpt.read_status(c.out)["step"] for c in cs] == [6, 6]
+
+
+def test_resumed_members_are_judged_by_their_own_configs(data_dir, tmp_path, capsys):
+    """Runs trained with EMA, resumed with --fused: the checkpoints' EMA refuses the fused set, and the runs
+    go on as a run set."""
+    cs = _configs(tmp_path / "e", data_dir, seeds=(0, 1), iters=12, ema_decay=0.9)
+    from reslab.runset import train_set
+    train_set(cs, stop_at=6)
+    plain = [replace(c, recipe=replace(c.recipe, ema_decay=0.0)) for c in cs]  # what a command line may say
+    train_fused(plain, resume=True, explicit=set())
+    assert "own EMA" in capsys.readouterr().err
+    assert all(ckpt.read_status(c.out)["step"] == 12 for c in cs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

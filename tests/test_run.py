@@ -258,7 +258,8 @@ def test_graphs_say_why_not_and_refuse_when_asked_where_impossible(data_dir, tmp
     res = ResidentLoader(x, torch.zeros(4, dtype=torch.long), 2, Normalizer.fit(x), train=True)
     assert graph_fallback(cuda, "bf16", res, None, False, False, False) is None
     assert "GradScaler" in graph_fallback(cuda, "fp16", res, None, False, False, False)
-    assert "worker processes" in graph_fallback(cuda, "bf16", object(), None, False, False, False)
+    assert "opt-in" in graph_fallback(cuda, "bf16", object(), None, False, False, False)  # image folders
+    assert graph_fallback(cuda, "bf16", object(), None, False, False, False, asked=True) is None
     assert "DDP" in graph_fallback(cuda, "bf16", res, None, True, False, False)
     assert "EMA" in graph_fallback(cuda, "bf16", res, object(), False, False, False)
     assert _train("--graphs", "--iters", 2, "--data-dir", data_dir, "--out", tmp_path / "g") == 2

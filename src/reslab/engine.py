@@ -40,7 +40,9 @@ from .flags import to_cli_args
 from .logs import MetricsLog, Progress, environment, truncate_metrics, write_json
 from .recipes import after_eval, lr_at, warmup_rule_applies
 from .state import TrainingState
-from .step import GraphedStep, TrainStep, autocast_for, graph_fallback, make_ema, make_optimizer, resolve_runtime
+from .data.resident import ResidentLoader
+from .step import (GivenBatch, GraphedStep, TrainStep, autocast_for, graph_fallback, make_ema, make_optimizer,
+                   resolve_runtime)
 from .zoo import create_model
 
 
@@ -70,7 +72,9 @@ def init_model(cfg: RunConfig, num_classes: int) -> nn.Module:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, explicit: set | None = None,
-                 extend_to: int | None = None, dist_info: dist.DistInfo | None = None):
+                 extend_to: int | None = None, dist_info: dist.DistInfo | None = None, own_step: bool = True):
+        """`own_step=False`: a member of a fused set (fusedset.py), whose steps the set takes; it builds no
+        compiled or graphed step of its own."""
         self.out = out = Path(cfg.out)
         ck = None
         if (out / ckpt.LAST).exists():
@@ -118,31 +122,39 @@ class Trainer:
                 truncate_metrics(out, st.step)
             write_json(out / "config.json", self.config_record())
             write_json(out / "env.json", environment())
+        net = self._net(model, rt, d) if own_step else model
+        self.step_fn = TrainStep(net, model, opt, scaler, ema, rt.precision, d.device, r.label_smoothing)
+        self._plans = isinstance(data.train, ResidentLoader)  # a graph can gather its own batches from plans
+        self.graphed = self._graphed_step(rt, ema) if own_step else None
+        self.ctx = autocast_for(d.device, rt.precision)
+        self._rule = torch.zeros(2, dtype=torch.float64, device=d.device)  # warm-up rule window: wrong, seen
+        self._batches = None
+        self.checked_step = st.step      # every step up to here is known finite
+        self.label = ""                  # shown in progress lines when several runs share a process
+
+    @staticmethod
+    def _net(model: nn.Module, rt, d) -> nn.Module:
+        """What runs forward: the model, under SyncBN and DDP with torchrun, compiled on request."""
         net = model
         if rt.sync_bn and d.enabled:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         if d.enabled:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-        net = torch.compile(net, mode=rt.compile_mode) if rt.compile else net
-        self.step_fn = TrainStep(net, model, opt, scaler, ema, rt.precision, d.device, r.label_smoothing)
-        self.graphed = self._graphed_step(rt, ema)
-        self.ctx = autocast_for(d.device, rt.precision)
-        self._rule = torch.zeros(2, dtype=torch.float64, device=d.device)  # warm-up rule window: wrong, seen
-        self._batches = None
-        self._checked = st.step          # every step up to here is known finite
-        self.label = ""                  # shown in progress lines when several runs share a process
+        return torch.compile(net, mode=rt.compile_mode) if rt.compile else net
 
     def _graphed_step(self, rt, ema):
         """The CUDA-graph form of the step where it is safe; otherwise None, with the reason said once."""
         why = graph_fallback(self.d.device, rt.precision, self.data.train, ema, self.d.enabled, rt.compile,
-                             rt.sync_bn)
+                             rt.sync_bn, asked=bool(rt.graphs))
         if rt.graphs and why:
             raise ReslabError(f"--graphs: {why}; drop --graphs")
         if why:
             if rt.graphs is None and self.d.device.type == "cuda" and self.d.is_main:
                 print(f"reslab: training step not graphed: {why}", file=sys.stderr)
             return None
-        return None if rt.graphs is False else GraphedStep(self.step_fn, self.data.train)
+        if rt.graphs is False:
+            return None
+        return GraphedStep(self.step_fn, self.data.train if self._plans else GivenBatch())
 
     def config_record(self) -> dict:
         """config.json: the run's config, the model it built, the data it found, the command to rerun it."""
@@ -186,18 +198,22 @@ class Trainer:
         if self._batches is None:
             self._batches = self._endless()
         lr = lr_at(st.step, r, st.schedule)
-        if self.graphed is not None:  # the graph gathers the batch itself from the plan's indices
-            idx, variant = next(self._batches)
-            wrong, n = self.graphed(idx, variant, lr), len(idx)
+        if self.graphed is not None:  # from the plan's indices the graph gathers the batch itself
+            a, b = next(self._batches)                     # (indices, variants), or a folder's (images, labels)
+            wrong, n = self.graphed(a, b, lr), len(a)
         else:
             x, y = next(self._batches)
             wrong, n = self.step_fn(x, y, lr), len(y)
         self.after_step(wrong, n, lr, stop)
 
+    def _due(self, step: int, stop: int) -> tuple[bool, bool]:
+        """(a log line, an evaluation and save) due at `step`."""
+        r = self.cfg.recipe
+        return step % r.log_every == 0 or step >= stop, step % r.eval_every == 0 or step == r.iters
+
     def reports_at(self, step: int, stop: int) -> bool:
         """Whether after_step at `step` writes a log line or evaluates (reads the model and counters)."""
-        r = self.cfg.recipe
-        return step % r.log_every == 0 or step >= stop or step % r.eval_every == 0 or step == r.iters
+        return any(self._due(step, stop))
 
     def after_step(self, wrong: torch.Tensor, n: int, lr: float, stop: int) -> None:
         """What follows an optimisation step taken at lr `lr` on `n` images (`wrong` of them misclassified):
@@ -211,15 +227,15 @@ class Trainer:
         self._imgs += n * self.d.world_size
         if st.schedule.in_warmup_rule and st.step % r.warmup_rule.check_every == 0:
             self._check_warmup_rule()
-        last = st.step >= stop
-        if st.step % r.log_every == 0 or last:
-            self.log_train(lr, last)
-        if st.step % r.eval_every == 0 or st.step == r.iters:
+        log, evaluate = self._due(st.step, stop)
+        if log:
+            self.log_train(lr, st.step >= stop)
+        if evaluate:
             self.evaluate_and_save()
 
     def _endless(self):
         while True:
-            yield from (self.data.train.plans() if self.graphed is not None else self.data.train)
+            yield from (self.data.train.plans() if self.graphed is not None and self._plans else self.data.train)
 
     def _check_warmup_rule(self) -> None:
         dist.all_reduce_sum(self._rule)
@@ -233,18 +249,23 @@ class Trainer:
         """Every step since the last check had a finite loss, and the weights are finite; otherwise stop
         with an error that says what is on disk. Runs on every rank (it all-reduces)."""
         st = self.state
-        if self._checked == st.step:  # a log line and an evaluation at the same step: checked already
+        if self.checked_step == st.step:  # a log line and an evaluation at the same step: checked already
             return
+        if float(dist.all_reduce_sum(self.nonfinite()).sum()) > 0:
+            raise TrainingDiverged(f"the training loss or the weights became NaN/Inf between steps {self.checked_step + 1} "
+                                   f"and {st.step}; stopped without saving ({self.on_disk()}); lower the learning "
+                                   "rate or use --precision fp32")
+        self.checked_step = st.step
+
+    def nonfinite(self) -> torch.Tensor:
+        """(steps with a non-finite loss since the last log line, non-finite weight tensors): a device tensor."""
         weights = [t for t in list(self.model.parameters()) + list(self.model.buffers()) if t.is_floating_point()]
-        bad = torch.stack([self.step_fn.acc[3], (~torch.isfinite(torch.stack([t.detach().float().sum()
-                                                                              for t in weights]))).sum().double()])
-        if float(dist.all_reduce_sum(bad).sum()) > 0:
-            on_disk = (f"{self.out / ckpt.LAST} is still the checkpoint of step {self.saved_step}, untouched"
-                       if self.saved_step is not None else "no checkpoint was written")
-            raise TrainingDiverged(f"the training loss or the weights became NaN/Inf between steps {self._checked + 1} "
-                                   f"and {st.step}; stopped without saving ({on_disk}); lower the learning rate or "
-                                   "use --precision fp32")
-        self._checked = st.step
+        return torch.stack([self.step_fn.acc[3], (~torch.isfinite(torch.stack([t.detach().float().sum()
+                                                                             for t in weights]))).sum().double()])
+
+    def on_disk(self) -> str:
+        return (f"{self.out / ckpt.LAST} is still the checkpoint of step {self.saved_step}, untouched"
+                if self.saved_step is not None else "no checkpoint was written")
 
     def log_train(self, lr: float, last: bool) -> None:
         st, r, acc = self.state, self.cfg.recipe, self.step_fn.acc

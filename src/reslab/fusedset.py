@@ -10,18 +10,21 @@ saves is what the run trained alone would log and save, up to floating-point sum
 convolutions add in another order; tests/test_fusedset.py states the tolerance). A member's checkpoint
 resumes alone (`reslab train --resume`), in a run set, or fused again.
 
-What a fused set refuses, each with the reason (`fuse_refusal`): runs that differ in more than seed and
-folder; fp16 (one GradScaler would skip every member's step when one overflows); EMA; the plateau schedule
-and the warm-up rule of ResNet-110 while it lasts (each member would need its own lr); precise BN (it
-rewrites a member's statistics outside the fused model); image folders (the fused batch is gathered from
-device-resident CIFAR); torchrun. `reslab train --seeds ... --fused` and `reslab reproduce --fused` fall
-back to a run set where fusing is refused, and say why.
+What a fused set refuses, each with the reason (`config_refusal`, judged again on resumed members' own
+configs): runs that differ in more than seed and folder; fp16 (one GradScaler would skip every member's
+step when one overflows); EMA; the plateau schedule and the warm-up rule of ResNet-110 while it lasts (each
+member would need its own lr); precise BN (it rewrites a member's statistics outside the fused model);
+image folders (the fused batch is gathered from device-resident CIFAR); members at different steps.
+`reslab train --seeds ... --fused` and `reslab reproduce --fused` train such runs as a run set instead, and
+say why. Under torchrun a fused set, like a run set, is an error.
 
-A member that diverges stops the whole set (one fused step cannot leave a member out): its last good
-checkpoint and every other member's stay as they were on disk, and the others resume without it.
+A member that diverges stops the whole set (one fused step cannot leave a member out). Every member is
+checked before any reports, so no member saves at that step: all checkpoints on disk stay at the same good
+step, and the others resume together without the diverged one.
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -30,17 +33,22 @@ import torch
 
 from . import dist
 from .config import RunConfig
-from .data.resident import ResidentLoader
-from .engine import Trainer
+from .engine import Trainer, TrainingDiverged
 from .errors import ReslabError
 from .fused import FusedBatches, FusedResNet, fused_train_step
 from .logs import write_json
 from .recipes import lr_at
+from .runset import check_folders
 from .step import GraphedStep, graph_fallback
 
 
 class CannotFuse(ReslabError):
-    pass
+    """These runs cannot be fused (the reason is the message); they can still train as a run set."""
+
+
+def fusion_key(cfg: RunConfig) -> str:
+    """What members of one fused set share: the whole config but the seed and the run folder."""
+    return json.dumps(replace(cfg, seed=0, out="").to_dict(), sort_keys=True)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -51,13 +59,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_refusal(configs: list[RunConfig]) -> str | None:
-    """Why these runs cannot be fused, from their configs alone (None: nothing in the configs forbids it)."""
+    """Why these runs cannot be fused, from their configs alone (None: nothing in the configs forbids it).
+    Resumed runs are judged by the configs their checkpoints hold (FusedSet checks those again)."""
     if not configs:
         return "a fused set needs at least one run"
-    shared = [_flat(replace(c, seed=0, out="").to_dict()) for c in configs]  # members may differ in these two
-    for c, other in zip(configs[1:], shared[1:]):
-        diff = sorted(k for k in set(shared[0]) | set(other) if shared[0].get(k) != other.get(k))
-        if diff:
+    if configs[0].data.name == "folder":
+        return "a fused batch is gathered from device-resident data (CIFAR), not from image folders"
+    first = fusion_key(configs[0])
+    for c in configs[1:]:
+        if fusion_key(c) != first:
+            a, b = (_flat(replace(x, seed=0, out="").to_dict()) for x in (configs[0], c))
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             return f"fused runs may differ only in seed and folder; {Path(c.out).name} differs in {', '.join(diff)}"
     rt, r = configs[0].runtime, configs[0].recipe
     reasons = [
@@ -71,12 +83,10 @@ def config_refusal(configs: list[RunConfig]) -> str | None:
 
 
 def _trainer_refusal(trainers: list[Trainer]) -> str | None:
-    """Why built (or resumed) members cannot be fused."""
-    t0 = trainers[0]
-    if t0.d.enabled:
-        return "a fused set trains in one process; under torchrun, train one run at a time"
-    if not isinstance(t0.data.train, ResidentLoader):
-        return "a fused batch is gathered from device-resident data (CIFAR), not from image folders"
+    """Why built (or resumed) members cannot be fused: their configs as resumed, their state."""
+    why = config_refusal([t.cfg for t in trainers])
+    if why:
+        return why
     if any(t.state.schedule.in_warmup_rule for t in trainers):
         return ("the warm-up rule (lr 0.01 until training error < 80%) ends at a different step for each "
                 "member; train them as a run set, or fuse them once the rule has ended (--resume)")
@@ -91,14 +101,15 @@ class FusedSet:
         why = config_refusal(configs)
         if why:
             raise CannotFuse(f"cannot fuse these runs: {why}")
-        outs = [c.out for c in configs]
-        if len(set(outs)) != len(outs):
-            raise ReslabError(f"two runs of the set write to the same folder: {sorted({o for o in outs if outs.count(o) > 1})}")
+        check_folders(configs)
         d = dist.init(configs[0].runtime.device)
-        self.trainers = ts = [Trainer(c, resume=resume, explicit=explicit, dist_info=d) for c in configs]
+        if d.enabled:  # not a fallback case: a run set refuses torchrun too
+            raise ReslabError("a fused set trains in one process; under torchrun, train one run at a time")
+        ts = [Trainer(c, resume=resume, explicit=explicit, dist_info=d, own_step=False) for c in configs]
         why = _trainer_refusal(ts)
         if why:
             raise CannotFuse(f"cannot fuse these runs: {why}")
+        self.trainers = ts
         for i, t in enumerate(ts):
             t.label = Path(t.cfg.out).name
             if t.d.is_main:  # the record says how the run was trained (its numbers differ from alone's in rounding)
@@ -110,21 +121,24 @@ class FusedSet:
         self.model = FusedResNet.from_members([t.model for t in ts]).to(memory_format=fmt)
         net = torch.compile(self.model, mode=rt.compile_mode) if rt.compile else self.model
         self.step_fn = fused_train_step(self.model, self.cfg.recipe, rt.precision, self.device, net=net)
-        self._params = [(fp, [dict(t.model.named_parameters())[name] for t in ts])
-                        for name, fp in self.model.net.named_parameters()]
-        self._buffers = [(fb, [dict(t.model.named_buffers())[name] for t in ts])
-                         for name, fb in self.model.net.named_buffers()]
+        params = [dict(t.model.named_parameters()) for t in ts]
+        buffers = [dict(t.model.named_buffers()) for t in ts]
+        self._params = [(fp, [p[name] for p in params]) for name, fp in self.model.net.named_parameters()]
+        self._buffers = [(fb, [b[name] for b in buffers]) for name, fb in self.model.net.named_buffers()]
         self._momentum_in()
         self.batches = FusedBatches([t.data.train for t in ts])
         why = graph_fallback(self.device, rt.precision, t0.data.train, None, False, rt.compile, rt.sync_bn)
         if rt.graphs and why:
             raise ReslabError(f"--graphs: {why}; drop --graphs")
+        if why and rt.graphs is None and self.device.type == "cuda":
+            print(f"reslab: fused step not graphed: {why}", file=sys.stderr)
         self.graphed = None if why or rt.graphs is False else GraphedStep(self.step_fn, self.batches)
 
     # ------------------------------------------------------------ members <-> fused model
     def _momentum_in(self) -> None:
         """Resumed members bring their momentum buffers: stacked into the fused optimiser's (all or none:
-        members at the same step have all taken a step or none has)."""
+        members at the same step have all taken a step or none has). Each buffer gets its parameter's
+        exact strides, which PyTorch's fused SGD requires."""
         bufs = [[t.state.optimizer.state.get(p, {}).get("momentum_buffer") for t, p in zip(self.trainers, ps)]
                 for _, ps in self._params]
         if all(b is None for row in bufs for b in row):
@@ -133,14 +147,13 @@ class FusedSet:
             raise ReslabError("some members' checkpoints have momentum buffers and some do not; resume them "
                               "as a run set")
         for (fp, _), row in zip(self._params, bufs):
-            self.step_fn.opt.state[fp]["momentum_buffer"] = torch.cat(row, 0).to(fp.dtype).contiguous(
-                memory_format=torch.channels_last if fp.ndim == 4 and fp.is_contiguous(
-                    memory_format=torch.channels_last) else torch.contiguous_format)
+            self.step_fn.opt.state[fp]["momentum_buffer"] = torch.empty_like(fp).copy_(torch.cat(row, 0))
 
     @torch.no_grad()
-    def to_members(self) -> None:
-        """Copy the fused weights, BN buffers, momentum buffers and step counters out to every member, which
-        then logs, evaluates and saves as a run of its own."""
+    def to_members(self, lr: float) -> None:
+        """Copy the fused weights, BN buffers, momentum buffers, step counters and lr out to every member,
+        which then logs, evaluates and saves as a run of its own. In place: a captured graph keeps its
+        pointers."""
         k = len(self.trainers)
         for fp, ps in self._params:
             for p, part in zip(ps, fp.chunk(k, 0)):
@@ -160,16 +173,31 @@ class FusedSet:
                     st["momentum_buffer"] = part.clone(memory_format=torch.preserve_format)
         for t, row in zip(self.trainers, self.step_fn.acc):
             t.step_fn.acc.add_(row)
+            t.step_fn.set_lr(lr)  # the lr its checkpoint records, as the run alone's would
         self.step_fn.acc.zero_()
+
+    def _check_members(self, step: int) -> None:
+        """Before any member reports at `step`: if one diverged, stop the set with no member saving, so every
+        member's checkpoint on disk stays at the same (good) step."""
+        bad = torch.stack([t.nonfinite().sum() for t in self.trainers]).tolist()
+        if any(bad):
+            t0 = self.trainers[0]
+            names = ", ".join(Path(t.cfg.out).name for t, b in zip(self.trainers, bad) if b)
+            on_disk = (f"every member's last.pt is still its checkpoint of step {t0.saved_step}, untouched"
+                       if t0.saved_step is not None else "no member had written a checkpoint")
+            raise TrainingDiverged(f"fused member(s) {names}: the training loss or the weights became NaN/Inf "
+                                   f"between steps {t0.checked_step + 1} and {step}; the set stopped without saving "
+                                   f"({on_disk}); lower the learning rate or use --precision fp32, or resume the "
+                                   "others without it")
 
     # ------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> list[dict]:
         """Train every member to the end (or `stop_at`); returns each member's last evaluation, in order."""
-        ts = self.trainers
-        stop = min(t.begin(stop_at) for t in ts)
-        t0, r = ts[0], self.cfg.recipe
+        ts, r = self.trainers, self.cfg.recipe
+        t0 = ts[0]
         plans = self._endless()
         try:
+            stop = min(t.begin(stop_at) for t in ts)
             while t0.state.step < stop:
                 lr = lr_at(t0.state.step, r, t0.state.schedule)
                 if self.graphed is not None:
@@ -179,10 +207,11 @@ class FusedSet:
                     x, y = next(plans)
                     wrong, n = self.step_fn(x, y, lr), y.shape[1]
                 if t0.reports_at(t0.state.step + 1, stop):
-                    self.to_members()
+                    self.to_members(lr)
+                    self._check_members(t0.state.step + 1)
                 for t, w in zip(ts, wrong):
                     t.after_step(w, n, lr, stop)
-            self.to_members()
+            self.to_members(lr_at(max(t0.state.step - 1, 0), r, t0.state.schedule))  # the last step's lr
             for t in ts:
                 t.end(stop)
         finally:
@@ -199,12 +228,13 @@ def train_fused(configs: list[RunConfig], *, resume: bool = False, explicit: set
                 stop_at: int | None = None) -> list[dict]:
     """Train `configs` as one fused set where they can be fused, else as a run set, saying why once."""
     from .runset import train_set
+    why = None
     try:
         fused = FusedSet(configs, resume=resume, explicit=explicit)
-    except CannotFuse as e:
-        print(f"reslab: {e}; training the {len(configs)} runs as a run set", file=sys.stderr, flush=True)
-        return train_set(configs, resume=resume, explicit=explicit, stop_at=stop_at)
-    try:
         return fused.fit(stop_at)
+    except CannotFuse as e:
+        why = str(e)  # the run set is trained outside this handler: its traceback holds the K members
     finally:
         dist.shutdown()
+    print(f"reslab: {why}; training the {len(configs)} runs as a run set", file=sys.stderr, flush=True)
+    return train_set(configs, resume=resume, explicit=explicit, stop_at=stop_at)

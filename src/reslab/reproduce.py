@@ -21,7 +21,7 @@ from .config import RunConfig, resume_config
 from .errors import ReslabError
 from .experiments import BUDGETS, get_experiment
 from .flags import to_cli_args
-from .fusedset import train_fused
+from .fusedset import fusion_key, train_fused
 from .runset import train_set
 from .step import resolve_runtime
 from .zoo import create_model
@@ -65,7 +65,7 @@ def groups_of(pending: list[RunConfig], k: int, fused: bool) -> list[list[RunCon
         return [pending[i:i + k] for i in range(0, len(pending), k)]
     by_kind: dict[str, list[RunConfig]] = {}
     for c in pending:
-        by_kind.setdefault(json.dumps(replace(c, seed=0, out="").to_dict(), sort_keys=True), []).append(c)
+        by_kind.setdefault(fusion_key(c), []).append(c)
     return [runs[i:i + k] for runs in by_kind.values() for i in range(0, len(runs), k)]
 
 
@@ -120,7 +120,7 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
         print(f"[{time.strftime('%H:%M:%S')}] {names}: training", file=sys.stderr, flush=True)
         # resume=True also starts a run that has no checkpoint yet; a resumed run must be the experiment's
         # run (every field but the free ones: data folder, device, ...), else a one-line error says which
-        (train_fused if fused else train_set)(group, resume=True)
+        (train_fused if fused and len(group) > 1 else train_set)(group, resume=True)
         print(f"[{time.strftime('%H:%M:%S')}] {names}: done in {(time.time() - t) / 60:.1f} min",
               file=sys.stderr, flush=True)
     if exp.post == "layer_responses":

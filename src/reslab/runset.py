@@ -26,9 +26,7 @@ class RunSet:
     def __init__(self, configs: list[RunConfig], *, resume: bool = False, explicit: set | None = None):
         if not configs:
             raise ReslabError("a run set needs at least one run")
-        outs = [c.out for c in configs]
-        if len(set(outs)) != len(outs):
-            raise ReslabError(f"two runs of the set write to the same folder: {sorted({o for o in outs if outs.count(o) > 1})}")
+        check_folders(configs)
         d = dist.init(configs[0].runtime.device)
         if d.enabled:
             raise ReslabError("a run set trains its runs in one process; under torchrun, train one run at a time")
@@ -71,6 +69,13 @@ class RunSet:
             raise TrainingDiverged(f"{len(failed)} of {len(self.trainers)} runs diverged and stopped "
                                    f"({', '.join(failed)}); the others finished")
         return [t.state.metrics for t in self.trainers]
+
+
+def check_folders(configs: list[RunConfig]) -> None:
+    outs = [c.out for c in configs]
+    twice = sorted({o for o in outs if outs.count(o) > 1})
+    if twice:
+        raise ReslabError(f"two runs of the set write to the same folder: {twice}")
 
 
 def _on(stream):

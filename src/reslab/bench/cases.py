@@ -27,9 +27,12 @@ def reslab_step(model, batches, device, s: Setting, loader=None):
 
 
 def stepper(ts, batches, s: Setting, loader=None):
-    """One training step per call: `ts` on the next of `batches`, or with `s.graphs` the GraphedStep of `ts`
-    fed index plans by `loader` (which gathers the batch inside the graph)."""
-    from ..step import GraphedStep
+    """One training step per call: `ts` on the next of `batches`, or with `s.graphs` the GraphedStep of `ts`,
+    fed index plans by `loader` (which gathers the batch inside the graph) or, without one, `batches`."""
+    from ..step import GivenBatch, GraphedStep
+    if s.graphs and loader is None:  # whole batches, copied into the graph's buffers
+        graphed = GraphedStep(ts, GivenBatch())
+        return lambda: graphed(*next(batches), LR)
     if s.graphs:
         plans, graphed = forever_plans(loader), GraphedStep(ts, loader)
         return lambda: graphed(*next(plans), LR)

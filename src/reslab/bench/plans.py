@@ -37,7 +37,7 @@ RUNSETS = {"quick": (Setting("fp32", True), (2,)), "cpu": (Setting("fp32", True)
 RUNSET_ARCHS = {"quick": ("resnet8",), "full": ("resnet20", "resnet110")}
 IMAGENET_ARCHS = ("resnet18", "resnet50")
 # what else the 224x224 nets try on a GPU (the target: ResNet-50 at >= 5,000 img/s): inductor's autotuned
-# kernels; its CUDA graphs are left out, launch overhead being small beside a ResNet-50 step
+# kernels (its own CUDA graphs left out: the `graphs` setting is the engine's GraphedStep, eager kernels)
 GROUPS = ("data", "cifar", "infer", "runsets", "imagenet", "e2e", "eval")
 EXTRA_224 = {"cuda": (Setting("bf16", True, True, compile_mode="max-autotune-no-cudagraphs"),)}
 # JPEG folders end to end (bench.e2e), per device: the net, the photographs written, the batch, the plan of the
@@ -71,46 +71,49 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     plan, plan224, plan_data = (_with_rounds(p, rounds) for p in PLANS[kind])
     settings = list(SETTINGS[kind])
     b32, b32_infer, b224 = BATCH[kind]
-    groups = [("data", lambda: bench_data(dev, 128, plan_data))]   # (name, group): --only picks by name
+    groups = [("data", "data", lambda: bench_data(dev, 128, plan_data))]  # (name, what, group): --only picks by name
     for a in archs if archs is not None else CIFAR_ARCHS["quick" if quick else "full"]:
-        groups.append(("cifar", lambda a=a: bench_cifar(a, dev, b32, settings, plan, dev_name)))
-        groups.append(("infer", lambda a=a: bench_inference(a, dev, b32_infer, 32, [s for s in settings if not s.graphs],
-                                                            plan, dev_name)))
+        groups.append(("cifar", a, lambda a=a: bench_cifar(a, dev, b32, settings, plan, dev_name)))
+        groups.append(("infer", a, lambda a=a: bench_inference(
+            a, dev, b32_infer, 32, [s for s in settings if not s.graphs], plan, dev_name)))
     rs_setting, ks = RUNSETS[kind]
     for a in archs if archs is not None else RUNSET_ARCHS["quick" if quick else "full"]:
-        groups.append(("runsets", lambda a=a: bench_runsets(a, dev, b32, rs_setting, ks, plan, dev_name)))
+        groups.append(("runsets", f"{a} run sets",
+                       lambda a=a: bench_runsets(a, dev, b32, rs_setting, ks, plan, dev_name)))
         # design (b) of the same question, same setting and Ks: the K runs fused into one model (fused.py)
-        groups.append(("runsets", lambda a=a: bench_fused(a, dev, b32, rs_setting, ks, plan, dev_name)))
+        groups.append(("runsets", f"{a} fused", lambda a=a: bench_fused(a, dev, b32, rs_setting, ks, plan, dev_name)))
     if plan224 is not None:
-        # compiling the 224x224 nets on a 2-core CPU costs more than the few steps measured there
-        # graphs need the resident CIFAR loader, so the 224x224 rows (synthetic batches) leave them out
-        s224 = [s for s in settings if not s.graphs and (gpu or not s.compile)] + list(EXTRA_224.get(kind, ()))
+        # compiling the 224x224 nets on a 2-core CPU costs more than the few steps measured there; a graphed
+        # 224x224 step copies each whole batch into the graph's buffers (as image folders would with --graphs)
+        s224 = [s for s in settings if gpu or not s.compile] + list(EXTRA_224.get(kind, ()))
+        infer224 = [s for s in s224 if not s.graphs]
         for a in IMAGENET_ARCHS if imagenet_archs is None else imagenet_archs:
-            groups.append(("imagenet", lambda a=a: bench_imagenet(a, dev, b224, s224, plan224, dev_name)))
-            groups.append(("infer", lambda a=a: bench_inference(a, dev, b224, 224, s224, plan224, dev_name)))
+            groups.append(("imagenet", a, lambda a=a: bench_imagenet(a, dev, b224, s224, plan224, dev_name)))
+            groups.append(("infer", f"{a} 224",
+                           lambda a=a: bench_inference(a, dev, b224, 224, infer224, plan224, dev_name)))
         if kind in E2E and (imagenet_archs is None or imagenet_archs):
             arch, n, b, p_train, p_eval, n_eval = E2E[kind]
             arch, s = (imagenet_archs[0] if imagenet_archs else arch), E2E_SETTING[kind]
-            groups.append(("e2e", lambda arch=arch, s=s: e2e.bench_folder(
+            groups.append(("e2e", arch, lambda arch=arch, s=s: e2e.bench_folder(
                 arch, dev, b, s, _with_rounds(p_train, rounds), dev_name, images=n, workers=_W)))
-            groups.append(("eval", lambda arch=arch, s=s: e2e.bench_eval_views(
+            groups.append(("eval", arch, lambda arch=arch, s=s: e2e.bench_eval_views(
                 arch, dev, s, _with_rounds(p_eval, rounds), dev_name, images=n_eval, workers=_W)))
     if only:
         unknown = set(only) - set(GROUPS)
         if unknown:
             raise ValueError(f"unknown bench group(s) {', '.join(sorted(unknown))}; valid: {', '.join(GROUPS)}")
-        groups = [(name, g) for name, g in groups if name in only]
+        groups = [g for g in groups if g[0] in only]
     rows = []
     result = {"machine": hardware_line(env), "device": dev_name, "env": env,
               "date": time.strftime("%Y-%m-%d"), "quick": quick, "rows": rows}
-    for name, group in groups:
+    for name, what, group in groups:
         try:
             done = group()
         except Exception as e:  # noqa: BLE001 - one broken group must not cost a device session the others
             if not keep_going:
                 raise
-            print(f"bench group {name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            result.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {e}")
+            print(f"bench group {name} ({what}) failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            result.setdefault("errors", []).append(f"{name} ({what}): {type(e).__name__}: {e}")
             continue
         rows += done
         if out:  # after every group: a run cut short by a time limit keeps what it measured
