@@ -124,6 +124,10 @@ def test_report_keeps_the_control_apart_and_tables_comparisons(tmp_path):
     ctl = _fake_run(tmp_path / "control", "resnet20-s0", "resnet20", True, [(0.4, 0.45), (0.1, 0.10)])
     cfg = json.loads((ctl / "config.json").read_text())
     (ctl / "config.json").write_text(json.dumps({**cfg, "implementation": "control"}))
+    # a control run still training: its mid-schedule error must not be averaged in
+    busy = _fake_run(tmp_path / "control", "resnet20-s1", "resnet20", True, [(0.4, 0.45)])
+    (busy / "config.json").write_text(json.dumps({**cfg, "implementation": "control",
+                                                  "recipe": {**cfg["recipe"], "iters": 200}}))  # at 100 of 200
     from reslab.config import RunConfig
     wide = RunConfig.build(tmp_path / "wide-s0", "resnet20", model={"width": 2.0})
     (tmp_path / "manifest-width-vs-depth.json").write_text(json.dumps({
@@ -133,7 +137,8 @@ def test_report_keeps_the_control_apart_and_tables_comparisons(tmp_path):
     text = write_report(tmp_path).read_text()
     t = {r["arch"]: r for r in json.loads((tmp_path / "results.json").read_text())["table6"]}
     assert t["resnet20"]["n"] == 1 and t["resnet20"]["mean"] == pytest.approx(12.0)  # the control is not in it
-    assert "| resnet20 | x0.5 | 10.00 ± - (1) | 12.00 ± - (1) |" in text
+    assert "| resnet20 | x0.5 | 10.00 ± - (1), 1 unfinished not counted | 12.00 ± - (1) |" in text
+    assert "| resnet20-s0 (control) | x0.5 | 100/100 |" in text and "| resnet20-s0 | x0.5 | 100/100 |" in text
     assert "| resnet20 | resnet20  | 0.270M | 40.6M | 12.00 ± - (1) |" in text
     assert "| wide | resnet20 width=2.0 | 1.069M | 156.2M | - |" in text  # no run of it yet
     assert (tmp_path / "width_vs_depth_quick.png").is_file()

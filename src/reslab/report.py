@@ -76,6 +76,7 @@ def plot_degradation(runs: list[dict], path: Path) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    runs = [r for r in runs if r["implementation"] == "reslab"]  # the control has its own section, no curves
     groups = {"plain": [r for r in runs if r["residual"] is False], "ResNet": [r for r in runs if r["residual"]]}
     groups = {k: v for k, v in groups.items() if v}
     if not groups:
@@ -143,10 +144,14 @@ def table6(runs: list[dict]) -> list[dict]:
     return out
 
 
-def _mean_std(errs: list[float]) -> str:
-    if not errs:
-        return "-"
-    return f"{statistics.mean(errs):.2f} ± {_fmt(statistics.stdev(errs) if len(errs) > 1 else None)} ({len(errs)})"
+def _mean_std(runs: list[dict]) -> str:
+    """Mean ± std (n) of the finished runs' test errors; unfinished runs are named, never averaged in (a
+    run stopped mid-schedule has a higher error that would pass for seed spread)."""
+    errs = [r["test_err"] for r in runs if r["complete"]]
+    left = len(runs) - len(errs)
+    out = f"{statistics.mean(errs):.2f} ± {_fmt(statistics.stdev(errs) if len(errs) > 1 else None)} ({len(errs)})" \
+        if errs else "-"
+    return out + (f", {left} unfinished not counted" if left else "")
 
 
 def control_section(runs: list[dict]) -> list[str]:
@@ -162,8 +167,7 @@ def control_section(runs: list[dict]) -> list[str]:
         c = [r for r in ctl if (r["arch"], r["budget"]) == (arch, budget)]
         o = [r for r in runs if r["implementation"] == "reslab" and (r["arch"], r["budget"]) == (arch, budget)
              and r["test_err"] is not None and not r.get("options")]
-        out.append(f"| {arch} | x{budget:g} | {_mean_std([r['test_err'] for r in c])} | "
-                   f"{_mean_std([r['test_err'] for r in o])} | {c[0]['precision']} | "
+        out.append(f"| {arch} | x{budget:g} | {_mean_std(c)} | {_mean_std(o)} | {c[0]['precision']} | "
                    f"{', '.join(sorted({str(r['precision']) for r in o})) or '-'} |")
     return out
 
@@ -196,9 +200,10 @@ def experiment_section(manifest: dict, runs: list[dict], root: Path, where: Path
         model = members[0][0]["config"]["model"]
         net = create_model(model["arch"], **model.get("options", {}))
         params, macs = count_params(net), count_macs(net)
-        errs = [r["test_err"] for _, r in members if r and r["complete"] and r["test_err"] is not None]
+        runs_of = [r for _, r in members if r and r["test_err"] is not None]
+        errs = [r["test_err"] for r in runs_of if r["complete"]]
         opts = " ".join(f"{k}={v}" for k, v in model.get("options", {}).items())
-        row = f"| {label} | {model['arch']} {opts} | {params / 1e6:.3f}M | {macs / 1e6:.1f}M | {_mean_std(errs)} |"
+        row = f"| {label} | {model['arch']} {opts} | {params / 1e6:.3f}M | {macs / 1e6:.1f}M | {_mean_std(runs_of)} |"
         if ref:
             row += f" {_fmt(GROSS_WILBER.get(label.rsplit('-', 1)[-1]))} |"
         out.append(row)
@@ -254,7 +259,8 @@ def write_report(root) -> Path:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (not r["residual"], _depth(r["arch"]), r["run"])):
         steps = f"{r['step']}/{r['iters']}" + ("" if r["complete"] else " (incomplete)")
-        lines.append(f"| {r['run']} | x{r['budget']:g} | {steps} | {_fmt(r['train_err'])} | {_fmt(r['test_err'])} | "
+        name = r["run"] + ("" if r["implementation"] == "reslab" else f" ({r['implementation']})")
+        lines.append(f"| {name} | x{r['budget']:g} | {steps} | {_fmt(r['train_err'])} | {_fmt(r['test_err'])} | "
                      f"{_fmt(r['best_test_err'])} | {r['wall_min']:.1f} | {r['hardware']} | {r['torch']} | {r['precision']} |")
     t6 = table6(runs)
     if t6:
