@@ -34,13 +34,13 @@ from . import dist
 from .config import RunConfig, extend, resume_config
 from .data import build as data_build
 from .data.augment import Augment
+from .data.resident import ResidentLoader
 from .errors import ReslabError
 from .evaluate import evaluate, precise_bn
 from .flags import to_cli_args
 from .logs import MetricsLog, Progress, environment, truncate_metrics, write_json
 from .recipes import after_eval, lr_at, warmup_rule_applies
 from .state import TrainingState
-from .data.resident import ResidentLoader
 from .step import (GivenBatch, GraphedStep, TrainStep, autocast_for, graph_fallback, make_ema, make_optimizer,
                    resolve_runtime)
 from .zoo import create_model
@@ -139,7 +139,8 @@ class Trainer:
         if rt.sync_bn and d.enabled:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         if d.enabled:
-            net = nn.parallel.DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+            ids = [d.device.index] if d.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
         return torch.compile(net, mode=rt.compile_mode) if rt.compile else net
 
     def _graphed_step(self, rt, ema):
@@ -252,9 +253,9 @@ class Trainer:
         if self.checked_step == st.step:  # a log line and an evaluation at the same step: checked already
             return
         if float(dist.all_reduce_sum(self.nonfinite()).sum()) > 0:
-            raise TrainingDiverged(f"the training loss or the weights became NaN/Inf between steps {self.checked_step + 1} "
-                                   f"and {st.step}; stopped without saving ({self.on_disk()}); lower the learning "
-                                   "rate or use --precision fp32")
+            raise TrainingDiverged(f"the training loss or the weights became NaN/Inf between steps "
+                                   f"{self.checked_step + 1} and {st.step}; stopped without saving "
+                                   f"({self.on_disk()}); lower the learning rate or use --precision fp32")
         self.checked_step = st.step
 
     def nonfinite(self) -> torch.Tensor:
