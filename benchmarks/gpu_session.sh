@@ -32,8 +32,9 @@ fuse() { [ "${FUSED:-$(cat /tmp/fused-wins 2>/dev/null || echo 0)}" = 1 ] && ech
 left() { local s=$(( T0 + BUDGET_S - $(date +%s) )); echo $(( s > 10 ? s : 10 )); }  # timeout 0 = no limit
 limit() { timeout -k 10 $(left) "$@"; }
 log() { tee -a $OUT/log.txt; }
-# what comes back, once per call (a call returns 8 files at most): every run folder's record (small) in
-# records.tgz, and last.pt files in ckpt.tar up to 15 MiB; the rest resume only while this machine stays warm
+# what comes back (a call returns 8 files at most): every run folder's record (small) in records.tgz, and
+# last.pt files in ckpt.tar up to 15 MiB, rewritten after each training phase so that a call cut off at its
+# limit still returns what its earlier phases trained; the rest resume only while this machine stays warm
 keep_runs() {
   cd /tmp/runs 2>/dev/null || return 0
   tar czf $OUT/records.tgz $(find . -name metrics.jsonl -o -name config.json -o -name env.json \
@@ -56,7 +57,7 @@ train_full() {  # out, then train flags
     | grep -v -i warn | tee /tmp/last-train.txt | tail -n 6 | log
   local rc=${PIPESTATUS[0]}
   if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && [ $(left) -gt 60 ] \
-     && grep -q -i -e graph -e cuda /tmp/last-train.txt; then
+     && grep -q -i -e graph -e captur /tmp/last-train.txt; then
     echo "exit $rc: again with --no-graphs" | log
     limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-progress --no-graphs --resume \
       2>&1 | grep -v -i warn | tail -n 6 | log
@@ -69,7 +70,6 @@ for SPEC in "$@"; do  # every phase checked before any runs: a typo must not cos
   case ${SPEC%%:*} in check|bench|full|seeds|table6|control|r50|e2e) ;; *) echo "unknown phase in $SPEC"; exit 2 ;; esac
   case $SPEC in *:*) case ${SPEC#*:} in ''|*[!0-9]*) echo "$SPEC: the limit must be whole seconds"; exit 2 ;; esac ;; esac
 done
-TRAINED=0
 for SPEC in "$@"; do
 PHASE=${SPEC%%:*}; BUDGET_S=570; [ "$SPEC" = "$PHASE" ] || BUDGET_S=${SPEC#*:}
 T0=$(date +%s)
@@ -96,26 +96,27 @@ PY
 full)
   for a in resnet20 resnet110; do
     [ $(left) -gt 60 ] || break
-    [ -f $T6/paper/$a-s0/last.pt ] && grep -q '"step": 64000' $T6/paper/$a-s0/metrics.jsonl 2>/dev/null && continue
+    python3 -c "import sys; from reslab import checkpoint as c; sys.exit(not c.read_status(sys.argv[1])['finished'])" \
+      $T6/paper/$a-s0 2>/dev/null && continue   # finished by its checkpoint, not by a log line
     t=$(date +%s)
     train_full $T6/paper/$a-s0 --arch $a --seed 0
     echo "$a: this call trained for $(( $(date +%s) - t )) s" | log
   done
-  TRAINED=1 ;;
+  keep_runs ;;
 seeds)
   t=$(date +%s)
   limit $R train --arch resnet20 --recipe cifar-paper --seeds 1 2 3 4 5 $(fuse) --data-dir $DATA --out $T6/paper/resnet20 \
     --no-progress --resume 2>&1 | grep -v -i warn | tail -n 8 | log
   echo "5 x resnet20 $(fuse || echo '(run set)'): this call trained for $(( $(date +%s) - t )) s" | log
-  TRAINED=1 ;;
+  keep_runs ;;
 table6)
   limit $R reproduce cifar-table6 --budget paper --seeds ${SEEDS:-3} --concurrent ${K:-5} $(fuse) \
     --data-dir $DATA --out $T6 2>&1 | grep -v -i warn | tail -n 20 | log
-  TRAINED=1 ;;
+  keep_runs ;;
 control)
   limit python3 benchmarks/control_cifar.py --data-dir $DATA --out /tmp/runs/control-resnet20-s0 \
     --resume 2>&1 | tail -n 5 | log
-  TRAINED=1 ;;
+  keep_runs ;;
 r50)
   limit $R bench --device cuda --keep-going --only imagenet --imagenet-arch resnet50 --out $OUT/bench-r50.json \
     2>&1 | tail -n 40 | log ;;
@@ -125,4 +126,3 @@ e2e)
 esac
 echo "$PHASE wall $(( $(date +%s) - T0 )) s" | log
 done
-[ $TRAINED = 0 ] || keep_runs

@@ -167,6 +167,18 @@ def test_resumed_members_are_judged_by_their_own_configs(data_dir, tmp_path, cap
     assert all(ckpt.read_status(c.out)["step"] == 12 for c in cs)
 
 
+def test_a_member_that_cannot_begin_gives_its_one_line_error(data_dir, tmp_path, capsys):
+    """A failure in a member's begin() (here: --tensorboard without the package) is the run's own one-line
+    error, not a traceback from closing members that never began."""
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("torch.utils.tensorboard") is None:
+        pytest.skip("needs an environment without tensorboard")
+    assert main(["train", "--arch", "resnet8", "--batch-size", "32", "--no-progress", "--iters", "4",
+                 "--data-dir", str(data_dir), "--out", str(tmp_path / "tb"), "--seeds", "0", "1", "--fused",
+                 "--tensorboard"]) == 2
+    assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_set_graphed_on_cuda(data_dir, tmp_path):
     """On a GPU the fused step is captured as one CUDA graph and follows the eager fused step."""

@@ -144,6 +144,24 @@ def test_report_keeps_the_control_apart_and_tables_comparisons(tmp_path):
     assert (tmp_path / "width_vs_depth_quick.png").is_file()
 
 
+def test_table6_averages_finished_runs_and_names_the_others(tmp_path):
+    """Seed 0 finished at 9%, seed 1 stopped mid-schedule at 20%: the row is 9.00 (1 seed), and says that
+    one run is unfinished; with no finished run, the unfinished ones are shown, marked incomplete."""
+    _fake_run(tmp_path, "resnet20-s0", "resnet20", True, [(0.4, 0.45), (0.1, 0.09)])
+    busy = _fake_run(tmp_path, "resnet20-s1", "resnet20", True, [(0.4, 0.20)], seed=1)
+    cfg = json.loads((busy / "config.json").read_text())
+    (busy / "config.json").write_text(json.dumps({**cfg, "recipe": {**cfg["recipe"], "iters": 200}}))
+    _fake_run(tmp_path, "resnet32-s0", "resnet32", True, [(0.4, 0.30)], iters=200)
+    r32 = tmp_path / "resnet32-s0" / "config.json"
+    cfg = json.loads(r32.read_text())
+    r32.write_text(json.dumps({**cfg, "recipe": {**cfg["recipe"], "iters": 400}}))
+    text = write_report(tmp_path).read_text()
+    t = {r["arch"]: r for r in json.loads((tmp_path / "results.json").read_text())["table6"]}
+    assert (t["resnet20"]["n"], t["resnet20"]["mean"], t["resnet20"]["unfinished"]) == (1, pytest.approx(9.0), 1)
+    assert "| resnet20 | 9.00 ± - (1), 1 unfinished not counted |" in text
+    assert not t["resnet32"]["complete"] and "| resnet32 | 30.00 ± - (1) incomplete |" in text
+
+
 @pytest.mark.slow
 def test_readers_experiments_run_at_the_smoke_budget(tmp_path, capsys):
     d = tmp_path / "data"

@@ -131,6 +131,7 @@ class Trainer:
         self._batches = None
         self.checked_step = st.step      # every step up to here is known finite
         self.label = ""                  # shown in progress lines when several runs share a process
+        self._log = self._bar = None     # opened by begin()
 
     @staticmethod
     def _net(model: nn.Module, rt, d) -> nn.Module:
@@ -189,7 +190,9 @@ class Trainer:
             self.save(best=False)  # stopped early (stop_at): keep the exact position resumable
 
     def close(self) -> None:
-        self._bar.close()
+        """Close what begin() opened (nothing, if it never ran: a set closes every member after a failure)."""
+        if self._bar is not None:
+            self._bar.close()
         if self._log:
             self._log.close()
 

@@ -180,15 +180,18 @@ class FusedSet:
         """Before any member reports at `step`: if one diverged, stop the set with no member saving, so every
         member's checkpoint on disk stays at the same (good) step."""
         bad = torch.stack([t.nonfinite().sum() for t in self.trainers]).tolist()
-        if any(bad):
-            t0 = self.trainers[0]
-            names = ", ".join(Path(t.cfg.out).name for t, b in zip(self.trainers, bad) if b)
-            on_disk = (f"every member's last.pt is still its checkpoint of step {t0.saved_step}, untouched"
-                       if t0.saved_step is not None else "no member had written a checkpoint")
-            raise TrainingDiverged(f"fused member(s) {names}: the training loss or the weights became NaN/Inf "
-                                   f"between steps {t0.checked_step + 1} and {step}; the set stopped without saving "
-                                   f"({on_disk}); lower the learning rate or use --precision fp32, or resume the "
-                                   "others without it")
+        if not any(bad):
+            for t in self.trainers:  # checked here, once for all: their log lines need not check again
+                t.checked_step = step
+            return
+        t0 = self.trainers[0]
+        names = ", ".join(Path(t.cfg.out).name for t, b in zip(self.trainers, bad) if b)
+        on_disk = (f"every member's last.pt is still its checkpoint of step {t0.saved_step}, untouched"
+                   if t0.saved_step is not None else "no member had written a checkpoint")
+        raise TrainingDiverged(f"fused member(s) {names}: the training loss or the weights became NaN/Inf "
+                               f"between steps {t0.checked_step + 1} and {step}; the set stopped without saving "
+                               f"({on_disk}); lower the learning rate or use --precision fp32, or resume the "
+                               "others without it")
 
     # ------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> list[dict]:

@@ -137,8 +137,10 @@ class GivenBatch:
 class GraphedStep:
     """The whole training step — augmentation gather, forward, loss, backward, fused SGD, BN statistics and
     the on-device counters — captured once as a CUDA graph and replayed. Between replays only the lr tensor
-    and two small index tensors (images, crop/flip variants) change; evaluation and checkpoints stay
-    outside the graph and read the same tensors.
+    and the graph's inputs change: from the resident loader two small index tensors (images, crop/flip
+    variants), from which the graph gathers the batch itself; from any other source (`GivenBatch`: image
+    folders, the bench's synthetic batches) the whole batch, copied into the graph's buffers. Evaluation and
+    checkpoints stay outside the graph and read the same tensors.
 
     Capture needs warm-up steps (cuDNN picks its algorithms, the optimiser makes its momentum buffers), and
     those must not count: every weight, buffer, momentum buffer and counter is restored afterwards, momentum
@@ -158,7 +160,9 @@ class GraphedStep:
             # a graph replays one shape; a batch of another (none is expected: training drops the last
             # partial batch) takes the same step eagerly, on the same weights and optimiser state
             x, y = self.loader.batch_of(idx, variant)
-            return self.step(x, y, lr)
+            wrong = self.step(x, y, lr)
+            self.step.opt.zero_grad(set_to_none=True)  # the graph keeps its own grads; drop the eager ones
+            return wrong
         if self.graph is None:
             self.idx, self.variant = torch.empty_like(idx), torch.empty_like(variant)
         self.idx.copy_(idx, non_blocking=True)

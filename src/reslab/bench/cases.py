@@ -16,7 +16,7 @@ from .harness import Plan, Setting, measure
 def reslab_step(model, batches, device, s: Setting, loader=None):
     """reslab's training step: the engine's own TrainStep with the paper's optimiser, under setting `s`;
     with `s.graphs`, the engine's GraphedStep, which takes (indices, variants) plans from the resident
-    `loader` and gathers the batch inside the graph."""
+    `loader` and gathers the batch inside the graph, or without a loader copies each of `batches` in."""
     from ..recipes import get_recipe
     from ..step import TrainStep, make_optimizer
     model = model.to(device, memory_format=s.memory_format).train()
