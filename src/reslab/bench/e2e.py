@@ -18,6 +18,7 @@ starts, and the rate is the pipeline's steady state.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,11 @@ def bench_folder(arch: str, device, batch: int, s: Setting, plan: Plan, dev_name
         cands += [(f"{s.label}, decode={d}{tag}",
                    lambda d=d: reslab_step(model(), reslab_batches(tmp, batch, workers, device, d, size, s.memory_format),
                                            device, s)) for d in decoders(device)]
+        if device.type == "cuda":  # the graphed step (`--graphs`): each decoded batch copied into the graph
+            g = replace(s, graphs=True)
+            cands += [(f"{g.label}, decode=device{tag}",
+                       lambda: reslab_step(model(), reslab_batches(tmp, batch, workers, device, "device", size,
+                                                                   g.memory_format), device, g))]
         cands += [(f"{s.label}, synthetic batch on the device (step alone)",
                    lambda: reslab_step(model(), synthetic(batch, size, 1000, device, s.memory_format), device, s))]
         e2e = measure(cands, batch, device, plan)
