@@ -247,6 +247,16 @@ def test_loader_plans_rebuild_its_batches():
         xb, yb = b.batch_of(idx, var)
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert a.state_dict() == b.state_dict() == {"epoch": 1, "batch": 0, "seed": 3}
+    # each batch's crop/flip variants are its own keyed draw (seed, epoch, batch), though an epoch's are
+    # moved to the device in one copy; a loader restored mid-epoch plans exactly the rest
+    from reslab.data.resident import mix_seed
+    for i, (_, var) in enumerate(plans):
+        own = torch.Generator().manual_seed(mix_seed(3, 0, i))
+        assert torch.equal(var, torch.randint(b.variants, (16,), generator=own))
+    c = ResidentLoader(x, y, 16, Normalizer.fit(x), train=True, seed=3, channels_last=True)
+    c.load_state_dict({"epoch": 0, "batch": 4, "seed": 3})
+    rest = list(c.plans())
+    assert len(rest) == 2 and all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(rest, plans[4:]))
 
 
 def test_graphs_say_why_not_and_refuse_when_asked_where_impossible(data_dir, tmp_path, capsys):

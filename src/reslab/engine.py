@@ -256,9 +256,11 @@ class Trainer:
         if self.checked_step == st.step:  # a log line and an evaluation at the same step: checked already
             return
         if float(dist.all_reduce_sum(self.nonfinite()).sum()) > 0:
+            on_disk = (f"{self.out / ckpt.LAST} is still the checkpoint of step {self.saved_step}, untouched"
+                       if self.saved_step is not None else "no checkpoint was written")
             raise TrainingDiverged(f"the training loss or the weights became NaN/Inf between steps "
-                                   f"{self.checked_step + 1} and {st.step}; stopped without saving "
-                                   f"({self.on_disk()}); lower the learning rate or use --precision fp32")
+                                   f"{self.checked_step + 1} and {st.step}; stopped without saving ({on_disk}); "
+                                   "lower the learning rate or use --precision fp32")
         self.checked_step = st.step
 
     def nonfinite(self) -> torch.Tensor:
@@ -266,10 +268,6 @@ class Trainer:
         weights = [t for t in list(self.model.parameters()) + list(self.model.buffers()) if t.is_floating_point()]
         return torch.stack([self.step_fn.acc[3], (~torch.isfinite(torch.stack([t.detach().float().sum()
                                                                              for t in weights]))).sum().double()])
-
-    def on_disk(self) -> str:
-        return (f"{self.out / ckpt.LAST} is still the checkpoint of step {self.saved_step}, untouched"
-                if self.saved_step is not None else "no checkpoint was written")
 
     def log_train(self, lr: float, last: bool) -> None:
         st, r, acc = self.state, self.cfg.recipe, self.step_fn.acc
