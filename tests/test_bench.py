@@ -83,4 +83,10 @@ def test_jpeg_folder_rows_have_their_baselines_and_the_step_alone():
         assert r["tflops"] == pytest.approx(6 * macs * r["images_per_s"] / 1e12)
     ev = e2e.bench_eval_views("resnet18", cpu, s, Plan(1, 0, 1), "cpu", images=2, workers=0, batch=10)
     assert [r["kind"] for r in ev] == ["eval", "eval"] and "10crop" in ev[0]["setting"] and "multiscale" in ev[1]["setting"]
-    assert ev[1]["tflops"] > ev[0]["tflops"] / 10 > 0   # multi-scale: ~18 centre views of work per image
+    # forward passes (2 x MACs) of every view: ten 224 crops; the 4:3 photograph at each multi-scale side
+    from reslab.data.folder import MULTISCALE_SIZES
+    net = create_model("resnet18", stride_in_1x1=False)
+    per_image = {"10crop": 10 * count_macs(net, 224),
+                 "multiscale": 4 / 3 * sum(count_macs(net, k) for k in MULTISCALE_SIZES)}
+    for r, view in zip(ev, ("10crop", "multiscale")):
+        assert r["tflops"] == pytest.approx(2 * per_image[view] * r["images_per_s"] / 1e12, rel=1e-6)

@@ -71,6 +71,7 @@ def test_export_round_trips(trained, tmp_path, fmt, suffix, capsys):
             side = json.loads(out.with_suffix(".json").read_text())
             assert side["architecture"] == "resnet8" and side["shortcut"] == "A" and side["classes"][0] == "class0"
             assert torch.equal(again.reslab["normalizer"].mean, ref.reslab["normalizer"].mean)
+            assert again.reslab["crop_size"] == side["crop_size"] == ref.reslab["crop_size"] == 224
             got = again(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -165,3 +166,16 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "junk.pt" in err[0]
+
+
+def test_test_views_keep_the_crop_a_run_trained_with():
+    """A folder run trained at crop size 32 is tested at 32 with the paper's 256:224 proportions (scale
+    augmentation 37-69 at that size); checkpoints from before the field existed get the paper's 224."""
+    from reslab.predict import augment_of, preprocess
+    img = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)
+    assert preprocess(img, "imagenet").shape == (3, 224, 224)
+    assert preprocess(img, "imagenet", 32).shape == (3, 32, 32)
+    assert preprocess(img, "cifar", 224).shape == (3, 32, 32)   # CIFAR nets see 32x32 whatever the recipe says
+    a = augment_of({"recipe": {"crop": "scale", "crop_size": 32}})
+    assert (a.size, a.scale) == (32, (37, 69))
+    assert (augment_of({}).size, augment_of({}).scale) == (224, (256, 480))

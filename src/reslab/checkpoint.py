@@ -128,8 +128,9 @@ def load_model(source, key: str = "model"):
 
 
 def crop_size_of(ck: dict) -> int | None:
-    """The training crop of an image-folder run (recipe crop_size), for test views at its proportions;
-    None where the checkpoint does not say (CIFAR, older files: the paper's 224)."""
+    """The recipe's crop_size, for an image-folder run's test views at its proportions. Every run records
+    one (224 unless set; CIFAR views ignore it); None only for files from before the field (the paper's 224
+    then)."""
     return ((ck.get("config") or {}).get("recipe") or {}).get("crop_size")
 
 

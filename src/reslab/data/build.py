@@ -60,8 +60,8 @@ class FolderStream(EpochCursor):
     batches already used in that epoch; the shuffling (DistributedSampler: seed + epoch) and every image's
     augmentation (folder.Keyed: seed, epoch, index) are what the uninterrupted run drew."""
 
-    def __init__(self, loader, finish, seed: int = 0, rank: int = 0):
-        self.loader, self.finish, self.seed, self.rank = loader, finish, seed, rank
+    def __init__(self, loader, finish):
+        self.loader, self.finish = loader, finish  # the loader's sampler holds the seed and the rank
         self.epoch, self.batch = 0, 0
 
     def fork(self, seed: int) -> "FolderStream":
@@ -74,7 +74,7 @@ class FolderStream(EpochCursor):
                                      seed=seed, drop_last=True)
         return FolderStream(DataLoader(ld.dataset, batch_size=ld.batch_size, sampler=Keyed(sampler, seed),
                                        num_workers=ld.num_workers, pin_memory=ld.pin_memory, drop_last=True,
-                                       collate_fn=ld.collate_fn), self.finish, seed, self.rank)
+                                       collate_fn=ld.collate_fn), self.finish)
 
     def __iter__(self):
         if hasattr(self.loader.sampler, "set_epoch"):
@@ -134,7 +134,7 @@ def _build_folder(root, batch_size, device, seed, rank, world_size, normalizatio
     if with_train:
         loader = folder.make_loader(train_ds, batch_size // world_size, train=True, workers=workers, seed=seed,
                                     rank=rank, world_size=world_size)
-        train = FolderStream(loader, folder.Finisher(train_ds, device, normalizer), seed, rank)
+        train = FolderStream(loader, folder.Finisher(train_ds, device, normalizer))
     transform = folder.eval_transform(normalizer, view, size=augment.size)
     val_ds = folder.ImageFolderSplit(root, "val", None if encoded else transform, encoded=encoded)
     per_rank = max(1, eval_batch // world_size // (10 if view == "10crop" else 1))
