@@ -92,7 +92,7 @@ def test_report_from_synthetic_logs(tmp_path):
     t = {r["arch"]: r for r in json.loads((tmp_path / "results.json").read_text())["table6"]}
     assert t["resnet20"]["n"] == 2 and t["resnet20"]["mean"] == pytest.approx(10.0)
     assert t["resnet20"]["std"] == pytest.approx(1.4142, abs=1e-3) and t["resnet20"]["best"] == pytest.approx(9.0)
-    assert "| resnet20 | 10.00 ± 1.41 (2) | 9.00 | 8.75 | 8.27 | 8.29 |" in text
+    assert "| resnet20 | x0.5 | fp32 | 10.00 ± 1.41 (2) | 9.00 | 8.75 | 8.27 | 8.29 |" in text
     assert "TestCPU (2 cores)" in text and "x0.5" in text
     assert summarize(tmp_path / "plain20-s0")["test_err"] == pytest.approx(25.0)
     csv_text = (tmp_path / "results.csv").read_text()
@@ -158,8 +158,42 @@ def test_table6_averages_finished_runs_and_names_the_others(tmp_path):
     text = write_report(tmp_path).read_text()
     t = {r["arch"]: r for r in json.loads((tmp_path / "results.json").read_text())["table6"]}
     assert (t["resnet20"]["n"], t["resnet20"]["mean"], t["resnet20"]["unfinished"]) == (1, pytest.approx(9.0), 1)
-    assert "| resnet20 | 9.00 ± - (1), 1 unfinished not counted |" in text
-    assert not t["resnet32"]["complete"] and "| resnet32 | 30.00 ± - (1) incomplete |" in text
+    assert "| resnet20 | x0.5 | fp32 | 9.00 ± - (1), 1 unfinished not counted |" in text
+    assert not t["resnet32"]["complete"] and "| resnet32 | x0.5 | fp32 | 30.00 ± - (1) incomplete |" in text
+
+
+def test_report_never_averages_across_budgets_precisions_or_data(tmp_path):
+    """One folder holding a quick run, two paper-budget runs in bf16 and one in fp32 (as `reslab report
+    docs/results` sees them): Table 6 has a row for each (budget, precision), the curves a panel per budget,
+    and every layer_responses.json its own section."""
+    def run(folder, name, budget, precision, err, seed=0, data="copy A"):
+        d = _fake_run(tmp_path / folder, name, "resnet20", True, [(0.4, 0.45), (0.1, err)], seed=seed)
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "precision": precision, "data": {"description": data},
+                                                   "recipe": {**cfg["recipe"], "budget": budget}}))
+    run("quick", "resnet20-s0", 0.015, "fp32", 0.36)
+    run("paper", "resnet20-s0", 1.0, "bf16", 0.08)
+    run("paper", "resnet20-s1", 1.0, "bf16", 0.10, seed=1)
+    run("fp32", "resnet20-s0", 1.0, "fp32", 0.09)
+    for folder, std in (("quick", [1.0, 2.0]), ("paper", [1.0, 1.5])):
+        (tmp_path / folder / "layer_responses.json").write_text(json.dumps({"resnet20-s0": {
+            "arch": "resnet20", "step": 100, "std": std}}))
+    text = write_report(tmp_path).read_text()
+    rows = json.loads((tmp_path / "results.json").read_text())["table6"]
+    assert [(r["budget"], r["precision"], r["n"], round(r["mean"], 6)) for r in rows] == [
+        (1.0, "bf16", 2, 9.0), (1.0, "fp32", 1, 9.0), (0.015, "fp32", 1, 36.0)]
+    assert "| resnet20 | x1 | bf16 | 9.00 ± 1.41 (2) | 8.00 |" in text
+    assert "| resnet20 | x0.015 | fp32 | 36.00 ± - (1) | 36.00 |" in text
+    assert "## Layer responses (paper Fig. 7): paper" in text and "## Layer responses (paper Fig. 7): quick" in text
+    assert (tmp_path / "layer_responses-paper.png").is_file() and (tmp_path / "layer_responses-quick.png").is_file()
+    import matplotlib.image
+    h, w = matplotlib.image.imread(tmp_path / "degradation.png").shape[:2]
+    assert h > w  # two budgets: one panel each, stacked (one budget: a single panel, wider than high)
+    # runs on another copy of the data: their own row, named by the copy
+    run("other", "resnet20-s0", 1.0, "bf16", 0.30, data="copy B")
+    text = write_report(tmp_path).read_text()
+    assert "| resnet20 (copy A) | x1 | bf16 | 9.00 ± 1.41 (2) |" in text
+    assert "| resnet20 (copy B) | x1 | bf16 | 30.00 ± - (1) |" in text
 
 
 @pytest.mark.slow

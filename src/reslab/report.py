@@ -77,12 +77,24 @@ def plot_degradation(runs: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = [r for r in runs if r["implementation"] == "reslab"]  # the control has its own section, no curves
-    groups = {"plain": [r for r in runs if r["residual"] is False], "ResNet": [r for r in runs if r["residual"]]}
-    groups = {k: v for k, v in groups.items() if v}
-    if not groups:
+    budgets = sorted({r["budget"] for r in runs}, reverse=True)
+    families = [(name, test) for name, test in (("plain", lambda r: r["residual"] is False),
+                                                 ("ResNet", lambda r: bool(r["residual"])))
+                if any(test(r) for r in runs)]
+    if not families:
         return False
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
-    for ax, (title, rs) in zip(axes[0], groups.items()):
+    # a row of panels per budget: curves of different schedules on one axis would read as one experiment
+    fig, axes = plt.subplots(len(budgets), len(families), figsize=(6 * len(families), 4.2 * len(budgets)),
+                             squeeze=False)
+    groups = []
+    for i, b in enumerate(budgets):
+        for j, (name, test) in enumerate(families):
+            rs = [r for r in runs if r["budget"] == b and test(r)]
+            if rs:
+                groups.append((axes[i][j], (f"{name} (x{b:g})" if len(budgets) > 1 else name), rs))
+            else:
+                axes[i][j].set_visible(False)
+    for ax, title, rs in groups:
         rs = sorted(rs, key=lambda r: (_depth(r["arch"]), r["seed"]))
         cmap = plt.get_cmap("viridis", max(2, len(rs)))
         for i, r in enumerate(rs):
@@ -91,8 +103,10 @@ def plot_degradation(runs: list[dict], path: Path) -> bool:
             ax.plot(tx, ty, "--", color=c, linewidth=1)
             if r["curves"]["test"]:
                 ex, ey = zip(*r["curves"]["test"])
-                ax.plot(ex, ey, "-", color=c, linewidth=2.4, label=f"{title}-{_depth(r['arch'])}"
-                        + (f" s{r['seed']}" if r["seed"] else ""))
+                # a variant (width, block design, ...) is named by its run, not passed off as the plain net
+                label = r["run"] if r.get("options") else f"{title.split()[0]}-{_depth(r['arch'])}" + (
+                    f" s{r['seed']}" if r["seed"] else "")
+                ax.plot(ex, ey, "-", color=c, linewidth=2.4, label=label)
         ax.set_title(f"{title} (dashed: training error, bold: test error)", fontsize=10)
         ax.set_xlabel("iterations")
         ax.set_ylabel("error (%)")
@@ -131,19 +145,24 @@ def _fmt(v, nd=2):
 
 
 def table6(runs: list[dict]) -> list[dict]:
-    """Per residual architecture (option A): our test error over seeds next to the paper and others."""
+    """Per residual architecture (option A): our test error over seeds next to the paper and others. A row is
+    one (architecture, budget, precision, data): runs at another budget, in another precision or on other
+    data are other numbers, never averaged together."""
     out = []
-    runs = [r for r in runs if r["implementation"] == "reslab" and not r.get("options")]
-    for arch in sorted({r["arch"] for r in runs if r["residual"] and r["arch"] in PAPER_TABLE6}, key=_depth):
-        rs = [r for r in runs if r["arch"] == arch and r["test_err"] is not None and r["shortcut"] == "A"]
+    runs = [r for r in runs if r["implementation"] == "reslab" and not r.get("options") and r["residual"]
+            and r["arch"] in PAPER_TABLE6 and r["shortcut"] == "A" and r["test_err"] is not None]
+    keys = {(r["arch"], r["budget"], r["precision"], r["data"]) for r in runs}
+    for key in sorted(keys, key=lambda k: (_depth(k[0]), -k[1], str(k[2]), str(k[3]))):
+        arch, budget, precision, data = key
+        rs = [r for r in runs if (r["arch"], r["budget"], r["precision"], r["data"]) == key]
         done = [r for r in rs if r["complete"]]
         # finished runs only, where there are any (a mid-schedule error would pass for seed spread);
         # otherwise the unfinished ones, and the row says "incomplete"
         errs = [r["test_err"] for r in done or rs]
-        out.append({"arch": arch, "n": len(errs), "mean": statistics.mean(errs) if errs else None,
-                    "std": statistics.stdev(errs) if len(errs) > 1 else None, "best": min(errs) if errs else None,
-                    "complete": bool(done), "unfinished": len(rs) - len(done), "paper": PAPER_TABLE6[arch],
-                    **{k: v.get(arch) for k, v in OTHERS.items()}})
+        out.append({"arch": arch, "budget": budget, "precision": precision, "data": data, "n": len(errs),
+                    "mean": statistics.mean(errs), "std": statistics.stdev(errs) if len(errs) > 1 else None,
+                    "best": min(errs), "complete": bool(done), "unfinished": len(rs) - len(done),
+                    "paper": PAPER_TABLE6[arch], **{k: v.get(arch) for k, v in OTHERS.items()}})
     return out
 
 
@@ -267,24 +286,30 @@ def write_report(root) -> Path:
                      f"{_fmt(r['best_test_err'])} | {r['wall_min']:.1f} | {r['hardware']} | {r['torch']} | {r['precision']} |")
     t6 = table6(runs)
     if t6:
+        # runs on more than one copy of the data: each row names its copy
+        several = len({t["data"] for t in t6}) > 1
         lines += ["", "## Table 6: CIFAR-10 test error (%)", "",
-                  "| model | ours: mean ± std (n) | ours: best | paper | " + " | ".join(OTHERS) + " |",
-                  "|---|---|---|---|" + "---|" * len(OTHERS)]
+                  "| model | budget | precision | ours: mean ± std (n) | ours: best | paper | " + " | ".join(OTHERS) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(OTHERS)]
         for t in t6:
             ours = f"{_fmt(t['mean'])} ± {_fmt(t['std'])} ({t['n']})" + (
                 " incomplete" if not t["complete"] else
                 f", {t['unfinished']} unfinished not counted" if t["unfinished"] else "")
-            lines.append(f"| {t['arch']} | {ours} | {_fmt(t['best'])} | {PAPER_TABLE6_NOTE.get(t['arch'], t['paper'])} | "
-                         + " | ".join(_fmt(t[k]) for k in OTHERS) + " |")
+            model = t["arch"] + (f" ({t['data'] or 'data not recorded'})" if several else "")
+            lines.append(f"| {model} | x{t['budget']:g} | {t['precision']} | {ours} | {_fmt(t['best'])} | "
+                         f"{PAPER_TABLE6_NOTE.get(t['arch'], t['paper'])} | " + " | ".join(_fmt(t[k]) for k in OTHERS) + " |")
         lines += ["", "Paper and other reproductions: trained and tested on the original CIFAR-10 files, full "
-                  "schedules (docs/paper.md)."]
+                  "schedules (x1, docs/paper.md). A row is one budget, precision and data copy."]
     lines += control_section(runs)
-    resp_file = next(iter(sorted(root.rglob("layer_responses.json"))), None)
-    if resp_file:
+    resp_files = sorted(root.rglob("layer_responses.json"))
+    for resp_file in resp_files:  # one per budget folder (reproduce writes ROOT/BUDGET/layer_responses.json)
         resp = json.loads(resp_file.read_text())
-        plot_responses(resp, root / "layer_responses.png")
-        lines += ["", "## Layer responses (paper Fig. 7)", "", "![layer responses](layer_responses.png)", "",
-                  "| model | layers | mean std | max std |", "|---|---|---|---|"]
+        where = resp_file.parent.relative_to(root)
+        png = "layer_responses.png" if len(resp_files) == 1 else \
+            f"layer_responses-{'-'.join(where.parts) or 'top'}.png"
+        plot_responses(resp, root / png)
+        lines += ["", "## Layer responses (paper Fig. 7)" + (f": {where.as_posix()}" if len(resp_files) > 1 else ""),
+                  "", f"![layer responses]({png})", "", "| model | layers | mean std | max std |", "|---|---|---|---|"]
         for name, r in resp.items():
             lines.append(f"| {name} (step {r['step']}) | {len(r['std'])} | {statistics.mean(r['std']):.3f} | "
                          f"{max(r['std']):.3f} |")
