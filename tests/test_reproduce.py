@@ -196,6 +196,22 @@ def test_report_never_averages_across_budgets_precisions_or_data(tmp_path):
     assert "| resnet20 (copy B) | x1 | bf16 | 30.00 ± - (1) |" in text
 
 
+def test_report_says_whether_fig7_observations_hold():
+    """Seeds are averaged per architecture; each claim is holds / does not hold / holds in part."""
+    from reslab.report import response_claims
+    resp = {"plain20-s0": {"arch": "plain20", "std": [2.0, 2.0]}, "resnet20-s0": {"arch": "resnet20", "std": [1.0, 1.2]},
+            "resnet20-s1": {"arch": "resnet20", "std": [1.0, 1.0]}, "resnet56-s0": {"arch": "resnet56", "std": [0.9]},
+            "resnet110-s0": {"arch": "resnet110", "std": [0.95]}, "plain56-s0": {"arch": "plain56", "std": [0.5]}}
+    text = "\n".join(response_claims(resp))
+    assert "than their plain counterparts: **holds in part** (resnet20 1.050 vs plain20 2.000; resnet56 0.900" in text
+    assert "Deeper ResNets respond less: **holds in part** (resnet20 1.050 → resnet56 0.900 → resnet110 0.950)" in text
+    resp["resnet110-s0"]["std"] = [0.8]
+    del resp["plain56-s0"]
+    text = "\n".join(response_claims(resp))
+    assert "counterparts: **holds** (" in text and "respond less: **holds** (" in text
+    assert response_claims({"plain20-s0": {"arch": "plain20", "std": [1.0]}}) == []
+
+
 @pytest.mark.slow
 def test_readers_experiments_run_at_the_smoke_budget(tmp_path, capsys):
     d = tmp_path / "data"

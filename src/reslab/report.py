@@ -140,6 +140,32 @@ def plot_responses(resp: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def response_claims(resp: dict) -> list[str]:
+    """Fig. 7's two observations, checked on these nets by the mean over layers of the response std (seeds
+    averaged): ResNets respond less than their plain counterparts, and deeper ResNets respond less."""
+    by_arch: dict[str, list[float]] = {}
+    for r in resp.values():
+        by_arch.setdefault(r["arch"], []).append(statistics.mean(r["std"]))
+    mean = {a: statistics.mean(v) for a, v in by_arch.items()}
+    res = sorted((a for a in mean if a.startswith("resnet")), key=_depth)
+    pairs = [(a, "plain" + a[len("resnet"):]) for a in res if "plain" + a[len("resnet"):] in mean]
+    out = []
+    if pairs:
+        held = [mean[a] < mean[p] for a, p in pairs]
+        out.append(f"- ResNets respond less than their plain counterparts: **{_verdict(held)}** ("
+                   + "; ".join(f"{a} {mean[a]:.3f} vs {p} {mean[p]:.3f}" for a, p in pairs) + ").")
+    if len(res) > 1:
+        held = [mean[b] < mean[a] for a, b in zip(res, res[1:])]
+        out.append(f"- Deeper ResNets respond less: **{_verdict(held)}** ("
+                   + " → ".join(f"{a} {mean[a]:.3f}" for a in res) + ").")
+    return out + (["", "Measure: the mean over 3×3 layers of each BN output's std (the paper's Fig. 7 plots the "
+                   "layers one by one)."] if out else [])
+
+
+def _verdict(held: list[bool]) -> str:
+    return "holds" if all(held) else "does not hold" if not any(held) else "holds in part"
+
+
 def _fmt(v, nd=2):
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -313,6 +339,7 @@ def write_report(root) -> Path:
         for name, r in resp.items():
             lines.append(f"| {name} (step {r['step']}) | {len(r['std'])} | {statistics.mean(r['std']):.3f} | "
                          f"{max(r['std']):.3f} |")
+        lines += [""] + response_claims(resp)
     manifests = sorted(root.rglob("manifest-*.json"))
     for m in manifests:
         lines += experiment_section(json.loads(m.read_text()), runs, root, m.parent)
