@@ -17,7 +17,11 @@
 #   bash benchmarks/gpu_session.sh table6  # issue 13: Table 6 at the paper's budget, 3 seeds, 5 at a time
 #                                          # (SEEDS=N, K=N; fused like seeds: each depth's seeds;
 #                                          # its resnet20-s1, -s2 are the seeds phase's: they resume)
+#   bash benchmarks/gpu_session.sh fig67   # issue 13: Fig. 6 (plain-20/32/44/56 beside the ResNets, seed 0) and
+#                                          # Fig. 7 (layer responses computed here from those checkpoints)
 #   bash benchmarks/gpu_session.sh control # issue 13: the independent control script, ResNet-20, seed 0
+#   bash benchmarks/gpu_session.sh r1202   # issue 13: ResNet-1202 at budget B1202 (default 0.1: 6.4k iterations,
+#                                          # lr steps at 3.2k/4.8k; the paper's 7.93% is at 64k), resumable
 #   bash benchmarks/gpu_session.sh r50     # issue 15: the ResNet-50 step under each setting (compile modes)
 #   bash benchmarks/gpu_session.sh e2e     # issue 15: JPEG folders end to end, 10-crop/multi-scale evaluation
 set -u
@@ -38,7 +42,7 @@ log() { tee -a $OUT/log.txt; }
 keep_runs() {
   cd /tmp/runs 2>/dev/null || return 0
   tar czf $OUT/records.tgz $(find . -name metrics.jsonl -o -name config.json -o -name env.json \
-    -o -name 'manifest*.json' -o -name '*.md' -o -name '*.png') 2>/dev/null
+    -o -name 'manifest*.json' -o -name layer_responses.json -o -name '*.md' -o -name '*.png') 2>/dev/null
   local total=0 size keep=""
   for f in $(find . -name last.pt | sort); do
     size=$(stat -c %s $f)
@@ -49,15 +53,15 @@ keep_runs() {
   cd - > /dev/null
 }
 # one full-schedule training run, resumed where an earlier call left it (--resume also starts a run that has
-# no checkpoint yet); if the graphed step fails (never a time limit, a divergence or a config error), it is
-# retried eagerly so the run still happens, and the log says so
+# no checkpoint yet); if capturing the graphed step fails (a capture error, never a time limit, a divergence,
+# running out of memory or a config error), it is retried eagerly so the run still happens, and the log says so
 train_full() {  # out, then train flags
   local out=$1; shift
   limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-progress --resume 2>&1 \
     | grep -v -i warn | tee /tmp/last-train.txt | tail -n 6 | log
   local rc=${PIPESTATUS[0]}
   if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && [ $(left) -gt 60 ] \
-     && grep -q -i -e graph -e captur /tmp/last-train.txt; then
+     && grep -q -e captur -e "CUDA graph" -e cudaGraph /tmp/last-train.txt; then
     echo "exit $rc: again with --no-graphs" | log
     limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-progress --no-graphs --resume \
       2>&1 | grep -v -i warn | tail -n 6 | log
@@ -65,9 +69,9 @@ train_full() {  # out, then train flags
 }
 mkdir -p /tmp/runs
 [ -d .device-data/runs ] && cp -rn .device-data/runs/. /tmp/runs/   # run folders carried from a session before
-[ $# -gt 0 ] || { echo "phases: check, bench, full, seeds, table6, control, r50, e2e (PHASE[:SECONDS] ...)"; exit 2; }
+[ $# -gt 0 ] || { echo "phases: check, bench, full, seeds, table6, fig67, control, r1202, r50, e2e (PHASE[:SECONDS] ...)"; exit 2; }
 for SPEC in "$@"; do  # every phase checked before any runs: a typo must not cost the phases before it
-  case ${SPEC%%:*} in check|bench|full|seeds|table6|control|r50|e2e) ;; *) echo "unknown phase in $SPEC"; exit 2 ;; esac
+  case ${SPEC%%:*} in check|bench|full|seeds|table6|fig67|control|r1202|r50|e2e) ;; *) echo "unknown phase in $SPEC"; exit 2 ;; esac
   case $SPEC in *:*) case ${SPEC#*:} in ''|*[!0-9]*) echo "$SPEC: the limit must be whole seconds"; exit 2 ;; esac ;; esac
 done
 for SPEC in "$@"; do
@@ -82,21 +86,27 @@ check)
   limit python3 -m pytest -q -p no:cacheprovider tests/test_run.py tests/test_folder.py tests/test_fused.py tests/test_fusedset.py \
     -k "graphed or gpu or cuda or decoding or device_path" 2>&1 | tail -n 15 | log ;;
 bench)
-  # one bench per net, ResNet-20 first: a phase cut off at its limit still has the rows that choose the design
+  # one bench per net, ResNet-20 first and its run sets before its CIFAR rows: a phase cut off at its limit
+  # still has the rows that choose the design; the choice is written only when both rows exist
   for a in resnet20 resnet110; do
     [ $(left) -gt 30 ] || break
-    limit $R bench --device cuda --keep-going --only cifar runsets --arch $a \
+    limit $R bench --device cuda --keep-going --only runsets cifar --arch $a \
       --out $OUT/bench-cifar-$a.json 2>&1 | tail -n 25 | log
   done
-  python3 - $OUT/bench-cifar-resnet20.json > /tmp/fused-wins 2>> $OUT/log.txt <<'PY'
+  python3 - $OUT/bench-cifar-resnet20.json /tmp/fused-wins 2>&1 <<'PY' | log
 import json, sys
-rows = {r["setting"]: r["images_per_s"] for r in json.load(open(sys.argv[1]))["rows"] if r["arch"] == "resnet20"}
-a = next((v for k, v in rows.items() if k.endswith(", 5 runs")), 0)
-b = next((v for k, v in rows.items() if k.endswith(", fused 5 runs")), 0)
-print(int(b > a))
-print(f"five ResNet-20 runs: run set {a:,.0f} img/s, fused {b:,.0f} img/s", file=sys.stderr)
+try:
+    rows = {r["setting"]: r["images_per_s"] for r in json.load(open(sys.argv[1]))["rows"] if r["arch"] == "resnet20"}
+except (OSError, ValueError) as e:
+    sys.exit(f"no design chosen: {e}")
+a = next((v for k, v in rows.items() if k.endswith(", 5 runs")), None)
+b = next((v for k, v in rows.items() if k.endswith(", fused 5 runs")), None)
+if a is None or b is None:
+    sys.exit("no design chosen: the bench has not both five-run rows of ResNet-20")
+open(sys.argv[2], "w").write(f"{int(b > a)}\n")
+print(f"five ResNet-20 runs: run set {a:,.0f} img/s, fused {b:,.0f} img/s; fused wins: {int(b > a)}")
 PY
-  echo "fused wins: $(cat /tmp/fused-wins)" | log ;;
+  ;;
 full)
   for a in resnet20 resnet110; do
     [ $(left) -gt 60 ] || break
@@ -117,12 +127,26 @@ table6)
   limit $R reproduce cifar-table6 --budget paper --seeds ${SEEDS:-3} --concurrent ${K:-5} $(fuse) \
     --data-dir $DATA --out $T6 2>&1 | grep -v -i warn | tail -n 20 | log
   keep_runs ;;
+fig67)
+  # in Table 6's folders: its seed-0 ResNets are these experiments' runs too, so mostly the plain nets train;
+  # the layer responses need no transfer of checkpoints (layer_responses.json comes back in records.tgz)
+  limit $R reproduce cifar-degradation --budget paper --concurrent ${K:-5} --data-dir $DATA --out $T6 \
+    --no-report 2>&1 | grep -v -i warn | tail -n 20 | log
+  [ $(left) -le 30 ] || limit $R reproduce layer-responses --budget paper --data-dir $DATA --out $T6 --no-report \
+    2>&1 | grep -v -i warn | tail -n 8 | log
+  keep_runs ;;
 control)
   limit python3 benchmarks/control_cifar.py --data-dir $DATA --out /tmp/runs/control-resnet20-s0 \
     --resume 2>&1 | tail -n 5 | log
   keep_runs ;;
+r1202)
+  # a budget fixed up front (its lr steps depend on it), so calls cut off at their limits resume one schedule
+  t=$(date +%s)
+  train_full /tmp/runs/r1202/x${B1202:-0.1}/resnet1202-s0 --arch resnet1202 --seed 0 --budget ${B1202:-0.1}
+  echo "resnet1202 x${B1202:-0.1}: this call trained for $(( $(date +%s) - t )) s" | log
+  keep_runs ;;
 r50)
-  limit $R bench --device cuda --keep-going --only imagenet --imagenet-arch resnet50 --out $OUT/bench-r50.json \
+  limit $R bench --device cuda --keep-going --only imagenet autotune --imagenet-arch resnet50 --out $OUT/bench-r50.json \
     2>&1 | tail -n 40 | log ;;
 e2e)
   limit $R bench --device cuda --keep-going --only e2e eval --imagenet-arch resnet50 --out $OUT/bench-e2e.json \

@@ -17,6 +17,11 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RESLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.delenv("RESLAB_DATA", raising=False)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # process-wide switches a deterministic run sets: restored, so no test runs in the mode of the one before
+    switches = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    yield
+    torch.use_deterministic_algorithms(switches[0])
+    torch.backends.cudnn.benchmark = switches[1]
 
 
 def make_cifar_batches(folder: Path, n_train=500, n_test=100, num_classes=10, seed=0, per_batch=None):

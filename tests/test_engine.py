@@ -247,3 +247,13 @@ def test_precise_bn_is_a_true_average():
         means = torch.stack([m[0](x).mean((0, 2, 3)) for x, _ in batches]).mean(0)
     torch.testing.assert_close(m[1].running_mean, means, rtol=1e-4, atol=1e-5)
     assert m[1].momentum == 0.1
+
+
+def test_a_run_after_a_deterministic_one_is_not_deterministic():
+    """The switches are process-wide: each run sets them its way, so a notebook's second run (or a test after
+    a deterministic one) does not inherit deterministic algorithms and cuDNN autotuning off."""
+    from reslab.engine import configure_backends
+    configure_backends(True)
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    configure_backends(False)
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark

@@ -277,11 +277,11 @@ def test_graphs_say_why_not_and_refuse_when_asked_where_impossible(data_dir, tmp
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_graphed_training_follows_the_eager_trajectory(data_dir, tmp_path):
+def test_graphed_training_follows_the_eager_trajectory(data_dir, tmp_path, monkeypatch):
     """300 steps (lr steps at 150 and 225) with the step captured as a CUDA graph against the eager step,
     fp32 without TF32 and cuDNN's deterministic algorithms: the same kernels in the same order, so the two
     agree to rounding (measured bound below), not bitwise (the graph's allocations differ)."""
-    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # restored after: later tests see the default
     r = get_recipe("cifar-paper").with_overrides(batch_size=32, iters=300, eval_every=300, log_every=50)
     runs = {}
     for graphs in (False, True):

@@ -55,10 +55,10 @@ def configure_backends(deterministic: bool) -> None:
     if deterministic:
         import os
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    # both ways: a run after a deterministic one in the same process (a notebook, a run set's caller, the
+    # tests) must not inherit its slow algorithms
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores (cuDNN's default too)
 

@@ -190,7 +190,9 @@ class GraphedStep:
         restore(s, before)
         s.opt.zero_grad(set_to_none=True)  # backward inside the capture allocates .grad from the graph's pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a DataLoader's pin-memory thread allocating pinned memory during the capture is not
+        # this thread's work, and under the default (global) mode it would invalidate the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.wrong = self._body()
 
 

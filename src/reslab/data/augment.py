@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import roi_align
+import torchvision.ops  # noqa: F401 - registers torch.ops.torchvision
 
 from ..errors import ReslabError
 from .normalize import Normalizer
@@ -105,7 +105,10 @@ def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int,
         rois = torch.cat([torch.arange(len(idx), dtype=boxes.dtype, device=boxes.device)[:, None], boxes[at]], 1)
         # aligned=True: box coordinates are pixel edges, so (0, 0, W, H) is exactly the whole image;
         # sampling_ratio -1: ceil(box/size) samples per output pixel and axis, averaged (shrinking antialiases)
-        y = roi_align(x, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        # the kernel itself, not torchvision.ops.roi_align: under deterministic algorithms that wrapper swaps in
+        # a Python version that samples every input pixel for every output bin (hours for a batch of photos);
+        # the forward kernel is deterministic already. Arguments: scale 1, S x S, sampling ratio, aligned
+        y = torch.ops.torchvision.roi_align(x, rois, 1.0, size, size, -1, True)
         out[at] = y.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
