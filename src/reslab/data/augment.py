@@ -17,13 +17,15 @@ and to the GPU at a quarter of float32's size.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
-import torchvision.ops  # noqa: F401 - registers torch.ops.torchvision
 
 from ..errors import ReslabError
 from .normalize import Normalizer
+
+importlib.import_module("torchvision.ops")  # registers torch.ops.torchvision (the RoIAlign kernel below)
 
 CROPS = ("scale", "rrc")   # the paper's scale augmentation | RandomResizedCrop (the modern recipe)
 # AlexNet's PCA of ImageNet RGB pixels (Krizhevsky et al. 2012), in [0, 1] units; alpha ~ N(0, 0.1).
