@@ -257,3 +257,17 @@ def test_a_run_after_a_deterministic_one_is_not_deterministic():
     assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
     configure_backends(False)
     assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+
+
+def test_a_run_that_starts_afresh_drops_the_lines_of_an_attempt_killed_before_its_first_checkpoint(
+        data_dir, tmp_path):
+    """Killed before its first checkpoint, an attempt leaves log lines and no last.pt; the next attempt (or
+    another run in that folder) starts at step 0, so every old line would be a duplicate or another run's."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 5, "train_err": 0.99, "stale": 1}) + "\n")
+    train(settings(data_dir, out), resume=True)
+    lines = read_metrics(out)
+    assert lines and not any("stale" in m for m in lines)
+    steps = [(m["kind"], m["step"]) for m in lines]
+    assert len(steps) == len(set(steps))

@@ -281,3 +281,47 @@ def test_a_graphed_folder_step_follows_the_eager_one(tmp_path, monkeypatch):
         losses[flag] = [m["loss"] for m in read_metrics(out) if m["kind"] == "train"]
     assert losses["--graphs"][:5] == pytest.approx(losses["--no-graphs"][:5], rel=1e-4)
     assert losses["--graphs"] == pytest.approx(losses["--no-graphs"], rel=5e-2)
+
+
+
+def test_a_split_without_one_class_keeps_the_training_labels(tmp_path, capsys):
+    """val/ lacking `cat` must not shift `dog` and `ship` down one label; a val/ class the training split
+    lacks, a resumed run or a checkpoint evaluated on other classes are one-line errors."""
+    import shutil
+    from reslab.cli import main
+    from reslab.data import build as data_build
+    root = make_jpeg_folder(tmp_path / "imgs", classes=("cat", "dog", "ship"), per_class=2, size=(40, 56))
+    shutil.rmtree(root / "val" / "cat")
+    data = data_build.build("folder", root, batch_size=2, device="cpu", workers=0, normalization="channel",
+                            augment=Augment.for_size("scale", 32))
+    assert data.classes == ["cat", "dog", "ship"]
+    assert sorted(int(t) for _, y in data.eval for t in y) == [1, 1, 2, 2]  # dog, ship: their training labels
+    (root / "val" / "truck").mkdir()
+    shutil.copy(root / "val" / "dog" / "0.JPEG", root / "val" / "truck" / "0.JPEG")
+    with pytest.raises(ReslabError, match=r"val: class folder\(s\) truck are not among the training classes"):
+        data_build.build("folder", root, batch_size=2, device="cpu", workers=0, normalization="channel",
+                         augment=Augment.for_size("scale", 32))
+    shutil.rmtree(root / "val" / "truck")
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "resnet18", "--recipe", "imagenet-paper", "--data", "folder", "--data-dir",
+                 str(root), "--crop-size", "32", "--iters", "2", "--batch-size", "4", "--eval-every", "2",
+                 "--workers", "0", "--normalization", "channel", "--no-progress", "--out", str(run), "--stop-at", "1"]) == 0
+    other = make_jpeg_folder(tmp_path / "other", classes=("bird", "frog", "ship"), per_class=2, size=(40, 56))
+    capsys.readouterr()
+    wrong = "the data's classes (bird, frog, ship) are not the ones the model was trained on (cat, dog, ship)"
+    assert main(["eval", str(run), "--data-dir", str(other), "--workers", "0"]) == 2
+    assert wrong in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--data-dir", str(other)]) == 2
+    assert wrong in capsys.readouterr().err
+
+
+def test_a_batch_larger_than_the_training_split_is_refused(tmp_path, capsys):
+    """Not a loader that never yields a full batch (it hung), and no run folder left behind."""
+    from reslab.cli import main
+    root = make_jpeg_folder(tmp_path / "imgs", per_class=2, size=(40, 56))
+    assert main(["train", "--arch", "resnet18", "--recipe", "imagenet-paper", "--data", "folder", "--data-dir",
+                 str(root), "--crop-size", "32", "--iters", "2", "--batch-size", "8", "--workers", "0",
+                 "--normalization", "channel", "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    assert "the batch (8) is larger than the training split (4 images); use --batch-size 4 or less" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

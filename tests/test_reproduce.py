@@ -92,7 +92,7 @@ def test_report_from_synthetic_logs(tmp_path):
     t = {r["arch"]: r for r in json.loads((tmp_path / "results.json").read_text())["table6"]}
     assert t["resnet20"]["n"] == 2 and t["resnet20"]["mean"] == pytest.approx(10.0)
     assert t["resnet20"]["std"] == pytest.approx(1.4142, abs=1e-3) and t["resnet20"]["best"] == pytest.approx(9.0)
-    assert "| resnet20 | x0.5 | fp32 | 10.00 ± 1.41 (2) | 9.00 | 8.75 | 8.27 | 8.29 |" in text
+    assert "| resnet20 | x0.5 | 100 | fp32 | 10.00 ± 1.41 (2) | 9.00 | 8.75 | 8.27 | 8.29 |" in text
     assert "TestCPU (2 cores)" in text and "x0.5" in text
     assert summarize(tmp_path / "plain20-s0")["test_err"] == pytest.approx(25.0)
     csv_text = (tmp_path / "results.csv").read_text()
@@ -148,9 +148,9 @@ def test_table6_averages_finished_runs_and_names_the_others(tmp_path):
     """Seed 0 finished at 9%, seed 1 stopped mid-schedule at 20%: the row is 9.00 (1 seed), and says that
     one run is unfinished; with no finished run, the unfinished ones are shown, marked incomplete."""
     _fake_run(tmp_path, "resnet20-s0", "resnet20", True, [(0.4, 0.45), (0.1, 0.09)])
-    busy = _fake_run(tmp_path, "resnet20-s1", "resnet20", True, [(0.4, 0.20)], seed=1)
+    busy = _fake_run(tmp_path, "resnet20-s1", "resnet20", True, [(0.4, 0.20)], seed=1, iters=50)
     cfg = json.loads((busy / "config.json").read_text())
-    (busy / "config.json").write_text(json.dumps({**cfg, "recipe": {**cfg["recipe"], "iters": 200}}))
+    (busy / "config.json").write_text(json.dumps({**cfg, "recipe": {**cfg["recipe"], "iters": 100}}))  # at 50
     _fake_run(tmp_path, "resnet32-s0", "resnet32", True, [(0.4, 0.30)], iters=200)
     r32 = tmp_path / "resnet32-s0" / "config.json"
     cfg = json.loads(r32.read_text())
@@ -158,8 +158,8 @@ def test_table6_averages_finished_runs_and_names_the_others(tmp_path):
     text = write_report(tmp_path).read_text()
     t = {r["arch"]: r for r in json.loads((tmp_path / "results.json").read_text())["table6"]}
     assert (t["resnet20"]["n"], t["resnet20"]["mean"], t["resnet20"]["unfinished"]) == (1, pytest.approx(9.0), 1)
-    assert "| resnet20 | x0.5 | fp32 | 9.00 ± - (1), 1 unfinished not counted |" in text
-    assert not t["resnet32"]["complete"] and "| resnet32 | x0.5 | fp32 | 30.00 ± - (1) incomplete |" in text
+    assert "| resnet20 | x0.5 | 100 | fp32 | 9.00 ± - (1), 1 unfinished not counted |" in text
+    assert not t["resnet32"]["complete"] and "| resnet32 | x0.5 | 400 | fp32 | 30.00 ± - (1) incomplete |" in text
 
 
 def test_report_never_averages_across_budgets_precisions_or_data(tmp_path):
@@ -182,18 +182,35 @@ def test_report_never_averages_across_budgets_precisions_or_data(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["table6"]
     assert [(r["budget"], r["precision"], r["n"], round(r["mean"], 6)) for r in rows] == [
         (1.0, "bf16", 2, 9.0), (1.0, "fp32", 1, 9.0), (0.015, "fp32", 1, 36.0)]
-    assert "| resnet20 | x1 | bf16 | 9.00 ± 1.41 (2) | 8.00 |" in text
-    assert "| resnet20 | x0.015 | fp32 | 36.00 ± - (1) | 36.00 |" in text
+    assert "| resnet20 | x1 | 100 | bf16 | 9.00 ± 1.41 (2) | 8.00 |" in text
+    assert "| resnet20 | x0.015 | 100 | fp32 | 36.00 ± - (1) | 36.00 |" in text
     assert "## Layer responses (paper Fig. 7): paper" in text and "## Layer responses (paper Fig. 7): quick" in text
     assert (tmp_path / "layer_responses-paper.png").is_file() and (tmp_path / "layer_responses-quick.png").is_file()
     import matplotlib.image
     h, w = matplotlib.image.imread(tmp_path / "degradation.png").shape[:2]
     assert h > w  # two budgets: one panel each, stacked (one budget: a single panel, wider than high)
+    # the same seed trained twice counts once; another recipe is its own row, named by what differs; a run
+    # evaluated on val5k is not a Table 6 number
+    run("paper2", "resnet20-s1", 1.0, "bf16", 0.10, seed=1)
+    run("lr", "resnet20-s0", 1.0, "bf16", 0.50)
+    cfg_path = tmp_path / "lr" / "resnet20-s0" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "recipe": {**cfg["recipe"], "lr": 0.9, "eval_every": 7}}))
+    run("val", "resnet20-s3", 1.0, "bf16", 0.01, seed=3)
+    cfg_path = tmp_path / "val" / "resnet20-s3" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "eval_split": "val5k"}))
+    text = write_report(tmp_path).read_text()
+    assert "| resnet20 | x1 | 100 | bf16 | 9.00 ± 1.41 (2), 1 repeated seed not counted | 8.00 |" in text
+    assert "| resnet20 (lr=0.9) | x1 | 100 | bf16 | 50.00 ± - (1) |" in text
+    assert "1.00" not in text.split("## Table 6")[1].split("## ")[0]  # the val5k run
+    for folder in ("paper2", "lr", "val"):
+        import shutil
+        shutil.rmtree(tmp_path / folder)
     # runs on another copy of the data: their own row, named by the copy
     run("other", "resnet20-s0", 1.0, "bf16", 0.30, data="copy B")
     text = write_report(tmp_path).read_text()
-    assert "| resnet20 (copy A) | x1 | bf16 | 9.00 ± 1.41 (2) |" in text
-    assert "| resnet20 (copy B) | x1 | bf16 | 30.00 ± - (1) |" in text
+    assert "| resnet20 (copy A) | x1 | 100 | bf16 | 9.00 ± 1.41 (2) |" in text
+    assert "| resnet20 (copy B) | x1 | 100 | bf16 | 30.00 ± - (1) |" in text
 
 
 def test_report_says_whether_fig7_observations_hold():

@@ -103,6 +103,11 @@ class Trainer:
             world_size=d.world_size, val_split=r.val_split, normalization=r.normalization,
             channels_last=rt.channels_last, workers=cfg.data.workers, augment=Augment.for_size(r.crop, r.crop_size),
             decode=cfg.data.decode)
+        if r.batch_size > data.train_size:  # no full batch in an epoch: the loader would never yield one
+            raise ReslabError(f"the batch ({r.batch_size}) is larger than the training split ({data.train_size:,} "
+                              f"images); use --batch-size {data.train_size} or less")
+        if ck is not None:
+            data_build.check_classes(ck.get("classes"), data, f"resuming {out}")
         model = init_model(cfg, len(data.classes))
         model = model.to(d.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
         self.model = model
@@ -118,8 +123,12 @@ class Trainer:
         if d.is_main:
             out.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(out)
+            # lines logged after the checkpoint belong to steps that will run again; with no checkpoint, the
+            # lines of an attempt killed before its first one (or of another run in this folder) all do
             if ck is not None:
                 truncate_metrics(out, st.step)
+            else:
+                (out / "metrics.jsonl").unlink(missing_ok=True)
             write_json(out / "config.json", self.config_record())
             write_json(out / "env.json", environment())
         net = self._net(model, rt, d) if own_step else model

@@ -28,6 +28,7 @@ def evaluate_checkpoint(path, data_dir=None, view: str = "center", device: str =
                             val_split=info.get("eval_split") == "val5k", normalizer=model.reslab["normalizer"],
                             view=view, workers=workers, eval_batch=batch_size, with_train=precise_bn_batches > 0,
                             seed=cfg.get("seed", 0), augment=augment_of(cfg), decode=decode)
+    data_build.check_classes(ck.get("classes"), data, f"evaluating {p}")
     if precise_bn_batches:
         precise_bn(model, iter(data.train), precise_bn_batches)
     m = evaluate(model, data.eval)

@@ -38,7 +38,9 @@ def _flat_config(cfg: dict) -> dict:
                 "model_config": cfg.get("model_config", {}), "precision": cfg["runtime"]["precision"],
                 "eval_split": info.get("eval_split"), "data": (info.get("identity") or {}).get("description"),
                 "implementation": "reslab"}
-    return {**cfg, "data": (cfg.get("data") or {}).get("description") if isinstance(cfg.get("data"), dict) else None,
+    # earlier versions kept the model's switches (width, shortcut, ...) in model_overrides
+    return {**cfg, "options": cfg.get("options") or cfg.get("model_overrides") or {},
+            "data": (cfg.get("data") or {}).get("description") if isinstance(cfg.get("data"), dict) else None,
             "implementation": cfg.get("implementation", "reslab")}
 
 
@@ -54,7 +56,7 @@ def summarize(run: Path) -> dict:
     return {
         "run": run.name, "path": str(run), "arch": cfg["arch"], "options": cfg.get("options") or {}, "seed": cfg["seed"],
         "shortcut": cfg.get("model_config", {}).get("shortcut"), "residual": cfg.get("model_config", {}).get("residual"),
-        "budget": cfg["recipe"].get("budget", 1.0), "iters": iters,
+        "budget": cfg["recipe"].get("budget", 1.0), "iters": iters, "recipe_key": _recipe_key(cfg["recipe"]),
         "step": last_eval.get("step", train[-1]["step"] if train else 0),
         "complete": bool(evals) and last_eval.get("step") == iters,
         "test_err": 100 * last_eval["top1_err"] if evals else None,
@@ -170,36 +172,79 @@ def _fmt(v, nd=2):
     return "-" if v is None else f"{v:.{nd}f}"
 
 
+# recipe fields that change what is logged, not what is trained
+_LOGGING = {"eval_every", "log_every", "budget"}
+
+
+def _recipe_key(recipe: dict) -> str:
+    """The recipe as this version reads it (fields an earlier version did not write take their defaults,
+    which is what that version trained with), less its logging fields."""
+    from .recipes import Recipe
+    try:
+        recipe = Recipe.from_dict(recipe).to_dict()
+    except (TypeError, ValueError):  # a field this version does not know: compared as written
+        pass
+    return json.dumps({k: v for k, v in recipe.items() if k not in _LOGGING}, sort_keys=True, default=str)
+
+
+def _recipe_diff(key: str, reference: str) -> str:
+    a, b = json.loads(key), json.loads(reference)
+    return ", ".join(f"{k}={a.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "iters")
+
+
+def one_per_seed(runs: list[dict]) -> tuple[list[dict], int]:
+    """The runs with one per seed (the first by folder): the same seed trained twice is one sample of the
+    seed spread, not two. Returns the kept runs and how many were left out."""
+    kept: dict = {}
+    for r in sorted(runs, key=lambda r: r["path"]):
+        kept.setdefault(r["seed"], r)
+    return list(kept.values()), len(runs) - len(kept)
+
+
 def table6(runs: list[dict]) -> list[dict]:
-    """Per residual architecture (option A): our test error over seeds next to the paper and others. A row is
-    one (architecture, budget, precision, data): runs at another budget, in another precision or on other
-    data are other numbers, never averaged together."""
+    """Per residual architecture (option A): our CIFAR-10 test error over seeds next to the paper and others.
+    A row is one architecture trained one way: the same iterations, recipe (all but logging fields),
+    precision and data, evaluated on the test set. Runs trained another way are other rows, never averaged
+    together, and a seed trained twice counts once."""
     out = []
     runs = [r for r in runs if r["implementation"] == "reslab" and not r.get("options") and r["residual"]
-            and r["arch"] in PAPER_TABLE6 and r["shortcut"] == "A" and r["test_err"] is not None]
-    keys = {(r["arch"], r["budget"], r["precision"], r["data"]) for r in runs}
-    for key in sorted(keys, key=lambda k: (_depth(k[0]), -k[1], str(k[2]), str(k[3]))):
-        arch, budget, precision, data = key
-        rs = [r for r in runs if (r["arch"], r["budget"], r["precision"], r["data"]) == key]
-        done = [r for r in rs if r["complete"]]
+            and r["arch"] in PAPER_TABLE6 and r["shortcut"] == "A" and r["test_err"] is not None
+            and r.get("eval_split") in (None, "test")]  # Table 6 is test error; a val5k run is not in it
+
+    def key(r):
+        return r["arch"], r["budget"], r["iters"], r.get("recipe_key", ""), r["precision"], r["data"]
+    # per architecture and schedule, the recipe most of its runs used is the reference the others are
+    # described against
+    common = {}
+    for group in {key(r)[:3] for r in runs}:
+        keys = [r.get("recipe_key", "") for r in runs if key(r)[:3] == group]
+        common[group] = max(sorted(set(keys)), key=keys.count)
+    for k in sorted({key(r) for r in runs}, key=lambda k: (_depth(k[0]), -k[1], -k[2], k[3], str(k[4]), str(k[5]))):
+        arch, budget, iters, recipe, precision, data = k
+        rs = [r for r in runs if key(r) == k]
+        done, dup = one_per_seed([r for r in rs if r["complete"]])
         # finished runs only, where there are any (a mid-schedule error would pass for seed spread);
         # otherwise the unfinished ones, and the row says "incomplete"
-        errs = [r["test_err"] for r in done or rs]
-        out.append({"arch": arch, "budget": budget, "precision": precision, "data": data, "n": len(errs),
-                    "mean": statistics.mean(errs), "std": statistics.stdev(errs) if len(errs) > 1 else None,
-                    "best": min(errs), "complete": bool(done), "unfinished": len(rs) - len(done),
-                    "paper": PAPER_TABLE6[arch], **{k: v.get(arch) for k, v in OTHERS.items()}})
+        unfinished = [r for r in rs if not r["complete"]]
+        errs = [r["test_err"] for r in done or one_per_seed(unfinished)[0]]
+        out.append({"arch": arch, "budget": budget, "iters": iters, "precision": precision, "data": data,
+                    "recipe": _recipe_diff(recipe, common[k[:3]]) if recipe != common[k[:3]] else "",
+                    "n": len(errs), "mean": statistics.mean(errs), "std": statistics.stdev(errs) if len(errs) > 1 else None,
+                    "best": min(errs), "complete": bool(done), "unfinished": len(unfinished) if done else 0,
+                    "duplicates": dup, "paper": PAPER_TABLE6[arch], **{k: v.get(arch) for k, v in OTHERS.items()}})
     return out
 
 
 def _mean_std(runs: list[dict]) -> str:
     """Mean ± std (n) of the finished runs' test errors; unfinished runs are named, never averaged in (a
     run stopped mid-schedule has a higher error that would pass for seed spread)."""
-    errs = [r["test_err"] for r in runs if r["complete"]]
-    left = len(runs) - len(errs)
+    done, dup = one_per_seed([r for r in runs if r["complete"]])
+    errs = [r["test_err"] for r in done]
+    left = sum(not r["complete"] for r in runs)
     out = f"{statistics.mean(errs):.2f} ± {_fmt(statistics.stdev(errs) if len(errs) > 1 else None)} ({len(errs)})" \
         if errs else "-"
-    return out + (f", {left} unfinished not counted" if left else "")
+    return out + (f", {left} unfinished not counted" if left else "") + (
+        f", {dup} repeated seed{'s' if dup > 1 else ''} not counted" if dup else "")
 
 
 def control_section(runs: list[dict]) -> list[str]:
@@ -213,8 +258,10 @@ def control_section(runs: list[dict]) -> list[str]:
            "|---|---|---|---|---|---|"]
     for arch, budget in sorted({(r["arch"], r["budget"]) for r in ctl}):
         c = [r for r in ctl if (r["arch"], r["budget"]) == (arch, budget)]
+        datas = {r["data"] for r in c if r["data"]}  # the control's copy, where it recorded one
         o = [r for r in runs if r["implementation"] == "reslab" and (r["arch"], r["budget"]) == (arch, budget)
-             and r["test_err"] is not None and not r.get("options")]
+             and r["test_err"] is not None and not r.get("options") and r.get("eval_split") in (None, "test")
+             and (not datas or r["data"] in datas)]
         out.append(f"| {arch} | x{budget:g} | {_mean_std(c)} | {_mean_std(o)} | {c[0]['precision']} | "
                    f"{', '.join(sorted({str(r['precision']) for r in o})) or '-'} |")
     return out
@@ -315,17 +362,22 @@ def write_report(root) -> Path:
         # runs on more than one copy of the data: each row names its copy
         several = len({t["data"] for t in t6}) > 1
         lines += ["", "## Table 6: CIFAR-10 test error (%)", "",
-                  "| model | budget | precision | ours: mean ± std (n) | ours: best | paper | " + " | ".join(OTHERS) + " |",
-                  "|---|---|---|---|---|---|" + "---|" * len(OTHERS)]
+                  "| model | budget | iterations | precision | ours: mean ± std (n) | ours: best | paper | "
+                  + " | ".join(OTHERS) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(OTHERS)]
         for t in t6:
             ours = f"{_fmt(t['mean'])} ± {_fmt(t['std'])} ({t['n']})" + (
                 " incomplete" if not t["complete"] else
                 f", {t['unfinished']} unfinished not counted" if t["unfinished"] else "")
-            model = t["arch"] + (f" ({t['data'] or 'data not recorded'})" if several else "")
-            lines.append(f"| {model} | x{t['budget']:g} | {t['precision']} | {ours} | {_fmt(t['best'])} | "
+            ours += f", {t['duplicates']} repeated seed{'s' if t['duplicates'] > 1 else ''} not counted" \
+                if t["duplicates"] else ""
+            notes = [n for n in (t["data"] or "data not recorded" if several else "", t["recipe"]) if n]
+            model = t["arch"] + (f" ({'; '.join(notes)})" if notes else "")
+            lines.append(f"| {model} | x{t['budget']:g} | {t['iters']} | {t['precision']} | {ours} | {_fmt(t['best'])} | "
                          f"{PAPER_TABLE6_NOTE.get(t['arch'], t['paper'])} | " + " | ".join(_fmt(t[k]) for k in OTHERS) + " |")
         lines += ["", "Paper and other reproductions: trained and tested on the original CIFAR-10 files, full "
-                  "schedules (x1, docs/paper.md). A row is one budget, precision and data copy."]
+                  "schedules (x1, docs/paper.md). A row is one way of training (iterations, recipe, precision, data copy; "
+                  "a recipe other than the net's most common one is named in the row) on the test set; a seed "
+                  "trained twice counts once."]
     lines += control_section(runs)
     resp_files = sorted(root.rglob("layer_responses.json"))
     for resp_file in resp_files:  # one per budget folder (reproduce writes ROOT/BUDGET/layer_responses.json)

@@ -36,6 +36,16 @@ class RunData:
                 "eval_size": self.eval_size, "identity": self.identity}
 
 
+def check_classes(trained, data: RunData, what: str) -> None:
+    """Output i of a model is class i of the data it trained on: data with other classes, or the same ones
+    in another order, would be scored against the wrong labels. `trained`: the checkpoint's class names
+    (None or empty, as from converted weights: nothing to check)."""
+    if trained and list(trained) != list(data.classes):
+        from .folder import _names
+        raise ReslabError(f"{what}: the data's classes ({_names(list(data.classes))}) are not the ones the model "
+                          f"was trained on ({_names(list(trained))}); use data with the same class folders")
+
+
 class EpochCursor:
     """Where a DataLoader-backed stream is: its position is {epoch, batch within the epoch} and nothing else,
     so a stream that restores it yields the same next batch (the subclass's __iter__ honours it)."""
@@ -137,6 +147,7 @@ def _build_folder(root, batch_size, device, seed, rank, world_size, normalizatio
         train = FolderStream(loader, folder.Finisher(train_ds, device, normalizer))
     transform = folder.eval_transform(normalizer, view, size=augment.size)
     val_ds = folder.ImageFolderSplit(root, "val", None if encoded else transform, encoded=encoded)
+    val_ds.label_as(train_ds.classes)
     per_rank = max(1, eval_batch // world_size // (10 if view == "10crop" else 1))
     evl = FolderStream(folder.make_loader(val_ds, per_rank, train=False, workers=workers, rank=rank,
                                           world_size=world_size, multiscale=view == "multiscale"),

@@ -140,6 +140,11 @@ def jpeg_size(path: str, data: torch.Tensor) -> tuple[int, int]:
     return h, w
 
 
+def _names(classes, most: int = 6) -> str:
+    shown = ", ".join(classes[:most])
+    return shown + (f", ... ({len(classes)} in all)" if len(classes) > most else "")
+
+
 class ImageFolderSplit(Dataset):
     """One split (`train`, `val`; `test` where a tree has no `val`) of an ImageNet-style folder.
 
@@ -162,11 +167,27 @@ class ImageFolderSplit(Dataset):
             self.inner = datasets.ImageFolder(str(folder), loader=lambda p: p)  # we decode ourselves
         except FileNotFoundError as e:
             raise ReslabError(f"{folder}: {e}") from None
+        self.folder = folder
         self.classes = self.inner.classes
         self.samples = self.inner.samples
         self.targets = self.inner.targets
         self.transform, self.on_corrupt, self.augment, self.encoded = transform, on_corrupt, augment, encoded
         self.skipped: list[str] = []
+
+    def label_as(self, classes: list[str]) -> None:
+        """Label by `classes` (the training split's): a label is an index into the sorted class folders, so a
+        split that lacks one of them would shift every label after it. A class the training split does not
+        have cannot be scored at all: an error."""
+        extra = sorted(set(self.classes) - set(classes))
+        if extra:
+            raise ReslabError(f"{self.folder}: class folder(s) {_names(extra)} are not among the training classes "
+                              f"({_names(classes)}); evaluate on the classes the model was trained on")
+        if self.classes != list(classes):
+            index = {c: i for i, c in enumerate(classes)}
+            to = [index[c] for c in self.classes]
+            self.samples = [(path, to[t]) for path, t in self.samples]
+            self.targets = [to[t] for t in self.targets]
+            self.classes = list(classes)
 
     def __len__(self) -> int:
         return len(self.samples)
