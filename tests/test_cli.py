@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from reslab.cli import main
 
@@ -43,3 +44,14 @@ def test_cli_errors_are_one_line_and_nonzero(args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("reslab: error:") and needle in lines[0]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_an_unusable_device_or_count_is_a_one_line_error(tmp_path, capsys):
+    for args, says in ((["train", "--device", "cuda", "--iters", "1", "--out", str(tmp_path / "a")], "no CUDA device here"),
+                       (["train", "--device", "mps", "--iters", "1", "--out", str(tmp_path / "b")], "runs on cpu or cuda"),
+                       (["predict", str(tmp_path), "--top", "-1"], "--top: must be at least 1"),
+                       (["eval", str(tmp_path), "--precise-bn", "-3"], "--precise-bn: must be at least 0")):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -258,3 +258,17 @@ def test_real_cifar10():
     mean = tr.images.double().mean((0, 2, 3)) / 255
     assert torch.allclose(mean, torch.tensor([0.491, 0.482, 0.447], dtype=torch.float64), atol=0.01)
     assert len(cifar.load("cifar10", "val5k", located=loc)) == 5000
+
+
+def test_a_named_folder_without_the_data_says_what_is_missing_instead_of_downloading(tmp_path, monkeypatch):
+    def no_download(*a, **k):
+        raise AssertionError("downloaded although a folder was named")
+    monkeypatch.setattr(cifar, "download", no_download)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="it holds neither cifar-10-python.tar.gz nor cifar-10-batches-py/"):
+        cifar.locate("cifar10", tmp_path / "empty")
+    part = tmp_path / "part" / "cifar-10-batches-py"
+    make_cifar_batches(part, n_train=50, n_test=10)
+    (part / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError, match="an incomplete cifar10 folder, test_batch missing"):
+        cifar.locate("cifar10", tmp_path / "part")

@@ -146,6 +146,10 @@ def test_convert_cifar_reproduction_layout(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), net(x), rtol=1e-5, atol=1e-5)
     assert ours.reslab["classes"][3] == "cat"
+    # plain20 has exactly these tensor names: converting into it would drop the shortcuts silently
+    assert main(["convert", str(tmp_path / "resnet20.th"), "--from", "cifar-repro", "--arch", "plain20",
+                 "--out", str(tmp_path / "p20.pt")]) == 2
+    assert not (tmp_path / "p20.pt").exists()
 
 
 def test_torch_hub_local():

@@ -216,3 +216,9 @@ def test_option_a_is_a_strided_subsample_and_keeps_channels_last_gradients(size)
     (g,) = torch.autograd.grad(out, x, torch.randn_like(out).contiguous(memory_format=torch.channels_last))
     assert g.is_contiguous(memory_format=torch.channels_last)
     assert torch.count_nonzero(g[:, :, 1::2]) == 0 and torch.count_nonzero(g[:, :, :, 1::2]) == 0
+
+
+def test_an_absurd_depth_is_refused_at_once():
+    """6n+2 but billions of layers: building it would exhaust memory (it hung); the paper's deepest is 1202."""
+    with pytest.raises(ValueError, match="beyond 20,000 layers"):
+        reslab.create_model("resnet600000000002")

@@ -10,6 +10,17 @@ import sys
 EXIT_USER_ERROR = 2
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low, else argparse's own one-line usage error."""
+    def parse(text: str) -> int:
+        v = int(text)
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
@@ -189,7 +200,7 @@ def _register_train(sub) -> None:
     p.add_argument("path", help="a checkpoint file, or a run folder (its last.pt)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--views", default="center", choices=VIEWS)
-    p.add_argument("--precise-bn", type=int, default=0, metavar="N")
+    p.add_argument("--precise-bn", type=_at_least(0), default=0, metavar="N")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--decode", default="auto", choices=DECODERS,
@@ -307,8 +318,8 @@ def _register_use(sub) -> None:
     p = sub.add_parser("predict", help="top-5 classes for images, with the checkpoint's classes and normalisation")
     p.add_argument("path", help="checkpoint, run folder, converted .pt or .safetensors")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--top", type=_at_least(1), default=5)
+    p.add_argument("--batch-size", type=_at_least(1), default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)

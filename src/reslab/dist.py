@@ -34,7 +34,15 @@ class DistInfo:
 
 def pick_device(requested: str | None = None) -> torch.device:
     if requested and requested != "auto":
-        return torch.device(requested)
+        try:
+            dev = torch.device(requested)
+        except RuntimeError as e:
+            raise ValueError(f"--device {requested!r} is not a device ({e}); use auto, cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: no CUDA device here; use --device cpu (or auto)")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {requested}: reslab runs on cpu or cuda")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -105,8 +105,8 @@ def convert_torchvision(src, arch: str, num_classes: int | None = None) -> dict:
     sd = _read_state_dict(src)
     n = num_classes or (sd["fc.weight"].shape[0] if "fc.weight" in sd else 1000)
     model = create_model(arch, stride_in_1x1=False, num_classes=n)
-    if model.cfg.family != "imagenet":
-        raise ReslabError(f"--from torchvision needs an ImageNet-family arch (resnet18 ... resnet152), got {arch}")
+    if model.cfg.family != "imagenet" or not model.cfg.residual:
+        raise ReslabError(f"--from torchvision needs an ImageNet-family ResNet (resnet18 ... resnet152), got {arch}")
     ckpt.load_model_state(model, sd, str(src), fill_bn_counters=True)
     return weights_record(model, _channel_norm(IMAGENET), [str(i) for i in range(n)], f"torchvision:{src}")
 
@@ -120,8 +120,11 @@ def convert_cifar_repro(src, arch: str) -> dict:
         renamed[k] = v
     n = renamed["fc.weight"].shape[0] if "fc.weight" in renamed else 10
     model = create_model(arch, zero_pad="both", num_classes=n)
-    if model.cfg.family != "cifar":
-        raise ReslabError(f"--from cifar-repro needs a CIFAR arch (resnet20, resnet56, ...), got {arch}")
+    # a plain net has exactly an option-A ResNet's tensors: loading would succeed and silently drop the
+    # shortcuts the weights were trained with
+    if model.cfg.family != "cifar" or not model.cfg.residual:
+        raise ReslabError(f"--from cifar-repro needs a CIFAR ResNet (resnet20, resnet56, ...; the reproduction "
+                          f"has no plain nets), got {arch}")
     ckpt.load_model_state(model, renamed, str(src), fill_bn_counters=True)
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     return weights_record(model, _channel_norm(CIFAR_REPRO), classes if n == 10 else [str(i) for i in range(n)],

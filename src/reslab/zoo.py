@@ -29,6 +29,7 @@ IMAGENET_LAYERS = {
     152: ("bottleneck", (3, 8, 36, 3)),
 }
 # paper §4.2: depth 6n+2 -> n blocks per stage
+MAX_CIFAR_DEPTH = 20_000
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 CIFAR_PLAIN_DEPTHS = (20, 32, 44, 56, 110)
 IMAGENET_PLAIN_DEPTHS = (18, 34, 50, 101, 152)
@@ -49,6 +50,8 @@ def register_model(name: str):
 def cifar_config(depth: int, residual: bool = True, name: str = "") -> ResNetConfig:
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"CIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 26, 32, 44, 56, 110, ...), got {depth}")
+    if depth > MAX_CIFAR_DEPTH:  # building billions of blocks would run out of memory, not fail clearly
+        raise ValueError(f"CIFAR depth {depth} is beyond {MAX_CIFAR_DEPTH:,} layers (the paper's deepest is 1202)")
     n = (depth - 2) // 6
     return ResNetConfig(family="cifar", block="basic", layers=(n, n, n), shortcut="A", residual=residual,
                         num_classes=10, name=name)
@@ -96,6 +99,8 @@ def resolve_config(name: str, **overrides) -> ResNetConfig:
         if not m or (m.group(1) is None and int(m.group(3)) in IMAGENET_LAYERS):
             raise ValueError(_unknown(name))
         depth, residual = int(m.group(3)), m.group(2) == "resnet"
+        if depth > MAX_CIFAR_DEPTH and (depth - 2) % 6 == 0:
+            cfg = cifar_config(depth, residual, name)  # its own error: too deep, not an unknown name
         try:
             cfg = cifar_config(depth, residual, name)
         except ValueError:

@@ -240,8 +240,15 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, allow_download:
                 _warn(f"{archive}: MD5 {digest} differs from the official {spec.archive_md5}; using it as a local copy")
             folder = _extract(archive, spec, digest)
             return Located(folder, str(archive), official, md5sum(folder / spec.test_files[0][0]), spec.name)
-        if not allow_download:
-            raise FileNotFoundError(f"no {spec.archive} or {spec.folder}/ in {root}")
+        # a folder was named: what it lacks is the answer, not a download somewhere else (module docstring)
+        partial = next((f for f in (root, root / spec.folder) if f.is_dir() and any(
+            (f / name).is_file() for name, _ in spec.train_files + spec.test_files)), None)
+        if partial is not None:
+            missing = [name for name, _ in spec.train_files + spec.test_files if not (partial / name).is_file()]
+            raise FileNotFoundError(f"{partial}: an incomplete {spec.name} folder, {', '.join(missing)} missing; "
+                                    f"pass the folder with all of its batch files, or the official {spec.archive}")
+        raise FileNotFoundError(f"no {spec.name} in {root}: it holds neither {spec.archive} nor {spec.folder}/; "
+                                f"pass the folder that does, or no --data-dir (and no RESLAB_DATA) to download it")
     elif not allow_download:
         raise FileNotFoundError(f"no data folder given for {spec.name}: pass --data-dir or set RESLAB_DATA")
     archive = download(spec)
