@@ -180,6 +180,12 @@ def test_test_views_keep_the_crop_a_run_trained_with():
     assert preprocess(img, "imagenet").shape == (3, 224, 224)
     assert preprocess(img, "imagenet", 32).shape == (3, 32, 32)
     assert preprocess(img, "cifar", 224).shape == (3, 32, 32)   # CIFAR nets see 32x32 whatever the recipe says
+    # the data decides where it is recorded: ResNet-18 trained on CIFAR arrays saw 32x32; a CIFAR net trained
+    # on a folder at crop 32 is tested as `reslab eval` does, resize 37 then the centre 32
+    assert preprocess(img, "imagenet", 224, data="cifar10").shape == (3, 32, 32)
+    from torchvision.transforms import v2
+    want = v2.CenterCrop(32)(v2.Resize(37, antialias=True)(img))
+    assert torch.equal(preprocess(img, "cifar", 32, data="folder"), want)
     a = augment_of({"recipe": {"crop": "scale", "crop_size": 32}})
     assert (a.size, a.scale) == (32, (37, 69))
     assert (augment_of({}).size, augment_of({}).scale) == (224, (256, 480))

@@ -110,7 +110,7 @@ def build_model(model_config: dict):
 
 def load_model(source, key: str = "model"):
     """A model from a checkpoint file, run folder or already-loaded checkpoint dict, in eval mode, with
-    `model.reslab = {classes, normalizer, config, crop_size}`. `key="ema"` takes a run's EMA weights instead."""
+    `model.reslab = {classes, normalizer, config, crop_size, data}`. `key="ema"` takes a run's EMA weights instead."""
     from .data.normalize import Normalizer
     ck = source if isinstance(source, dict) else load(source)
     name = "checkpoint" if isinstance(source, dict) else str(resolve(source))
@@ -123,8 +123,14 @@ def load_model(source, key: str = "model"):
     model = build_model(ck["model_config"])
     load_model_state(model, state, name)
     model.reslab = {"classes": ck.get("classes"), "normalizer": Normalizer.from_state_dict(ck["normalizer"]),
-                    "config": ck["model_config"], "crop_size": crop_size_of(ck)}
+                    "config": ck["model_config"], "crop_size": crop_size_of(ck), "data": data_of(ck)}
     return model.eval()
+
+
+def data_of(ck: dict) -> str | None:
+    """The dataset the weights were trained on ("cifar10", "folder", ...), which decides the test view; None
+    for converted weights (their family decides)."""
+    return (ck.get("data") or {}).get("name")
 
 
 def crop_size_of(ck: dict) -> int | None:

@@ -66,7 +66,7 @@ def save_safetensors(ck: dict, out: Path) -> tuple[Path, Path]:
         "format": "reslab-safetensors-1", "architecture": meta.get("name"), "model_config": meta,
         "shortcut": meta.get("shortcut"), "stride_variant": meta.get("stride_variant"),
         "normalization": ck["normalizer"]["mode"], "classes": ck.get("classes"),
-        "crop_size": ckpt.crop_size_of(ck)}, indent=2))
+        "crop_size": ckpt.crop_size_of(ck), "data": ckpt.data_of(ck)}, indent=2))
     return out, sidecar
 
 
@@ -81,7 +81,7 @@ def _load_safetensors(p: Path) -> ResNet:
     model = ckpt.build_model(side["model_config"])
     ckpt.load_model_state(model, tensors, str(p))
     model.reslab = {"classes": side.get("classes"), "normalizer": norm, "config": side["model_config"],
-                    "crop_size": side.get("crop_size")}
+                    "crop_size": side.get("crop_size"), "data": side.get("data")}
     return model.eval()
 
 

@@ -61,13 +61,15 @@ def image_paths(inputs) -> list[Path]:
     return out
 
 
-def preprocess(img_uint8: torch.Tensor, family: str, crop_size: int | None = None) -> torch.Tensor:
-    """Decoded (3, H, W) uint8 -> the network's test view: CIFAR nets see 32x32 (resize the shorter side
-    to 32, centre crop); ImageNet nets resize to 256 and take the centre 224 (paper §3.4 centre view), or
-    keep those proportions at the crop size they were trained with."""
+def preprocess(img_uint8: torch.Tensor, family: str, crop_size: int | None = None, data: str | None = None) -> torch.Tensor:
+    """Decoded (3, H, W) uint8 -> the view the network was tested on, decided by the data it trained on:
+    CIFAR arrays are 32x32 whatever the net (resize the shorter side to 32, centre crop); an image folder's
+    test view is the resize to 256 and centre 224 (paper §3.4), at the crop size it trained with, as `reslab
+    eval` takes it. Weights without a record of their data (converted) follow their family."""
     from torchvision.transforms import v2
+    cifar = data.startswith("cifar") if data else family == "cifar"
     crop = crop_size or 224
-    resize, crop = (32, 32) if family == "cifar" else (round(crop * 256 / 224), crop)
+    resize, crop = (32, 32) if cifar else (round(crop * 256 / 224), crop)
     return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])(img_uint8)
 
 
@@ -85,7 +87,8 @@ def predict(path, inputs, top: int = 5, batch_size: int = 64, device: str = "aut
     results = []
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
-        x = torch.stack([preprocess(decode(str(f)), model.cfg.family, model.reslab.get("crop_size")) for f in chunk])
+        x = torch.stack([preprocess(decode(str(f)), model.cfg.family, model.reslab.get("crop_size"),
+                                    model.reslab.get("data")) for f in chunk])
         probs = torch.softmax(model(norm(x).to(dev)).float(), 1).cpu()
         p, idx = probs.topk(k, 1)
         for f, pi, ii in zip(chunk, p, idx):
