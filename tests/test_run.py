@@ -101,8 +101,9 @@ def test_resume_refuses_a_different_run_and_extends_by_request(data_dir, tmp_pat
         assert len(err) == 1 and field in err[0] and repr(value) in err[0], err
     assert main(["train", "--arch", "resnet14", "--resume", *map(str, common)]) == 2
     assert "model.arch is 'resnet8'" in capsys.readouterr().err
-    # free fields may change; the batch size repeated as it was is no conflict
-    assert _train("--resume", "--workers", 1, *common) == 0
+    # free fields may change; the batch size repeated as it was is no conflict, nor is the option the run
+    # took by default asked for by name (CIFAR nets default to option A), nor width 1
+    assert _train("--resume", "--workers", 1, "--shortcut", "A", "--width", 1.0, *common) == 0
     # lengthening keeps the milestones (20, 30) and equals a run started at 80 with those milestones
     assert _train("--resume", "--extend-to", 80, *common) == 0
     ref = tmp_path / "ref"

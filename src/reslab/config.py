@@ -105,15 +105,24 @@ def resume_config(saved: RunConfig, asked: RunConfig, explicit: set[tuple[str, s
             if f.metadata.get("free") or not given(sec, f.name):
                 continue
             if getattr(s, f.name) != getattr(a, f.name):
-                _conflict(f"{sec}.{f.name}", getattr(s, f.name), getattr(a, f.name), saved.out)
+                _conflict(f"{sec}.{f.name}", getattr(s, f.name), getattr(a, f.name), asked.out)
     if given("model", "arch") and saved.model.arch != asked.model.arch:
-        _conflict("model.arch", saved.model.arch, asked.model.arch, saved.out)
+        _conflict("model.arch", saved.model.arch, asked.model.arch, asked.out)
     saved_opts, asked_opts = saved.model.kwargs(), asked.model.kwargs()
+    # compared as the model they build: `--shortcut A` on a run that took the CIFAR default (A) asks for
+    # the same net, so it is no conflict
+    from .zoo import resolve_config
+    try:
+        built = resolve_config(saved.model.arch, **saved_opts), resolve_config(saved.model.arch, **asked_opts)
+    except (TypeError, ValueError):
+        built = None
     for k in sorted(set(saved_opts) | set(asked_opts)):
-        if given("model", k) and saved_opts.get(k) != asked_opts.get(k):
-            _conflict(f"model.{k}", saved_opts.get(k, "default"), asked_opts.get(k, "default"), saved.out)
+        same = (getattr(built[0], k, None) == getattr(built[1], k, None)) if built else \
+            saved_opts.get(k) == asked_opts.get(k)
+        if given("model", k) and not same:
+            _conflict(f"model.{k}", saved_opts.get(k, "default"), asked_opts.get(k, "default"), asked.out)
     if given("", "seed") and saved.seed != asked.seed:
-        _conflict("seed", saved.seed, asked.seed, saved.out)
+        _conflict("seed", saved.seed, asked.seed, asked.out)
     free = lambda sec: {f.name: getattr(getattr(asked, sec), f.name)  # noqa: E731
                         for f in fields(getattr(asked, sec)) if f.metadata.get("free") and given(sec, f.name)}
     return replace(saved, out=asked.out, data=replace(saved.data, **free("data")),
