@@ -90,6 +90,19 @@ def test_convert_torchvision_identical_outputs(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(ours(x), tv(x))
+    # the layouts training scripts save: pytorch/examples' {"state_dict": DataParallel names}, torchvision's
+    # references' {"model": ...}; a whole pickled model is refused with what to save instead
+    layouts = {"examples.pth": {"state_dict": {"module." + k: v for k, v in tv.state_dict().items()}, "epoch": 90},
+               "references.pth": {"model": tv.state_dict(), "optimizer": {}, "epoch": 3}}
+    for name, obj in layouts.items():
+        torch.save(obj, tmp_path / name)
+        assert main(["convert", str(tmp_path / name), "--from", "torchvision", "--arch", "resnet18",
+                     "--out", str(tmp_path / (name + ".pt"))]) == 0, name
+        with torch.no_grad():
+            assert torch.equal(reslab.load(tmp_path / (name + ".pt"))(x), tv(x)), name
+    torch.save(tv, tmp_path / "whole.pth")
+    assert main(["convert", str(tmp_path / "whole.pth"), "--from", "torchvision", "--arch", "resnet18",
+                 "--out", str(tmp_path / "w.pt")]) == 2
 
 
 class _ReproBlock(nn.Module):

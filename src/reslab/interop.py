@@ -93,11 +93,20 @@ def _read_state_dict(src) -> dict:
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ReslabError(f"{src}: not a readable PyTorch file ({type(e).__name__})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+        # a whole pickled model is refused by the safe loader: say how to save what can be read safely
+        hint = ("; if it holds a whole pickled model, load it where its code lives and save "
+                "model.state_dict() instead" if "weights_only" in str(e) or "Unpickl" in type(e).__name__ else "")
+        raise ReslabError(f"{src}: not a readable PyTorch file ({type(e).__name__}){hint}") from None
+    # the training scripts of pytorch/examples keep {"state_dict": ...}, torchvision's references {"model": ...}
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ReslabError(f"{src}: not a state dict (a dict of tensors, or {{'state_dict': ...}})")
+        raise ReslabError(f"{src}: not a state dict (a dict of tensors, {{'state_dict': ...}} or {{'model': ...}})")
+    # DataParallel / DistributedDataParallel wrote every name behind "module."
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)
 
 
@@ -115,7 +124,6 @@ def convert_cifar_repro(src, arch: str) -> dict:
     sd = _read_state_dict(src)
     renamed = {}
     for k, v in sd.items():
-        k = k[len("module."):] if k.startswith("module.") else k
         k = "fc." + k[len("linear."):] if k.startswith("linear.") else k
         renamed[k] = v
     n = renamed["fc.weight"].shape[0] if "fc.weight" in renamed else 10
