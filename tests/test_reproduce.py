@@ -244,3 +244,20 @@ def test_readers_experiments_run_at_the_smoke_budget(tmp_path, capsys):
         assert needle in report, needle
     assert (out / "width_vs_depth_smoke.png").is_file()
     assert report.count("± - (1) |") >= 11  # every net trained to completion once
+
+
+def test_report_reads_a_torn_last_line_and_a_diverged_run(tmp_path):
+    """A kill mid-write tears the last log line (skipped); a diverged run logs NaN (plotted without it); a
+    damaged line inside the log is an error naming the file and line."""
+    torn = _fake_run(tmp_path, "resnet20-s0", "resnet20", True, [(0.4, 0.45), (0.1, 0.09)])
+    with open(torn / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')
+    nan = _fake_run(tmp_path, "resnet20-s1", "resnet20", True, [(0.4, 0.45), (float("nan"), float("nan"))], seed=1)
+    assert "NaN" in (nan / "metrics.jsonl").read_text()
+    text = write_report(tmp_path).read_text()
+    assert "| resnet20-s0 | x0.5 | 100/100 |" in text and (tmp_path / "degradation.png").is_file()
+    lines = (torn / "metrics.jsonl").read_text().splitlines()
+    (torn / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    from reslab.errors import ReslabError
+    with pytest.raises(ReslabError, match=r"metrics.jsonl, line 2: not a JSON line"):
+        write_report(tmp_path)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ReslabError
+
 
 def git_revision() -> str | None:
     here = Path(__file__).resolve().parent
@@ -88,7 +90,16 @@ def read_metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) - 1:  # the last line, torn by a kill mid-write: the run resumes before it
+                break
+            raise ReslabError(f"{path}, line {i + 1}: not a JSON line ({e}); the log is damaged") from None
+    return out
 
 
 class Progress:

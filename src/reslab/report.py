@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -112,7 +113,8 @@ def plot_degradation(runs: list[dict], path: Path) -> bool:
         ax.set_title(f"{title} (dashed: training error, bold: test error)", fontsize=10)
         ax.set_xlabel("iterations")
         ax.set_ylabel("error (%)")
-        top = max([y for r in rs for _, y in r["curves"]["train"] + r["curves"]["test"]] or [60])
+        # a diverged run logs NaN or inf: the axis fits the finite points
+        top = max([y for r in rs for _, y in r["curves"]["train"] + r["curves"]["test"] if math.isfinite(y)] or [60])
         ax.set_ylim(0, min(100, 10 * (int(top) // 10 + 1)))  # fits every curve (the paper's plots clip)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -192,6 +194,11 @@ def _recipe_diff(key: str, reference: str) -> str:
     return ", ".join(f"{k}={a.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "iters")
 
 
+def _finite(v) -> bool:
+    """A test error that can be averaged: a diverged run's NaN is a row of the runs table, not a sample."""
+    return v is not None and math.isfinite(v)
+
+
 def one_per_seed(runs: list[dict]) -> tuple[list[dict], int]:
     """The runs with one per seed (the first by folder): the same seed trained twice is one sample of the
     seed spread, not two. Returns the kept runs and how many were left out."""
@@ -208,7 +215,7 @@ def table6(runs: list[dict]) -> list[dict]:
     together, and a seed trained twice counts once."""
     out = []
     runs = [r for r in runs if r["implementation"] == "reslab" and not r.get("options") and r["residual"]
-            and r["arch"] in PAPER_TABLE6 and r["shortcut"] == "A" and r["test_err"] is not None
+            and r["arch"] in PAPER_TABLE6 and r["shortcut"] == "A" and _finite(r["test_err"])
             and r.get("eval_split") in (None, "test")]  # Table 6 is test error; a val5k run is not in it
 
     def key(r):
@@ -238,7 +245,7 @@ def table6(runs: list[dict]) -> list[dict]:
 def _mean_std(runs: list[dict]) -> str:
     """Mean ± std (n) of the finished runs' test errors; unfinished runs are named, never averaged in (a
     run stopped mid-schedule has a higher error that would pass for seed spread)."""
-    done, dup = one_per_seed([r for r in runs if r["complete"]])
+    done, dup = one_per_seed([r for r in runs if r["complete"] and _finite(r["test_err"])])
     errs = [r["test_err"] for r in done]
     left = sum(not r["complete"] for r in runs)
     out = f"{statistics.mean(errs):.2f} ± {_fmt(statistics.stdev(errs) if len(errs) > 1 else None)} ({len(errs)})" \
