@@ -51,7 +51,8 @@ def test_an_unusable_device_or_count_is_a_one_line_error(tmp_path, capsys):
     for args, says in ((["train", "--device", "cuda", "--iters", "1", "--out", str(tmp_path / "a")], "no CUDA device here"),
                        (["train", "--device", "mps", "--iters", "1", "--out", str(tmp_path / "b")], "runs on cpu or cuda"),
                        (["predict", str(tmp_path), "--top", "-1"], "--top: must be at least 1"),
-                       (["eval", str(tmp_path), "--precise-bn", "-3"], "--precise-bn: must be at least 0")):
+                       (["eval", str(tmp_path), "--precise-bn", "-3"], "--precise-bn: must be at least 0"),
+                       (["export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path)], "is a folder; give the file")):
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -14,6 +14,7 @@ from .errors import ReslabError
 from .interop import load, save_safetensors
 
 FORMATS = ("torchscript", "onnx", "safetensors")
+SUFFIXES = {"torchscript": ".ts.pt", "onnx": ".onnx", "safetensors": ".safetensors"}
 
 
 def _example(model) -> torch.Tensor:
@@ -34,8 +35,10 @@ def _check(name: str, got: torch.Tensor, ref: torch.Tensor) -> float:
 def export(path, fmt: str, out) -> dict:
     if fmt not in FORMATS:
         raise ReslabError(f"unknown format {fmt!r}; valid choices: {', '.join(FORMATS)}")
-    model = load(path)
     out = Path(out)
+    if out.is_dir():
+        raise ReslabError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model' + SUFFIXES[fmt])}")
+    model = load(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     x = _example(model)
     ref = model(x)
