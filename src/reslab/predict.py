@@ -87,7 +87,7 @@ def predict(path, inputs, top: int = 5, batch_size: int = 64, device: str = "aut
     results = []
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
-        x = torch.stack([preprocess(decode(str(f)), model.cfg.family, model.reslab.get("crop_size"),
+        x = torch.stack([preprocess(decode(str(f), upright=True), model.cfg.family, model.reslab.get("crop_size"),
                                     model.reslab.get("data")) for f in chunk])
         probs = torch.softmax(model(norm(x).to(dev)).float(), 1).cpu()
         p, idx = probs.topk(k, 1)

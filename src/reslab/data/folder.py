@@ -102,10 +102,13 @@ class MultiScale(torch.nn.Module):
         return [t(img) for t in self.per_scale]
 
 
-def decode(path: str, data: torch.Tensor | None = None) -> torch.Tensor:
-    """A file (or its bytes, already read) as a uint8 RGB (3, H, W) tensor, decoded on the CPU."""
+def decode(path: str, data: torch.Tensor | None = None, upright: bool = False) -> torch.Tensor:
+    """A file (or its bytes, already read) as a uint8 RGB (3, H, W) tensor, decoded on the CPU. `upright`:
+    turned as its EXIF orientation says (a phone's photo as its owner sees it); training data is read as
+    stored, as PIL-based pipelines read ImageNet."""
     try:
-        img = decode_image(read_bytes(path) if data is None else data, mode=ImageReadMode.RGB)
+        img = decode_image(read_bytes(path) if data is None else data, mode=ImageReadMode.RGB,
+                           apply_exif_orientation=upright)
     except Exception as e:  # torchvision raises RuntimeError for many decoder failures
         first = str(e).splitlines()[0] if str(e) else ""
         raise ReslabError(f"{path}: cannot decode image ({type(e).__name__}: {first})") from None
