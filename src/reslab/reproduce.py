@@ -27,8 +27,10 @@ from .step import resolve_runtime
 from .zoo import create_model
 
 # Effective training throughput used only for --dry-run estimates, in FLOP/s (6 x MACs x images/s), from
-# measurements in docs/results: ~600 img/s for ResNet-20 on a 2-core CPU; ~11k img/s on one H100.
-EFFECTIVE_FLOPS = {"cpu": 0.15e12, "cuda": 2.7e12}
+# runs in docs/results: the quick cifar-degradation runs' median logged speeds on the 2-core CPU (330 img/s
+# at depth 20, 105-117 at depth 56: 0.08 TFLOP/s each; an earlier 0.15 came from ~600 img/s in a bench loop
+# and gave half the wall time the runs took); ~11k img/s for ResNet-20 on one H100 (bf16, eager).
+EFFECTIVE_FLOPS = {"cpu": 0.08e12, "cuda": 2.7e12}
 
 
 def run_status(run_dir: Path) -> str:
