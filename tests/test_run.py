@@ -343,3 +343,13 @@ def test_resume_keeps_the_ema_exactly(data_dir, tmp_path):
     assert x["train"]["ema_n"] == y["train"]["ema_n"] == 20
     m = ckpt.load_model(b.out, key="ema")  # the EMA weights as a model
     assert m.cfg.name == "resnet8"
+
+
+def test_the_closing_line_says_where_a_stopped_run_is(data_dir, tmp_path, capsys):
+    """--stop-at 25 with evaluations every 20: the run is at 25, the error shown is step 20's and says so."""
+    common = ("--data-dir", data_dir, "--out", tmp_path / "r", "--iters", 40, "--eval-every", 20)
+    assert _train(*common, "--stop-at", 25) == 0
+    out = capsys.readouterr().out
+    assert "stopped: " in out and "at step 25 of 40 (--resume continues it); last evaluation at step 20: test" in out
+    assert _train(*common, "--resume") == 0
+    assert "done: " in capsys.readouterr().out

@@ -160,8 +160,16 @@ def cmd_train(a) -> int:
         finals = [train(cfg, resume=a.resume, explicit=explicit, extend_to=a.extend_to, stop_at=a.stop_at)]
     for c, final in zip(configs, finals):
         if final and int(os.environ.get("RANK", "0")) == 0:
-            print(f"done: {c.out} step {final['step']} {final['split']} top-1 error {100 * final['top1_err']:.2f}% "
-                  f"(top-5 {100 * final['top5_err']:.2f}%, loss {final['loss']:.4f}, n={final['n']})")
+            from . import checkpoint as ckpt
+            st = ckpt.read_status(c.out)
+            errs = f"{final['split']} top-1 error {100 * final['top1_err']:.2f}%" + (
+                f" (top-5 {100 * final['top5_err']:.2f}%, " if final.get("classes", 6) > 5 else " (") + \
+                f"loss {final['loss']:.4f}, n={final['n']})"
+            if st["finished"]:
+                print(f"done: {c.out} step {final['step']} {errs}")
+            else:  # --stop-at: the evaluation shown is the last one made, not the step stopped at
+                print(f"stopped: {c.out} at step {st['step']} of {st['iters']} (--resume continues it); "
+                      f"last evaluation at step {final['step']}: {errs}")
     return 0
 
 
@@ -174,7 +182,8 @@ def cmd_eval(a) -> int:
         print_json(m)
     else:
         print(f"{m['checkpoint']}: {m['arch']} on {m['data']} {m['split']} ({m['view']} view, n={m['n']}): "
-              f"top-1 error {100 * m['top1_err']:.2f}%, top-5 {100 * m['top5_err']:.2f}%, loss {m['loss']:.4f}")
+              f"top-1 error {100 * m['top1_err']:.2f}%, " + (f"top-5 {100 * m['top5_err']:.2f}%, " if
+                                                              m.get("classes", 6) > 5 else "") + f"loss {m['loss']:.4f}")
     return 0
 
 
