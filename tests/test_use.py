@@ -100,6 +100,12 @@ def test_convert_torchvision_identical_outputs(tmp_path):
                      "--out", str(tmp_path / (name + ".pt"))]) == 0, name
         with torch.no_grad():
             assert torch.equal(reslab.load(tmp_path / (name + ".pt"))(x), tv(x)), name
+    # converted weights record no data: an ImageNet net is evaluated on a folder, whose class count must fit
+    from conftest import make_jpeg_folder
+    folder = make_jpeg_folder(tmp_path / "imgs", classes=tuple("abcdefg"), per_class=1)
+    assert main(["eval", str(tmp_path / "r18.pt"), "--data-dir", str(folder), "--workers", "0"]) == 0
+    assert main(["eval", str(tmp_path / "r18.pt"), "--data-dir", str(make_jpeg_folder(tmp_path / "two")),
+                 "--workers", "0"]) == 2
     torch.save(tv, tmp_path / "whole.pth")
     assert main(["convert", str(tmp_path / "whole.pth"), "--from", "torchvision", "--arch", "resnet18",
                  "--out", str(tmp_path / "w.pt")]) == 2

@@ -22,7 +22,8 @@ def evaluate_checkpoint(path, data_dir=None, view: str = "center", device: str =
     model = ckpt.load_model(ck).to(dev)
     cfg = ck.get("config") or {}
     info = ck.get("data") or {}
-    data_name = info.get("name", "cifar10")
+    # converted weights record no data: an ImageNet net is evaluated on an image folder (--data-dir)
+    data_name = info.get("name") or ("cifar10" if model.cfg.family == "cifar" else "folder")
     data_dir = data_dir or (cfg.get("data") or {}).get("dir") or (ck.get("run") or {}).get("data_dir")
     data = data_build.build(data_name, data_dir, batch_size=batch_size, device=dev,
                             val_split=info.get("eval_split") == "val5k", normalizer=model.reslab["normalizer"],

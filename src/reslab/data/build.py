@@ -40,6 +40,11 @@ def check_classes(trained, data: RunData, what: str) -> None:
     """Output i of a model is class i of the data it trained on: data with other classes, or the same ones
     in another order, would be scored against the wrong labels. `trained`: the checkpoint's class names
     (None or empty, as from converted weights: nothing to check)."""
+    if trained and list(trained) == [str(i) for i in range(len(trained))]:  # converted weights: indices only
+        if len(trained) != len(data.classes):
+            raise ReslabError(f"{what}: the model has {len(trained)} outputs and the data {len(data.classes)} "
+                              "classes; use data with as many classes, in the order the weights were trained on")
+        return
     if trained and list(trained) != list(data.classes):
         from .folder import _names
         raise ReslabError(f"{what}: the data's classes ({_names(list(data.classes))}) are not the ones the model "
