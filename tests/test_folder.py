@@ -296,6 +296,10 @@ def test_a_split_without_one_class_keeps_the_training_labels(tmp_path, capsys):
                             augment=Augment.for_size("scale", 32))
     assert data.classes == ["cat", "dog", "ship"]
     assert sorted(int(t) for _, y in data.eval for t in y) == [1, 1, 2, 2]  # dog, ship: their training labels
+    capsys.readouterr()
+    assert main(["data", "info", "--data", "folder", "--data-dir", str(root), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["test_per_class"] == [0, 2, 2] and d["mean_pixel_images"] == 6  # cat: none in val/
     (root / "val" / "truck").mkdir()
     shutil.copy(root / "val" / "dog" / "0.JPEG", root / "val" / "truck" / "0.JPEG")
     with pytest.raises(ReslabError, match=r"val: class folder\(s\) truck are not among the training classes"):

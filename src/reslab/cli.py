@@ -116,7 +116,8 @@ def cmd_data_info(a) -> int:
         return 0
     print(f"{d['dataset']} from {d['source']}")
     print(f"  train {d['train']:,}  test {d['test']:,}  classes {len(d['classes'])}  image {tuple(d['image_shape'])}")
-    print(f"  mean pixel (RGB, [0,1]) {d['mean_pixel']}")
+    sampled = f" (over {d['mean_pixel_images']:,} images at the 224 centre view)" if "mean_pixel_images" in d else ""
+    print(f"  mean pixel (RGB, [0,1]) {d['mean_pixel']}{sampled}")
     per = d["train_per_class"]
     print(f"  train per class: min {min(per):,} max {max(per):,}")
     ok = d["checksum_official"]

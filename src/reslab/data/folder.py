@@ -398,13 +398,18 @@ def imagenet_normalizer() -> Normalizer:
 def info(root) -> dict:
     """What `reslab data info --data folder` reports (mean pixel from up to 1,000 training images)."""
     out = {"dataset": "folder", "source": str(root), "checksum_official": None}
+    train = None
     for split, key in (("train", "train"), ("val", "test")):
         ds = ImageFolderSplit(root, split)
+        if train is not None:
+            ds.label_as(train.classes)  # as training labels it: a class val/ lacks counts 0
         out[key] = len(ds)
         out[f"{key}_per_class"] = torch.bincount(torch.tensor(ds.targets), minlength=len(ds.classes)).tolist()
         if split == "train":
+            train = ds
             out["classes"] = ds.classes
             first = decode(ds.samples[0][0])
             out["image_shape"] = list(first.shape)
             out["mean_pixel"] = [round(float(v), 4) for v in fit_normalizer(ds, "channel", 224, 1000).mean.flatten()]
+            out["mean_pixel_images"] = min(len(ds), 1000)  # a sample of the split, at the 224 centre view
     return out
