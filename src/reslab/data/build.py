@@ -39,16 +39,16 @@ class RunData:
 def check_classes(trained, data: RunData, what: str) -> None:
     """Output i of a model is class i of the data it trained on: data with other classes, or the same ones
     in another order, would be scored against the wrong labels. `trained`: the checkpoint's class names
-    (None or empty, as from converted weights: nothing to check)."""
+    (None or empty: nothing to check; "0".."N-1", as converted weights name them: only the count)."""
     if trained and list(trained) == [str(i) for i in range(len(trained))]:  # converted weights: indices only
         if len(trained) != len(data.classes):
             raise ReslabError(f"{what}: the model has {len(trained)} outputs and the data {len(data.classes)} "
                               "classes; use data with as many classes, in the order the weights were trained on")
         return
     if trained and list(trained) != list(data.classes):
-        from .folder import _names
-        raise ReslabError(f"{what}: the data's classes ({_names(list(data.classes))}) are not the ones the model "
-                          f"was trained on ({_names(list(trained))}); use data with the same class folders")
+        from .folder import names_of
+        raise ReslabError(f"{what}: the data's classes ({names_of(list(data.classes))}) are not the ones the model "
+                          f"was trained on ({names_of(list(trained))}); use data with the same class folders")
 
 
 class EpochCursor:

@@ -143,7 +143,8 @@ def jpeg_size(path: str, data: torch.Tensor) -> tuple[int, int]:
     return h, w
 
 
-def _names(classes, most: int = 6) -> str:
+def names_of(classes, most: int = 6) -> str:
+    """Class names for an error message: the first few, and how many in all."""
     shown = ", ".join(classes[:most])
     return shown + (f", ... ({len(classes)} in all)" if len(classes) > most else "")
 
@@ -183,8 +184,8 @@ class ImageFolderSplit(Dataset):
         have cannot be scored at all: an error."""
         extra = sorted(set(self.classes) - set(classes))
         if extra:
-            raise ReslabError(f"{self.folder}: class folder(s) {_names(extra)} are not among the training classes "
-                              f"({_names(classes)}); evaluate on the classes the model was trained on")
+            raise ReslabError(f"{self.folder}: class folder(s) {names_of(extra)} are not among the training classes "
+                              f"({names_of(classes)}); evaluate on the classes the model was trained on")
         if self.classes != list(classes):
             index = {c: i for i, c in enumerate(classes)}
             to = [index[c] for c in self.classes]
