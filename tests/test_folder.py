@@ -312,6 +312,9 @@ def test_a_split_without_one_class_keeps_the_training_labels(tmp_path, capsys):
                  "--workers", "0", "--normalization", "channel", "--no-progress", "--out", str(run), "--stop-at", "1"]) == 0
     other = make_jpeg_folder(tmp_path / "other", classes=("bird", "frog", "ship"), per_class=2, size=(40, 56))
     capsys.readouterr()
+    assert main(["eval", str(run), "--workers", "0"]) == 0
+    line = capsys.readouterr().out
+    assert "top-1 error" in line and "top-5" not in line  # 3 classes: top-5 is always right, so not shown
     wrong = "the data's classes (bird, frog, ship) are not the ones the model was trained on (cat, dog, ship)"
     assert main(["eval", str(run), "--data-dir", str(other), "--workers", "0"]) == 2
     assert wrong in capsys.readouterr().err

@@ -351,5 +351,6 @@ def test_the_closing_line_says_where_a_stopped_run_is(data_dir, tmp_path, capsys
     assert _train(*common, "--stop-at", 25) == 0
     out = capsys.readouterr().out
     assert "stopped: " in out and "at step 25 of 40 (--resume continues it); last evaluation at step 20: test" in out
+    assert "top-5 " in out  # ten classes
     assert _train(*common, "--resume") == 0
     assert "done: " in capsys.readouterr().out

@@ -21,6 +21,13 @@ def _at_least(low: int):
     return parse
 
 
+def _errors(m: dict) -> str:
+    """An evaluation's errors as printed; top-5 only with more than 5 classes (with fewer it is always right;
+    metrics from before the class count was recorded show it)."""
+    top5 = f"top-5 {100 * m['top5_err']:.2f}%, " if m.get("classes") is None or m["classes"] > 5 else ""
+    return f"top-1 error {100 * m['top1_err']:.2f}%, {top5}loss {m['loss']:.4f}"
+
+
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
@@ -163,9 +170,7 @@ def cmd_train(a) -> int:
         if final and int(os.environ.get("RANK", "0")) == 0:
             from . import checkpoint as ckpt
             st = ckpt.read_status(c.out)
-            errs = f"{final['split']} top-1 error {100 * final['top1_err']:.2f}%" + (
-                f" (top-5 {100 * final['top5_err']:.2f}%, " if final.get("classes", 6) > 5 else " (") + \
-                f"loss {final['loss']:.4f}, n={final['n']})"
+            errs = f"{final['split']} {_errors(final)}, n={final['n']}"
             if st["finished"]:
                 print(f"done: {c.out} step {final['step']} {errs}")
             else:  # --stop-at: the evaluation shown is the last one made, not the step stopped at
@@ -183,8 +188,7 @@ def cmd_eval(a) -> int:
         print_json(m)
     else:
         print(f"{m['checkpoint']}: {m['arch']} on {m['data']} {m['split']} ({m['view']} view, n={m['n']}): "
-              f"top-1 error {100 * m['top1_err']:.2f}%, " + (f"top-5 {100 * m['top5_err']:.2f}%, " if
-                                                              m.get("classes", 6) > 5 else "") + f"loss {m['loss']:.4f}")
+              f"{_errors(m)}")
     return 0
 
 

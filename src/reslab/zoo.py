@@ -28,8 +28,8 @@ IMAGENET_LAYERS = {
     101: ("bottleneck", (3, 4, 23, 3)),
     152: ("bottleneck", (3, 8, 36, 3)),
 }
+MAX_CIFAR_DEPTH = 20_000  # 6n+2 beyond this is refused: billions of blocks would exhaust memory, not fail
 # paper §4.2: depth 6n+2 -> n blocks per stage
-MAX_CIFAR_DEPTH = 20_000
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 CIFAR_PLAIN_DEPTHS = (20, 32, 44, 56, 110)
 IMAGENET_PLAIN_DEPTHS = (18, 34, 50, 101, 152)
@@ -50,7 +50,7 @@ def register_model(name: str):
 def cifar_config(depth: int, residual: bool = True, name: str = "") -> ResNetConfig:
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"CIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 26, 32, 44, 56, 110, ...), got {depth}")
-    if depth > MAX_CIFAR_DEPTH:  # building billions of blocks would run out of memory, not fail clearly
+    if depth > MAX_CIFAR_DEPTH:
         raise ValueError(f"CIFAR depth {depth} is beyond {MAX_CIFAR_DEPTH:,} layers (the paper's deepest is 1202)")
     n = (depth - 2) // 6
     return ResNetConfig(family="cifar", block="basic", layers=(n, n, n), shortcut="A", residual=residual,
@@ -99,11 +99,11 @@ def resolve_config(name: str, **overrides) -> ResNetConfig:
         if not m or (m.group(1) is None and int(m.group(3)) in IMAGENET_LAYERS):
             raise ValueError(_unknown(name))
         depth, residual = int(m.group(3)), m.group(2) == "resnet"
-        if depth > MAX_CIFAR_DEPTH and (depth - 2) % 6 == 0:
-            cfg = cifar_config(depth, residual, name)  # its own error: too deep, not an unknown name
         try:
             cfg = cifar_config(depth, residual, name)
         except ValueError:
+            if depth > MAX_CIFAR_DEPTH and (depth - 2) % 6 == 0:
+                raise  # its own message: a valid depth, too deep to build
             raise ValueError(_unknown(name)) from None
     valid = set(ResNetConfig.__dataclass_fields__) - {"family", "name"}
     bad = sorted(set(overrides) - valid)
