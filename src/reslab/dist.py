@@ -40,6 +40,8 @@ def pick_device(requested: str | None = None) -> torch.device:
             raise ValueError(f"--device {requested!r} is not a device ({e}); use auto, cpu, cuda or cuda:N") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {requested}: no CUDA device here; use --device cpu (or auto)")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"--device {requested}: reslab runs on cpu or cuda")
         return dev

@@ -303,7 +303,7 @@ def experiment_section(manifest: dict, runs: list[dict], root: Path, where: Path
         net = create_model(model["arch"], **model.get("options", {}))
         params, macs = count_params(net), count_macs(net)
         runs_of = [r for _, r in members if r and r["test_err"] is not None]
-        errs = [r["test_err"] for r in runs_of if r["complete"]]
+        errs = [r["test_err"] for r in one_per_seed([r for r in runs_of if r["complete"] and _finite(r["test_err"])])[0]]
         opts = " ".join(f"{k}={v}" for k, v in model.get("options", {}).items())
         row = f"| {label} | {model['arch']} {opts} | {params / 1e6:.3f}M | {macs / 1e6:.1f}M | {_mean_std(runs_of)} |"
         if ref:
