@@ -269,7 +269,11 @@ def test_a_graphed_folder_step_follows_the_eager_one(tmp_path, monkeypatch):
     steps in fp32 (no TF32 convolutions) the losses follow the eager run's to rounding."""
     from reslab.cli import main
     from reslab.logs import read_metrics
+    from reslab.step import GraphedStep
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    captures = []
+    capture = GraphedStep._capture
+    monkeypatch.setattr(GraphedStep, "_capture", lambda self: (captures.append(1), capture(self))[1])
     root = smooth_jpegs(tmp_path / "img", n=16, size=(60, 80))
     losses = {}
     for flag in ("--no-graphs", "--graphs"):
@@ -279,9 +283,9 @@ def test_a_graphed_folder_step_follows_the_eager_one(tmp_path, monkeypatch):
                      "--eval-every", "20", "--workers", "0", "--device", "cuda", "--precision", "fp32", flag,
                      "--out", str(out), "--no-progress"]) == 0
         losses[flag] = [m["loss"] for m in read_metrics(out) if m["kind"] == "train"]
+        assert len(captures) == (flag == "--graphs")  # the graphed run really replayed a captured step
     assert losses["--graphs"][:5] == pytest.approx(losses["--no-graphs"][:5], rel=1e-4)
     assert losses["--graphs"] == pytest.approx(losses["--no-graphs"], rel=5e-2)
-
 
 
 def test_a_split_without_one_class_keeps_the_training_labels(tmp_path, capsys):

@@ -210,17 +210,24 @@ def test_test_views_keep_the_crop_a_run_trained_with():
     assert (augment_of({}).size, augment_of({}).scale) == (224, (256, 480))
 
 
-def test_predict_sees_a_photo_upright(tmp_path):
+def test_predict_sees_a_photo_upright(trained, tmp_path):
     """A JPEG stored sideways with an EXIF orientation (as phones write them) is turned before the view."""
-    import numpy as np
     from PIL import Image
     from reslab.data.folder import decode
-    arr = np.zeros((20, 40, 3), np.uint8)
+    from reslab.predict import predict
+    arr = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
     arr[:, :10] = 255  # a bright left edge
     im = Image.fromarray(arr)
+    im.save(tmp_path / "as-stored.jpg", quality=95)
     exif = im.getexif()
     exif[0x0112] = 6  # "rotate 90 clockwise to display"
     im.save(tmp_path / "side.jpg", exif=exif, quality=95)
     assert decode(str(tmp_path / "side.jpg")).shape == (3, 20, 40)  # training reads files as stored
     up = decode(str(tmp_path / "side.jpg"), upright=True)
     assert up.shape == (3, 40, 20) and up[:, :10].float().mean() > 200  # the bright edge is now on top
+    Image.fromarray(up.permute(1, 2, 0).numpy()).save(tmp_path / "upright.png")  # the same pixels, lossless
+
+    def probs(name):
+        return [t["prob"] for t in predict(trained, [tmp_path / name], top=10, device="cpu")[0]["top"]]
+    assert probs("side.jpg") == probs("upright.png")  # predict saw the photo turned upright
+    assert probs("side.jpg") != probs("as-stored.jpg")  # which is not the view of the pixels as stored

@@ -46,16 +46,22 @@ class CannotFuse(ReslabError):
     """These runs cannot be fused (the reason is the message); they can still train as a run set."""
 
 
-def fusion_key(cfg: RunConfig) -> str:
-    """What members of one fused set share: the whole config but the seed and the run folder."""
-    return json.dumps(replace(cfg, seed=0, out="").to_dict(), sort_keys=True)
-
-
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def _shared(cfg: RunConfig) -> dict:
+    """What members of one fused set share: the whole config but the seed and the run folder, as dotted keys
+    (so that a refusal can name the fields that differ)."""
+    return _flat(replace(cfg, seed=0, out="").to_dict())
+
+
+def fusion_key(cfg: RunConfig) -> str:
+    """Equal for runs that one fused set can train together (as far as their configs go)."""
+    return json.dumps(_shared(cfg), sort_keys=True)
 
 
 def config_refusal(configs: list[RunConfig]) -> str | None:
@@ -65,11 +71,11 @@ def config_refusal(configs: list[RunConfig]) -> str | None:
         return "a fused set needs at least one run"
     if configs[0].data.name == "folder":
         return "a fused batch is gathered from device-resident data (CIFAR), not from image folders"
-    first = fusion_key(configs[0])
+    first = _shared(configs[0])
     for c in configs[1:]:
-        if fusion_key(c) != first:
-            a, b = (_flat(replace(x, seed=0, out="").to_dict()) for x in (configs[0], c))
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        other = _shared(c)
+        diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if diff:
             return f"fused runs may differ only in seed and folder; {Path(c.out).name} differs in {', '.join(diff)}"
     rt, r = configs[0].runtime, configs[0].recipe
     reasons = [

@@ -67,11 +67,9 @@ def preprocess(img_uint8: torch.Tensor, family: str, crop_size: int | None = Non
     CIFAR arrays are 32x32 whatever the net (resize the shorter side to 32, centre crop); an image folder's
     test view is the resize to 256 and centre 224 (paper §3.4), at the crop size it trained with, as `reslab
     eval` takes it. Weights without a record of their data (converted) follow their family."""
-    from torchvision.transforms import v2
+    from .data.folder import center_view
     cifar = data.startswith("cifar") if data else family == "cifar"
-    crop = crop_size or 224
-    resize, crop = (32, 32) if cifar else (round(crop * 256 / 224), crop)
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])(img_uint8)
+    return (center_view(32, resize=32) if cifar else center_view(crop_size or 224))(img_uint8)
 
 
 @torch.no_grad()

@@ -219,12 +219,12 @@ def table6(runs: list[dict]) -> list[dict]:
             and r.get("eval_split") in (None, "test")]  # Table 6 is test error; a val5k run is not in it
 
     def key(r):
-        return r["arch"], r["budget"], r["iters"], r.get("recipe_key", ""), r["precision"], r["data"]
+        return r["arch"], r["budget"], r["iters"], r["recipe_key"], r["precision"], r["data"]
     # per architecture and schedule, the recipe most of its runs used is the reference the others are
     # described against
     common = {}
     for group in {key(r)[:3] for r in runs}:
-        keys = [r.get("recipe_key", "") for r in runs if key(r)[:3] == group]
+        keys = [r["recipe_key"] for r in runs if key(r)[:3] == group]
         common[group] = max(sorted(set(keys)), key=keys.count)
     for k in sorted({key(r) for r in runs}, key=lambda k: (_depth(k[0]), -k[1], -k[2], k[3], str(k[4]), str(k[5]))):
         arch, budget, iters, recipe, precision, data = k

@@ -157,12 +157,10 @@ class GraphedStep:
 
     def __call__(self, idx: torch.Tensor, variant: torch.Tensor, lr: float) -> torch.Tensor:
         if self.graph is not None and (idx.shape != self.idx.shape or variant.shape != self.variant.shape):
-            # a graph replays one shape; a batch of another (none is expected: training drops the last
-            # partial batch) takes the same step eagerly, on the same weights and optimiser state
-            x, y = self.loader.batch_of(idx, variant)
-            wrong = self.step(x, y, lr)
-            self.step.opt.zero_grad(set_to_none=True)  # the graph keeps its own grads; drop the eager ones
-            return wrong
+            # a graph replays one shape, and every training loader drops its last partial batch: another shape
+            # is a bug in the caller, not a batch to take some other way
+            raise RuntimeError(f"the graphed step was captured for batches of {tuple(self.idx.shape)}, "
+                               f"got {tuple(idx.shape)}")
         if self.graph is None:
             self.idx, self.variant = torch.empty_like(idx), torch.empty_like(variant)
         self.idx.copy_(idx, non_blocking=True)

@@ -89,7 +89,9 @@ def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int,
     several kernels per image). Both filters average the box's pixels into each output pixel; they differ
     by a level or so, and the boxes are the same. `batched` forces one path (None: by the boxes' device)."""
     out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=boxes.device)
-    if not (boxes.device.type != "cpu" if batched is None else batched):
+    if batched is None:
+        batched = boxes.device.type != "cpu"
+    if not batched:
         from torchvision.transforms.v2 import functional as TF
         for i, (img, b) in enumerate(zip(images, boxes.tolist())):
             h, w = img.shape[-2:]

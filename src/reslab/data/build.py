@@ -113,8 +113,10 @@ def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: 
     eval_batch = eval_batch or max(batch_size, 256)
     if data == "folder":
         from .augment import Augment
-        return _build_folder(data_dir, batch_size, device, seed, rank, world_size, normalization, normalizer,
-                             view, workers, eval_batch, with_train, augment or Augment(), decode)
+        return _build_folder(data_dir, batch_size=batch_size, device=device, seed=seed, rank=rank,
+                             world_size=world_size, normalization=normalization, normalizer=normalizer, view=view,
+                             workers=workers, eval_batch=eval_batch, with_train=with_train,
+                             augment=augment or Augment(), decode=decode)
     if view != "center":
         raise ReslabError(f"--views {view} needs an ImageNet-style folder; CIFAR is tested on the single "
                           "original 32x32 view (paper §4.2)")
@@ -131,8 +133,9 @@ def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: 
     return RunData(train, evl, norm, tr.classes, eval_split, len(tr), len(ev), loc.identity)
 
 
-def _build_folder(root, batch_size, device, seed, rank, world_size, normalization, normalizer, view, workers,
-                  eval_batch, with_train, augment, decode) -> RunData:
+def _build_folder(root, *, batch_size: int, device, seed: int, rank: int, world_size: int, normalization: str,
+                  normalizer: Normalizer | None, view: str, workers: int, eval_batch: int, with_train: bool,
+                  augment, decode: str) -> RunData:
     from . import folder
     if not root:
         raise ReslabError("--data folder needs --data-dir pointing at a folder with train/ and val/")

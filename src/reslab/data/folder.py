@@ -66,13 +66,25 @@ class Normalize(torch.nn.Module):
         return (img - mean) / std
 
 
+def view_resize(size: int) -> int:
+    """The shorter side the 1- and 10-crop test views resize to (paper §3.4): 256 for 224 crops, in proportion
+    for others."""
+    return round(size * 256 / 224)
+
+
+def center_view(size: int = 224, resize: int | None = None) -> v2.Compose:
+    """The single test view: the shorter side resized (`view_resize`), the centre size x size crop. On uint8 or
+    float images; `predict` and `eval` both take it."""
+    return v2.Compose([v2.Resize(resize or view_resize(size), antialias=True), v2.CenterCrop(size)])
+
+
 def eval_transform(norm: Normalizer, view: str = "center", size: int = 224, resize: int | None = None):
     if view not in VIEWS:
         raise ReslabError(f"unknown view {view!r}; valid choices: {', '.join(VIEWS)}")
-    resize = resize or round(size * 256 / 224)
     tail = [v2.ToDtype(torch.float32, scale=True), Normalize(norm)]
     if view == "center":
-        return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), *tail])
+        return v2.Compose([center_view(size, resize), *tail])
+    resize = resize or view_resize(size)
     if view == "10crop":
         return TenCropStack(v2.Resize(resize, antialias=True), size, v2.Compose(tail))
     return MultiScale([v2.Compose([v2.Resize(round(s * size / 224), antialias=True), *tail])
