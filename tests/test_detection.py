@@ -5,6 +5,7 @@ textured noise, 96-128 px JPEGs with an instances json. Models are tiny (ResNet-
 inputs at 160 px) so that a few hundred CPU steps learn the set.
 """
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -392,6 +393,18 @@ def test_nonfinite_loss_stops_before_saving(coco_small, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ bad input
+def test_a_failing_evaluation_keeps_the_training(coco_small, tmp_path, monkeypatch):
+    """The checkpoint is written before the evaluation: an evaluation that fails loses no step."""
+    import reslab.detection.train as det_train
+
+    def broken(*a, **k):
+        raise ReslabError("pycocotools broke")
+    monkeypatch.setattr(det_train, "evaluate", broken)
+    with pytest.raises(ReslabError, match="pycocotools broke"):
+        train(_run(coco_small, tmp_path / "r", recipe={"iters": 3, "save_every": 100}))
+    assert ckpt.load(tmp_path / "r")["step"] == 3
+
+
 def _one_line_error(capsys, argv, *needles):
     capsys.readouterr()
     assert main(argv) == 2
@@ -428,6 +441,51 @@ def test_bad_input_is_a_one_line_error(coco_small, tmp_path, capsys):
     (gone / "train2017" / "0002.jpg").unlink()
     _one_line_error(capsys, ["detect", "train", "--data-dir", str(gone), "--out", str(tmp_path / "r4")],
                     "1 of the 6 images", "0002.jpg")
+
+
+def _edited(src: Path, dest: Path, split: str, edit) -> Path:
+    """A copy of a COCO folder whose `split` annotations `edit(d)` has changed in place."""
+    shutil.copytree(src, dest)
+    f = dest / "annotations" / f"instances_{split}.json"
+    d = json.loads(f.read_text())
+    edit(d)
+    f.write_text(json.dumps(d))
+    return dest
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d["annotations"][0].pop("category_id"), "annotation id 1 has no 'category_id'"),
+    (lambda d: d["annotations"][0].pop("image_id"), "annotation id 1 has no 'image_id'"),
+    (lambda d: d["images"][0].pop("file_name"), "image id 1 has no 'file_name'"),
+    (lambda d: d["images"][0].update(id="1"), "image id 1 has a str 'id' (needs int)"),
+    (lambda d: d.update(categories=["square", "disc"]), "category #0 is a str, not an object"),
+    (lambda d: d.update(annotations=None), "'annotations' must be a list, got NoneType"),
+    (lambda d: d["annotations"][0].update(image_id=999), "refer to an image_id the file does not list (999)"),
+    (lambda d: d["annotations"][0]["bbox"].__setitem__(0, float("nan")), "'bbox' has a non-finite value"),
+])
+def test_a_malformed_annotation_file_is_named_before_training(coco_small, tmp_path, edit, needle):
+    """Checked when the data is read, each with what is wrong where: found later they were KeyErrors and
+    TypeErrors, an annotation of an unlisted image vanished, and a NaN box was blamed on the learning rate."""
+    bad = _edited(coco_small, tmp_path / "bad", "train2017", edit)
+    with pytest.raises(ReslabError, match=re.escape(needle)):
+        CocoDetection(bad, "train2017", train=True)
+
+
+def test_what_evaluation_needs_is_checked_before_training(coco_small, tmp_path, capsys):
+    """A validation file without 'area' was found by COCOeval after the whole run: now when the run starts."""
+    bad = _edited(coco_small, tmp_path / "bad", "val2017", lambda d: d["annotations"][0].pop("area"))
+    CocoDetection(bad, "val2017", train=True)  # training does not read it
+    _one_line_error(capsys, ["detect", "train", "--data-dir", str(bad), "--out", str(tmp_path / "r"), *TINY_FLAGS,
+                             "--iters", "2"], "lack 'area' or 'iscrowd'")
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_a_split_without_boxes_has_no_map(trained, coco_small, tmp_path, capsys):
+    """COCOeval has no mAP for images without a ground-truth box: reported as n/a, not a TypeError."""
+    empty = _edited(coco_small, tmp_path / "empty", "val2017", lambda d: d.update(annotations=[]))
+    capsys.readouterr()
+    assert main(["detect", "eval", str(trained), "--data-dir", str(empty), "--workers", "0"]) == 0
+    assert "mAP@[.5,.95] n/a" in capsys.readouterr().out
 
 
 def test_missing_pycocotools_says_what_to_install(monkeypatch, coco_small):

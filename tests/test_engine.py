@@ -136,6 +136,20 @@ def test_nan_stops_cleanly_and_keeps_the_last_checkpoint(data_dir, tmp_path, mon
     assert (out / "last.pt").read_bytes() == before
 
 
+def test_an_evaluation_with_overflowing_outputs_is_not_saved(data_dir, tmp_path, monkeypatch):
+    """Weights can stay finite while a diverging net's outputs overflow: a NaN evaluation loss stops the run
+    like a NaN training loss, and last.pt and best.pt keep the last good step."""
+    out = tmp_path / "r"
+    train(settings(data_dir, out), stop_at=20)
+    before = {f: (out / f).read_bytes() for f in ("last.pt", "best.pt")}
+    import reslab.engine as engine
+    real = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: {**real(*a, **k), "loss": float("nan")})
+    with pytest.raises(TrainingDiverged, match="evaluation at step .* non-finite loss.*step 20, untouched"):
+        train(settings(data_dir, out), resume=True)
+    assert {f: (out / f).read_bytes() for f in before} == before
+
+
 def test_bad_checkpoints_give_clear_errors(data_dir, tmp_path):
     out = tmp_path / "r"
     train(settings(data_dir, out), stop_at=20)
@@ -247,6 +261,27 @@ def test_precise_bn_is_a_true_average():
         means = torch.stack([m[0](x).mean((0, 2, 3)) for x, _ in batches]).mean(0)
     torch.testing.assert_close(m[1].running_mean, means, rtol=1e-4, atol=1e-5)
     assert m[1].momentum == 0.1
+
+
+def test_eval_loss_of_confidently_wrong_views_is_not_floored():
+    """The evaluation loss is the cross-entropy of the (view-averaged) softmax, computed in log space: a
+    confidently wrong image keeps its true loss. Through log(probability) it was floored at -log(1e-12),
+    so a diverging run's val loss read 18.42 at every step while the true one was 110."""
+    import torch.nn.functional as F
+    from reslab.evaluate import evaluate
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+    with torch.no_grad():
+        model[1].weight.mul_(400)
+    x, y = torch.randn(6, 3, 2, 2), torch.arange(6)
+    logits = model(x).double()
+    want = F.cross_entropy(logits, y).item()
+    assert want > 100  # far beyond the old floor of 27.6
+    assert evaluate(model, [(x, y)])["loss"] == pytest.approx(want, rel=1e-5)
+    crops = torch.randn(6, 4, 3, 2, 2)  # 4 views per image: the loss of their averaged probabilities
+    logp = F.log_softmax(model(crops.flatten(0, 1)).double(), 1).view(6, 4, -1)
+    want10 = -(torch.logsumexp(logp, 1) - torch.log(torch.tensor(4.0, dtype=torch.float64)))[torch.arange(6), y].mean()
+    assert evaluate(model, [(crops, y)])["loss"] == pytest.approx(want10.item(), rel=1e-5)
 
 
 def test_a_run_after_a_deterministic_one_is_not_deterministic():

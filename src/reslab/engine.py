@@ -20,6 +20,7 @@ process. `train(cfg)` is the one-call form.
 """
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 import time
@@ -265,12 +266,14 @@ class Trainer:
         if self.checked_step == st.step:  # a log line and an evaluation at the same step: checked already
             return
         if float(dist.all_reduce_sum(self.nonfinite()).sum()) > 0:
-            on_disk = (f"{self.out / ckpt.LAST} is still the checkpoint of step {self.saved_step}, untouched"
-                       if self.saved_step is not None else "no checkpoint was written")
             raise TrainingDiverged(f"the training loss or the weights became NaN/Inf between steps "
-                                   f"{self.checked_step + 1} and {st.step}; stopped without saving ({on_disk}); "
-                                   "lower the learning rate or use --precision fp32")
+                                   f"{self.checked_step + 1} and {st.step}; stopped without saving "
+                                   f"({self._on_disk()}); lower the learning rate or use --precision fp32")
         self.checked_step = st.step
+
+    def _on_disk(self) -> str:
+        return (f"{self.out / ckpt.LAST} is still the checkpoint of step {self.saved_step}, untouched"
+                if self.saved_step is not None else "no checkpoint was written")
 
     def nonfinite(self) -> torch.Tensor:
         """(steps with a non-finite loss since the last log line, non-finite weight tensors): a device tensor."""
@@ -303,6 +306,10 @@ class Trainer:
             # a fork: a separate, seeded pass that leaves the training loader's position untouched
             precise_bn(self.model, iter(self.data.train.fork(cfg.seed + 7919)), cfg.runtime.precise_bn)
         m = evaluate(self.model, self.data.eval, self.ctx)
+        if not math.isfinite(m["loss"]):  # finite weights whose outputs overflow: as diverged as a NaN loss
+            raise TrainingDiverged(f"the evaluation at step {st.step} gave a non-finite loss (the model's outputs "
+                                   f"overflow); stopped without saving ({self._on_disk()}); lower the learning "
+                                   "rate or use --precision fp32")
         rec = {"kind": "eval", "step": st.step, "epoch": st.step / max(1, len(self.data.train)),
                "split": self.data.eval_split, **m, "elapsed_s": time.time() - self._t_start}
         if st.ema is not None:

@@ -6,6 +6,8 @@ sizes) averages, over the scales, the softmax of the fully-convolutional score m
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,18 +15,22 @@ from torch import nn
 from . import dist
 
 
-def _probs(model: nn.Module, x) -> torch.Tensor:
+def _mean_of_probs(logp: torch.Tensor, dim: int) -> torch.Tensor:
+    """log of the mean of exp(logp) over `dim`, without leaving log space: a confidently wrong view keeps
+    its true loss (averaging probabilities and taking the log would floor it at the float's smallest)."""
+    return torch.logsumexp(logp, dim) - math.log(logp.shape[dim])
+
+
+def log_probs(model: nn.Module, x) -> torch.Tensor:
+    """Log of the (view-averaged) softmax scores, (N, classes) in float32."""
     if isinstance(x, list):  # multi-scale: one image at several sizes
-        out = []
-        for views in x:
-            p = torch.stack([F.softmax(model.score_map(model.forward_features(v[None])).mean((2, 3)), 1)[0]
-                             for v in views])
-            out.append(p.mean(0))
-        return torch.stack(out)
+        return torch.stack([_mean_of_probs(torch.cat([
+            F.log_softmax(model.score_map(model.forward_features(v[None])).mean((2, 3)).float(), 1)
+            for v in views]), 0) for views in x])
     if x.ndim == 5:  # (N, crops, C, H, W)
         n, k = x.shape[:2]
-        return F.softmax(model(x.flatten(0, 1)).float(), 1).view(n, k, -1).mean(1)
-    return F.softmax(model(x).float(), 1)
+        return _mean_of_probs(F.log_softmax(model(x.flatten(0, 1)).float(), 1).view(n, k, -1), 1)
+    return F.log_softmax(model(x).float(), 1)
 
 
 @torch.no_grad()
@@ -41,13 +47,12 @@ def evaluate(model: nn.Module, loader, autocast=None) -> dict:
     try:
         for x, y in loader:
             with ctx:
-                p = _probs(model, x)
-            p = p.float()
-            classes = p.shape[1]
-            k = min(5, classes)
-            top = p.topk(k, 1).indices
+                logp = log_probs(model, x)
+            logp = logp.float()
+            classes = logp.shape[1]
+            top = logp.topk(min(5, classes), 1).indices
             hit = top == y[:, None]
-            sums[0] += F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum").double()
+            sums[0] += F.nll_loss(logp, y, reduction="sum").double()
             sums[1] += (~hit[:, 0]).sum()
             sums[2] += (~hit.any(1)).sum()
             sums[3] += len(y)

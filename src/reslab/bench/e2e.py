@@ -129,7 +129,7 @@ def bench_eval_views(arch: str, device, s: Setting, plan: Plan, dev_name: str, *
     """10-crop and multi-scale evaluation of `images` photographs: images/s (each image counts once, whatever
     its number of views), the workers decoding (baseline) vs the device decoding."""
     import tempfile
-    from ..evaluate import _probs
+    from ..evaluate import log_probs
     from .cases import rows_for
     net = create_model(arch, stride_in_1x1=False)
     # multi-scale sees the whole 4:3 photograph at each shorter side: 4/3 of the square's work
@@ -155,7 +155,7 @@ def bench_eval_views(arch: str, device, s: Setting, plan: Plan, dev_name: str, *
                 def step():
                     x, _ = next(it)
                     with ctx:
-                        _probs(net, x)
+                        log_probs(net, x)
                 return step
             cands = [(f"{s.label}, {view}, decode={d}{' (baseline)' if i == 0 else ''}, {workers} workers, {kb:.0f} kB",
                       lambda d=d: views(d)) for i, d in enumerate(decoders(device))]

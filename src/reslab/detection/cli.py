@@ -55,11 +55,20 @@ def cmd_train(a) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if final:
-        print(f"done: {a.out} step {final['step']}: mAP@[.5,.95] {100 * final['map']:.1f}, "
-              f"mAP@.5 {100 * final['map50']:.1f} on {final['n_images']} {a.val_split} images")
+        print(f"done: {a.out} step {final['step']}: mAP@[.5,.95] {_pct(final['map'])}, "
+              f"mAP@.5 {_pct(final['map50'])} on {final['n_images']} {a.val_split} images{_no_boxes(final)}")
     else:
         print(f"stopped: {a.out}/last.pt holds the run; continue it with --resume")
     return 0
+
+
+def _pct(v) -> str:
+    """A COCO metric in percent; COCOeval has none (None) where the images hold no ground-truth box."""
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def _no_boxes(m: dict) -> str:
+    return " (n/a: the images hold no ground-truth box)" if m["map"] is None else ""
 
 
 def cmd_eval(a) -> int:
@@ -69,11 +78,10 @@ def cmd_eval(a) -> int:
     if a.json:
         print(json.dumps(m, indent=2))
         return 0
-    size = ", ".join(f"{k[4:]} {100 * m[k]:.1f}" for k in ("map_small", "map_medium", "map_large")
-                     if m[k] is not None)
+    size = ", ".join(f"{k[4:]} {_pct(m[k])}" for k in ("map_small", "map_medium", "map_large") if m[k] is not None)
     print(f"{m['checkpoint']} ({m['arch']}, {m['head']}, step {m['step']}) on {m['n_images']} {m['split']} images: "
-          f"mAP@[.5,.95] {100 * m['map']:.1f}, mAP@.5 {100 * m['map50']:.1f}, mAP@.75 {100 * m['map75']:.1f}"
-          + (f" ({size})" if size else ""))
+          f"mAP@[.5,.95] {_pct(m['map'])}, mAP@.5 {_pct(m['map50'])}, mAP@.75 {_pct(m['map75'])}"
+          + (f" ({size})" if size else "") + _no_boxes(m))
     return 0
 
 

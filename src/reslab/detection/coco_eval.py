@@ -16,7 +16,7 @@ import torch
 import torch.distributed as tdist
 
 from ..errors import ReslabError
-from .data import Categories
+from .data import Categories, check_eval_fields
 
 STATS = ("map", "map50", "map75", "map_small", "map_medium", "map_large",
          "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large")   # COCOeval.stats, in its order
@@ -48,10 +48,7 @@ def coco_metrics(ann_file, results: list[dict], image_ids: list[int]) -> dict:
     COCO, COCOeval = require_pycocotools()
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
-        lacking = [a.get("id") for a in gt.dataset["annotations"] if "area" not in a or "iscrowd" not in a]
-        if lacking:
-            raise ReslabError(f"{ann_file}: {len(lacking)} annotations (e.g. id {lacking[0]}) lack 'area' or "
-                              "'iscrowd', which COCO evaluation needs")
+        check_eval_fields(gt.dataset["annotations"], ann_file)
         dt = gt.loadRes(results) if results else _no_results(COCO, gt)
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = sorted(image_ids)

@@ -15,6 +15,7 @@ order and flips are a pure function of (seed, epoch) and a resumed run sees exac
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -69,17 +70,51 @@ def split_paths(root, split: str) -> tuple[Path, Path]:
     return ann, images
 
 
-def read_annotations(path: Path) -> dict:
+# the fields each entry needs, and their types (COCO's "instances" format)
+_FIELDS = {"images": {"id": int, "file_name": str},
+           "annotations": {"image_id": int, "category_id": int, "bbox": list},
+           "categories": {"id": int, "name": str}}
+_ONE = {"images": "image", "annotations": "annotation", "categories": "category"}
+
+
+def read_annotations(path: Path, for_eval: bool = False) -> dict:
+    """A COCO instances file, its structure checked up front: a malformed entry found here is a one-line error
+    that names it, where found mid-run it would be a traceback. `for_eval`: also the fields COCO evaluation
+    reads (checked before training, not after it)."""
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ReslabError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(d, dict) or k not in d]
+    missing = [k for k in _FIELDS if not isinstance(d, dict) or k not in d]
     if missing:
         raise ReslabError(f"{path}: not a COCO instances file (no {', '.join(missing)})")
+    for key, fields in _FIELDS.items():
+        if not isinstance(d[key], list):
+            raise ReslabError(f"{path}: '{key}' must be a list, got {type(d[key]).__name__}")
+        for i, entry in enumerate(d[key]):
+            bad = ([f"is a {type(entry).__name__}, not an object"] if not isinstance(entry, dict) else
+                   [f"has no '{f}'" if f not in entry else f"has a {type(entry[f]).__name__} '{f}' (needs {t.__name__})"
+                    for f, t in fields.items() if not isinstance(entry.get(f), t) or isinstance(entry.get(f), bool)])
+            if bad:
+                name = f"id {entry['id']}" if isinstance(entry, dict) and "id" in entry else f"#{i}"
+                raise ReslabError(f"{path}: {_ONE[key]} {name} {bad[0]}")
     if not d["categories"]:
         raise ReslabError(f"{path}: the file lists no categories")
+    images = {im["id"] for im in d["images"]}
+    stray = [a for a in d["annotations"] if a["image_id"] not in images]
+    if stray:
+        raise ReslabError(f"{path}: {len(stray)} annotations (e.g. id {stray[0].get('id')}) refer to an image_id "
+                          f"the file does not list ({stray[0]['image_id']})")
+    if for_eval:
+        check_eval_fields(d["annotations"], path)
     return d
+
+
+def check_eval_fields(annotations: list[dict], path) -> None:
+    lacking = [a.get("id") for a in annotations if "area" not in a or "iscrowd" not in a]
+    if lacking:
+        raise ReslabError(f"{path}: {len(lacking)} annotations (e.g. id {lacking[0]}) lack 'area' or 'iscrowd', "
+                          "which COCO evaluation needs")
 
 
 def _target(anns: list[dict], cats: Categories, image_id: int, keep_crowd: bool) -> dict:
@@ -90,6 +125,9 @@ def _target(anns: list[dict], cats: Categories, image_id: int, keep_crowd: bool)
         except (KeyError, TypeError, ValueError):
             raise ReslabError(f"annotation {a.get('id')} of image {image_id}: 'bbox' must be [x, y, width, height], "
                               f"got {a.get('bbox')!r}") from None
+        if not all(map(math.isfinite, (x, y, w, h))):
+            raise ReslabError(f"annotation {a.get('id')} of image {image_id}: 'bbox' has a non-finite value "
+                              f"{a['bbox']!r}")
         if w <= 0 or h <= 0 or (a.get("iscrowd", 0) and not keep_crowd):
             continue  # degenerate boxes carry no learnable extent
         boxes.append([x, y, x + w, y + h])
@@ -106,7 +144,7 @@ class CocoDetection(Dataset):
 
     def __init__(self, root, split: str, train: bool, categories: Categories | None = None):
         self.ann_file, self.folder = split_paths(root, split)
-        d = read_annotations(self.ann_file)
+        d = read_annotations(self.ann_file, for_eval=not train)
         found = Categories.from_coco(d["categories"])
         if categories is not None and categories != found:
             raise ReslabError(f"{self.ann_file}: its categories differ from the ones the detector was trained on "

@@ -278,11 +278,13 @@ def _loop(state: TrainState, net: nn.Module, val_ds: CocoDetection, run: DetectR
             if due_eval or done or state.step % r.save_every == 0:
                 if window.any_bad():  # every step since the last save, not just this log window
                     raise _diverged(out, saved_step, state.step)
-                if due_eval:
-                    final = _evaluate(state, val_ds, run, d, log, t_start)
                 if d.is_main:
                     ckpt.save_atomic(state.state_dict(), out / ckpt.LAST)
                 saved_step = state.step
+                if due_eval:  # after the save: an evaluation that fails (its data, pycocotools) loses no training
+                    final = _evaluate(state, val_ds, run, d, log, t_start)
+                    if d.is_main:  # and again with the metrics, which the checkpoint records
+                        ckpt.save_atomic(state.state_dict(), out / ckpt.LAST)
                 window.bad.zero_()
                 dist.barrier()
                 t_log = time.time()
