@@ -58,22 +58,44 @@ def test_export_round_trips(trained, tmp_path, fmt, suffix, capsys):
     assert main(["export", str(trained), "--format", fmt, "--out", str(out)]) == 0
     assert "checked" in capsys.readouterr().out
     ref = reslab.load(trained / "last.pt")
-    x = torch.randn(3, 3, 32, 32)
+    for x in (torch.randn(3, 3, 32, 32), torch.randn(1, 3, 40, 48)):  # any batch, height and width
+        with torch.no_grad():
+            want = ref(x)
+            if fmt == "torchscript":
+                got = torch.jit.load(str(out))(x)
+            elif fmt == "onnx":
+                import onnxruntime as ort
+                got = torch.from_numpy(ort.InferenceSession(str(out)).run(None, {"images": x.numpy()})[0])
+            else:
+                again = reslab.load(out)
+                side = json.loads(out.with_suffix(".json").read_text())
+                assert side["architecture"] == "resnet8" and side["shortcut"] == "A" and side["classes"][0] == "class0"
+                assert torch.equal(again.reslab["normalizer"].mean, ref.reslab["normalizer"].mean)
+                assert again.reslab["crop_size"] == side["crop_size"] == ref.reslab["crop_size"] == 224
+                got = again(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_export_takes_the_view_a_folder_run_was_tested_at(tmp_path, capsys):
+    """A 224-layout net trained on 32x32 crops is tested at 32: its ONNX file is exported and checked there
+    (it used to accept 224 only, and the documented 32x32 view failed in onnxruntime)."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    from conftest import make_jpeg_folder
+    root = make_jpeg_folder(tmp_path / "imgs", per_class=4, size=(40, 48))
+    run = tmp_path / "r18"
+    assert main(["train", "--arch", "resnet18", "--width", "0.125", "--data", "folder", "--data-dir", str(root),
+                 "--crop-size", "32", "--batch-size", "4", "--iters", "2", "--eval-every", "2", "--workers", "0",
+                 "--normalization", "channel", "--out", str(run), "--no-progress"]) == 0
+    out = tmp_path / "r18.onnx"
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out)]) == 0
+    assert "test view is 32x32" in capsys.readouterr().out
+    ref, sess = reslab.load(run), ort.InferenceSession(str(out))
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        want = ref(x)
-        if fmt == "torchscript":
-            got = torch.jit.load(str(out))(x)
-        elif fmt == "onnx":
-            import onnxruntime as ort
-            got = torch.from_numpy(ort.InferenceSession(str(out)).run(None, {"images": x.numpy()})[0])
-        else:
-            again = reslab.load(out)
-            side = json.loads(out.with_suffix(".json").read_text())
-            assert side["architecture"] == "resnet8" and side["shortcut"] == "A" and side["classes"][0] == "class0"
-            assert torch.equal(again.reslab["normalizer"].mean, ref.reslab["normalizer"].mean)
-            assert again.reslab["crop_size"] == side["crop_size"] == ref.reslab["crop_size"] == 224
-            got = again(x)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(sess.run(None, {"images": x.numpy()})[0]), ref(x),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_convert_torchvision_identical_outputs(tmp_path):

@@ -314,8 +314,9 @@ def cmd_predict(a) -> int:
 def cmd_export(a) -> int:
     from .export import export
     r = export(a.path, a.format, a.out)
+    size = r["view_size"]
     print(f"exported {a.format}: {', '.join(r['files'])} (checked: max |diff| {r['max_abs_diff']:.2e} "
-          "against the PyTorch model)")
+          f"against the PyTorch model; its test view is {size}x{size}, any size is accepted)")
     return 0
 
 

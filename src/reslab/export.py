@@ -1,7 +1,8 @@
 """`reslab export`: TorchScript, ONNX or safetensors, each checked against the PyTorch model before success.
 
-The check runs the exported artefact and the PyTorch model on the same random batch and requires
-max |difference| <= 1e-4 * max(1, max |reference|) (ONNX is run with onnxruntime, from the `export` extra).
+The check runs the exported artefact and the PyTorch model on the same random batches, at the model's test
+view and at a larger non-square size, and requires max |difference| <= 1e-4 * max(1, max |reference|) on
+each (ONNX is run with onnxruntime, from the `export` extra).
 """
 from __future__ import annotations
 
@@ -17,18 +18,30 @@ FORMATS = ("torchscript", "onnx", "safetensors")
 SUFFIXES = {"torchscript": ".ts.pt", "onnx": ".onnx", "safetensors": ".safetensors"}
 
 
-def _example(model) -> torch.Tensor:
-    size = 32 if model.cfg.family == "cifar" else 224
-    return torch.randn(2, model.cfg.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+def _examples(model) -> list[torch.Tensor]:
+    """Batches to export with and check on: the model's own test view (predict.view_size: a run trained at
+    --crop-size 32 is tested at 32, not 224), then another batch size at a larger, non-square size, as
+    multi-scale testing feeds it (the exported graph takes any batch, height and width)."""
+    from .predict import view_size
+    r = model.reslab
+    s = view_size(model.cfg.family, r.get("crop_size"), r.get("data"))
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, model.cfg.in_channels, s, s, generator=g),
+            torch.randn(1, model.cfg.in_channels, s + s // 4, s + s // 2, generator=g)]
 
 
-def _check(name: str, got: torch.Tensor, ref: torch.Tensor) -> float:
-    err = float((got - ref).abs().max())
-    tol = 1e-4 * max(1.0, float(ref.abs().max()))
-    if not err <= tol:
-        raise ReslabError(f"{name} export does not match the PyTorch model (max |diff| {err:.3g} > {tol:.3g}); "
-                          "the file was written but should not be used")
-    return err
+def _check(name: str, run, model, xs: list[torch.Tensor]) -> float:
+    """max |difference| between the exported artefact (`run`) and the model over the example batches."""
+    worst = 0.0
+    for x in xs:
+        ref, got = model(x), run(x)
+        err = float((got - ref).abs().max())
+        tol = 1e-4 * max(1.0, float(ref.abs().max()))
+        if not err <= tol:
+            raise ReslabError(f"{name} export does not match the PyTorch model on a {tuple(x.shape)} batch (max "
+                              f"|diff| {err:.3g} > {tol:.3g}); the file was written but should not be used")
+        worst = max(worst, err)
+    return worst
 
 
 @torch.no_grad()
@@ -40,27 +53,26 @@ def export(path, fmt: str, out) -> dict:
         raise ReslabError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model' + SUFFIXES[fmt])}")
     model = load(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    x = _example(model)
-    ref = model(x)
+    xs = _examples(model)
     if fmt == "torchscript":
-        traced = torch.jit.trace(model, x)
-        traced.save(str(out))
-        err = _check(fmt, torch.jit.load(str(out))(x), ref)
+        torch.jit.trace(model, xs[0]).save(str(out))
+        err = _check(fmt, torch.jit.load(str(out)), model, xs)
         files = [out]
     elif fmt == "onnx":
         try:
             import onnxruntime as ort
         except ImportError:
             raise ReslabError("ONNX export is checked with onnxruntime: pip install 'reslab[export]'") from None
-        torch.onnx.export(model, (x,), str(out), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(model, (xs[0],), str(out), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+                          dynamo=False)
         sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        err = _check(fmt, torch.from_numpy(sess.run(None, {"images": x.numpy()})[0]), ref)
+        err = _check(fmt, lambda x: torch.from_numpy(sess.run(None, {"images": x.numpy()})[0]), model, xs)
         files = [out]
     else:
         ck = ckpt.load(path) if Path(path).suffix != ".safetensors" else None
         if ck is None:
             raise ReslabError("the input is already safetensors")
         files = list(save_safetensors(ck, out))
-        err = _check(fmt, load(out)(x), ref)
-    return {"format": fmt, "files": [str(f) for f in files], "max_abs_diff": err}
+        err = _check(fmt, load(out), model, xs)
+    return {"format": fmt, "files": [str(f) for f in files], "max_abs_diff": err, "view_size": xs[0].shape[-1]}

@@ -68,8 +68,19 @@ def preprocess(img_uint8: torch.Tensor, family: str, crop_size: int | None = Non
     test view is the resize to 256 and centre 224 (paper §3.4), at the crop size it trained with, as `reslab
     eval` takes it. Weights without a record of their data (converted) follow their family."""
     from .data.folder import center_view
-    cifar = data.startswith("cifar") if data else family == "cifar"
-    return (center_view(32, resize=32) if cifar else center_view(crop_size or 224))(img_uint8)
+    cifar = _cifar(family, data)
+    size = view_size(family, crop_size, data)
+    return center_view(size, resize=size if cifar else None)(img_uint8)  # CIFAR: no border cropped off
+
+
+def _cifar(family: str, data: str | None) -> bool:
+    return data.startswith("cifar") if data else family == "cifar"
+
+
+def view_size(family: str, crop_size: int | None = None, data: str | None = None) -> int:
+    """The side of the test view `preprocess` makes: 32 for nets trained on CIFAR arrays, else the crop the
+    run trained with (224 unless it chose another)."""
+    return 32 if _cifar(family, data) else crop_size or 224
 
 
 @torch.no_grad()
