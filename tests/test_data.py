@@ -240,6 +240,19 @@ def test_corrupt_jpeg_stops_with_its_name_or_is_skipped(jpeg_dir, capsys):
     assert "0.JPEG" in capsys.readouterr().err
 
 
+def test_a_corrupt_jpeg_read_by_a_worker_is_still_one_line(jpeg_dir):
+    """A loader worker's error comes back with the worker's traceback as its message: the CLI prints its
+    last line, the error itself."""
+    from torch.utils.data import DataLoader
+    from reslab.cli import _message
+    (jpeg_dir / "val" / "cat" / "0.JPEG").write_bytes(b"\xff\xd8 this is not a jpeg")
+    with pytest.raises(ReslabError) as e:
+        list(DataLoader(fold.ImageFolderSplit(jpeg_dir, "val"), batch_size=None, num_workers=1))
+    assert "Original Traceback" in str(e.value)
+    line = _message(e.value)
+    assert "\n" not in line and line.startswith(f"{jpeg_dir / 'val' / 'cat' / '0.JPEG'}: cannot decode"), line
+
+
 def test_data_info_cli_json(cifar_dir, capsys):
     import json
     from reslab.cli import main

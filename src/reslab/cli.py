@@ -374,6 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _message(e: Exception) -> str:
+    """An error's one line. Raised in a DataLoader worker, PyTorch re-raises it with the worker's whole
+    traceback as its message ("Caught ... in DataLoader worker process 0. Original Traceback ..."): its last
+    line is the error itself, after the exception's qualified name."""
+    text = str(e).strip() or type(e).__name__
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        name, sep, rest = last.partition(": ")
+        text = rest if sep and name.split(".")[-1] == type(e).__name__ else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import ReslabError
     try:
@@ -383,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(a.func(a) or 0)
     except (ReslabError, ValueError, FileNotFoundError) as e:
-        text = str(e).strip() or type(e).__name__
-        print(f"reslab: error: {' '.join(text.split())}", file=sys.stderr)
+        print(f"reslab: error: {' '.join(_message(e).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("reslab: interrupted", file=sys.stderr)
