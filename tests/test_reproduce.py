@@ -261,3 +261,22 @@ def test_report_reads_a_torn_last_line_and_a_diverged_run(tmp_path):
     from reslab.errors import ReslabError
     with pytest.raises(ReslabError, match=r"metrics.jsonl, line 2: not a JSON line"):
         write_report(tmp_path)
+
+
+def test_report_leaves_detection_runs_out_and_names_other_splits(tmp_path):
+    """A detection run beside classification runs is not a classification row (it was a KeyError that
+    stopped the whole report); a run evaluated on another split says which; a folder that does not exist
+    says so."""
+    _fake_run(tmp_path, "resnet20-s0", "resnet20", True, [(0.4, 0.45), (0.1, 0.09)])
+    val = _fake_run(tmp_path, "resnet20-val", "resnet20", True, [(0.4, 0.45), (0.1, 0.12)])
+    cfg = json.loads((val / "config.json").read_text())
+    (val / "config.json").write_text(json.dumps({**cfg, "eval_split": "val5k"}))
+    det = tmp_path / "det"
+    det.mkdir()
+    (det / "config.json").write_text(json.dumps({"run": {}, "recipe": {"iters": 10}, "detector": {}}))
+    (det / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 10, "loss": 1.0}) + "\n")
+    text = write_report(tmp_path).read_text()
+    assert "| det " not in text and len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 2
+    assert "| 12.00 (val5k) |" in text and "| 9.00 |" in text
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        write_report(tmp_path / "missing")

@@ -26,7 +26,17 @@ OTHERS = {"popular PyTorch reproduction (200 epochs)": {"resnet20": 8.27, "resne
 
 
 def find_runs(root: Path) -> list[Path]:
-    return sorted({p.parent for p in Path(root).rglob("metrics.jsonl") if (p.parent / "config.json").is_file()})
+    """The classification run folders under root (config.json + metrics.jsonl); detection runs are left to
+    `reslab detect eval`."""
+    return sorted({p.parent for p in Path(root).rglob("metrics.jsonl")
+                   if (p.parent / "config.json").is_file() and not _is_detection(p.parent)})
+
+
+def _is_detection(run: Path) -> bool:
+    try:
+        return "detector" in json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _flat_config(cfg: dict) -> dict:
@@ -38,7 +48,7 @@ def _flat_config(cfg: dict) -> dict:
                 "recipe": cfg["recipe"],
                 "model_config": cfg.get("model_config", {}), "precision": cfg["runtime"]["precision"],
                 "eval_split": info.get("eval_split"), "data": (info.get("identity") or {}).get("description"),
-                "implementation": "reslab"}
+                "data_name": info.get("name"), "implementation": "reslab"}
     # earlier versions kept the model's switches (width, shortcut, ...) in model_overrides
     return {**cfg, "options": cfg.get("options") or cfg.get("model_overrides") or {},
             "data": (cfg.get("data") or {}).get("description") if isinstance(cfg.get("data"), dict) else None,
@@ -66,6 +76,7 @@ def summarize(run: Path) -> dict:
         "eval_split": cfg.get("eval_split"), "wall_min": (last_eval or (train[-1] if train else {})).get("elapsed_s", 0) / 60,
         "hardware": hardware_line(env) if env else "?", "torch": env.get("torch"), "git": env.get("git"),
         "precision": cfg.get("precision"), "implementation": cfg["implementation"], "data": cfg["data"],
+        "data_name": cfg.get("data_name"),
         "curves": {"train": [(r["step"], 100 * r["train_err"]) for r in train],
                                                       "test": [(r["step"], 100 * r["top1_err"]) for r in evals]},
     }
@@ -340,9 +351,11 @@ def plot_width_vs_depth(points, path: Path) -> None:
 
 def write_report(root) -> Path:
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
     runs = [summarize(p) for p in find_runs(root)]
     if not runs:
-        raise FileNotFoundError(f"no run folders (config.json + metrics.jsonl) under {root}")
+        raise FileNotFoundError(f"no classification run folders (config.json + metrics.jsonl) under {root}")
     flat = [{k: v for k, v in r.items() if k != "curves"} for r in runs]
     (root / "results.json").write_text(json.dumps({"runs": flat, "table6": table6(runs)}, indent=2))
     with open(root / "results.csv", "w", newline="") as f:
@@ -350,10 +363,13 @@ def write_report(root) -> Path:
         w.writeheader()
         w.writerows(flat)
     datas = sorted({r["data"] for r in runs if r["data"]})
+    if any(r["data_name"] == "folder" for r in runs):
+        datas.append("image folders (not identified by checksum)")
+    if any(not r["data"] and r["data_name"] != "folder" for r in runs):
+        datas.append("not recorded (runs from an earlier reslab)")
     lines = [f"# reslab report: {root.name}", "",
-             "Data, identified by checksum: " + ("; ".join(datas) if datas else "not recorded (runs from an "
-                                                  "earlier reslab)") + ". Numbers on any copy other than the "
-             "official files are not comparable to the paper's.", ""]
+             "Data: " + "; ".join(datas) + ". Numbers on any copy other than the official files are not "
+             "comparable to the paper's.", ""]
     if plot_degradation(runs, root / "degradation.png"):
         lines += ["## Training and test error (paper Fig. 1 / Fig. 6)", "", "![degradation](degradation.png)", ""]
     lines += ["## Runs", "",
@@ -362,8 +378,10 @@ def write_report(root) -> Path:
     for r in sorted(runs, key=lambda r: (not r["residual"], _depth(r["arch"]), r["run"])):
         steps = f"{r['step']}/{r['iters']}" + ("" if r["complete"] else " (incomplete)")
         name = r["run"] + ("" if r["implementation"] == "reslab" else f" ({r['implementation']})")
-        lines.append(f"| {name} | x{r['budget']:g} | {steps} | {_fmt(r['train_err'])} | {_fmt(r['test_err'])} | "
-                     f"{_fmt(r['best_test_err'])} | {r['wall_min']:.1f} | {r['hardware']} | {r['torch']} | {r['precision']} |")
+        split = "" if r["eval_split"] in (None, "test") else f" ({r['eval_split']})"  # the split it evaluated
+        lines.append(f"| {name} | x{r['budget']:g} | {steps} | {_fmt(r['train_err'])} | {_fmt(r['test_err'])}{split} | "
+                     f"{_fmt(r['best_test_err'])}{split} | {r['wall_min']:.1f} | {r['hardware']} | {r['torch']} | "
+                     f"{r['precision']} |")
     t6 = table6(runs)
     if t6:
         # runs on more than one copy of the data: each row names its copy
