@@ -280,3 +280,22 @@ def test_report_leaves_detection_runs_out_and_names_other_splits(tmp_path):
     assert "| 12.00 (val5k) |" in text and "| 9.00 |" in text
     with pytest.raises(FileNotFoundError, match="no such folder"):
         write_report(tmp_path / "missing")
+
+
+def test_reproduce_checks_every_run_on_disk_before_training(tmp_path):
+    """A stranger's unfinished run in the sweep's last folder is an error before the first run trains (it
+    used to surface when that run's turn came, with advice to drop a flag nobody gave)."""
+    from dataclasses import replace
+    from reslab.engine import train
+    from reslab.errors import ReslabError
+    from reslab.experiments import get_experiment
+    from reslab.reproduce import reproduce
+    d = tmp_path / "data"
+    make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=200, n_test=40)
+    out = tmp_path / "repro"
+    configs = get_experiment("cifar-table6").configs("smoke", out, d, 1)
+    last = configs[-1]
+    train(replace(last, recipe=replace(last.recipe, lr=0.05)), stop_at=1)
+    with pytest.raises(ReslabError, match=r"holds another run than cifar-table6's: its recipe.lr is 0.05"):
+        reproduce("cifar-table6", d, out, budget="smoke", seeds=1, report=False)
+    assert not any((Path(c.out) / "last.pt").exists() for c in configs[:-1])

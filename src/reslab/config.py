@@ -129,10 +129,18 @@ def resume_config(saved: RunConfig, asked: RunConfig, explicit: set[tuple[str, s
                    runtime=replace(saved.runtime, **free("runtime")))
 
 
+class ConfigConflict(ReslabError):
+    """A resumed run's saved config and the asked one differ in `field` (a sweep words it its own way)."""
+
+    def __init__(self, field: str, saved, asked, out):
+        self.field, self.saved, self.asked, self.out = field, saved, asked, out
+        super().__init__(f"--resume: {field} is {saved!r} in the run at {out}, but this command asks for "
+                         f"{asked!r}; a resumed run keeps its config (drop the flag, or start a new run in another "
+                         "--out" + ("; --extend-to N lengthens a run)" if field == "recipe.iters" else ")"))
+
+
 def _conflict(name: str, saved, asked, out) -> None:
-    raise ReslabError(f"--resume: {name} is {saved!r} in the run at {out}, but this command asks for {asked!r}; "
-                      "a resumed run keeps its config (drop the flag, or start a new run in another --out"
-                      + ("; --extend-to N lengthens a run)" if name == "recipe.iters" else ")"))
+    raise ConfigConflict(name, saved, asked, out)
 
 
 def extend(cfg: RunConfig, iters: int) -> RunConfig:

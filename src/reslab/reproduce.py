@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .complexity import count_macs
-from .config import RunConfig, resume_config
+from .config import ConfigConflict, RunConfig, resume_config
 from .errors import ReslabError
 from .experiments import BUDGETS, get_experiment
 from .flags import to_cli_args
@@ -71,6 +71,15 @@ def groups_of(pending: list[RunConfig], k: int, fused: bool) -> list[list[RunCon
     return [runs[i:i + k] for runs in by_kind.values() for i in range(0, len(runs), k)]
 
 
+def _check_is_ours(cfg: RunConfig, experiment: str) -> None:
+    try:
+        resume_config(RunConfig.from_dict(ckpt.read_status(cfg.out)["config"]), resolved(cfg), None)
+    except ConfigConflict as e:
+        raise ReslabError(f"{cfg.out} holds another run than {experiment}'s: its {e.field} is {e.saved!r} where the "
+                          f"experiment trains with {e.asked!r}; move that folder away, or give reproduce another "
+                          "--out") from None
+
+
 def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None = None, dry_run: bool = False,
               device: str = "auto", report: bool = True, concurrent: int = 1, fused: bool = False) -> list[Path]:
     """Train what is missing of experiment `name` at `budget` (`concurrent` runs at a time in one process, as a
@@ -112,9 +121,10 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
                 ckpt.read_status(cfg.out)
             except ReslabError as e:  # unreadable, or from an earlier reslab: say which, and what to do
                 raise ReslabError(f"{e}; move {Path(cfg.out) / ckpt.LAST} away to restart that run") from None
-        if status == "done":  # a finished run is skipped only if it is this experiment's run
-            resume_config(RunConfig.from_dict(ckpt.read_status(cfg.out)["config"]), resolved(cfg), None)
-        else:
+        if status != "new":  # a run found on disk, finished or to resume, must be this experiment's run:
+            # all checked before any trains, or a stranger in the last folder would stop the sweep hours in
+            _check_is_ours(cfg, name)
+        if status != "done":
             pending.append(cfg)
     for group in groups_of(pending, concurrent, fused):  # runs not yet finished, `concurrent` at a time
         names = ", ".join(Path(c.out).name for c in group)
