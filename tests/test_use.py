@@ -13,6 +13,7 @@ import reslab
 from reslab.cli import main
 from reslab.config import RunConfig
 from reslab.engine import train
+from reslab.errors import ReslabError
 from reslab.recipes import get_recipe
 
 from conftest import make_cifar_archive
@@ -74,6 +75,27 @@ def test_export_round_trips(trained, tmp_path, fmt, suffix, capsys):
                 assert again.reslab["crop_size"] == side["crop_size"] == ref.reslab["crop_size"] == 224
                 got = again(x)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_exports_and_hand_edited_sidecars_are_named_errors(trained, tmp_path, capsys):
+    """predict on a TorchScript file says it is an export (not "not a readable checkpoint" with torch.load's
+    advice to unpickle it); a safetensors sidecar without its fields, or with too few class names, is
+    refused when loaded, not with a KeyError or an IndexError later."""
+    ts = tmp_path / "m.ts.pt"
+    assert main(["export", str(trained), "--format", "torchscript", "--out", str(ts)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(ts), str(_images(tmp_path / "imgs"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a TorchScript export" in err and "weights_only" not in err and "\n" not in err
+    st = tmp_path / "m.safetensors"
+    assert main(["export", str(trained), "--format", "safetensors", "--out", str(st)]) == 0
+    side = json.loads(st.with_suffix(".json").read_text())
+    st.with_suffix(".json").write_text(json.dumps({**side, "classes": side["classes"][:3]}))
+    with pytest.raises(ReslabError, match="3 class names for a model with 10 outputs"):
+        reslab.load(st)
+    st.with_suffix(".json").write_text("{}")
+    with pytest.raises(ReslabError, match="lacks model_config, normalization"):
+        reslab.load(st)
 
 
 def test_onnx_export_takes_the_view_a_folder_run_was_tested_at(tmp_path, capsys):

@@ -75,11 +75,22 @@ def _load_safetensors(p: Path) -> ResNet:
     sidecar = p.with_suffix(".json")
     if not sidecar.is_file():
         raise ReslabError(f"{p}: the JSON sidecar {sidecar.name} (architecture, normalisation, classes) is missing")
-    side = json.loads(sidecar.read_text())
+    try:
+        side = json.loads(sidecar.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReslabError(f"{sidecar}: not a readable JSON file ({type(e).__name__})") from None
+    missing = [k for k in ("model_config", "normalization") if not isinstance(side, dict) or k not in side]
+    if missing:
+        raise ReslabError(f"{sidecar}: the sidecar lacks {', '.join(missing)}; write it again with reslab export")
     tensors = load_file(str(p))
+    if not {_NORM_PREFIX + "mean", _NORM_PREFIX + "std"} <= set(tensors):
+        raise ReslabError(f"{p}: no {_NORM_PREFIX}mean/std tensors (not written by reslab export)")
     norm = Normalizer(side["normalization"], tensors.pop(_NORM_PREFIX + "mean"), tensors.pop(_NORM_PREFIX + "std"))
     model = ckpt.build_model(side["model_config"])
     ckpt.load_model_state(model, tensors, str(p))
+    classes = side.get("classes")
+    if classes is not None and len(classes) != model.cfg.num_classes:
+        raise ReslabError(f"{sidecar}: {len(classes)} class names for a model with {model.cfg.num_classes} outputs")
     model.reslab = {"classes": side.get("classes"), "normalizer": norm, "config": side["model_config"],
                     "crop_size": side.get("crop_size"), "data": side.get("data")}
     return model.eval()
