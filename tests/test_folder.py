@@ -336,3 +336,18 @@ def test_a_batch_larger_than_the_training_split_is_refused(tmp_path, capsys):
     assert "the batch (8) is larger than the training split (4 images); use --batch-size 4 or less" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_class_folder_is_a_missing_class_in_val_and_an_error_in_train(tmp_path):
+    """val/dog/ without images is val/ without dog (labels kept); train/dog/ without images is a one-line
+    error (ImageFolder's own message said "Found no valid file for the classes dog")."""
+    root = make_jpeg_folder(tmp_path / "imgs", classes=("cat", "dog", "ship"), per_class=2, size=(40, 56))
+    for p in (root / "val" / "dog").iterdir():
+        p.unlink()
+    val, train = fold.ImageFolderSplit(root, "val"), fold.ImageFolderSplit(root, "train")
+    val.label_as(train.classes)
+    assert val.targets == [0, 0, 2, 2]
+    for p in (root / "train" / "dog").iterdir():
+        p.unlink()
+    with pytest.raises(ReslabError, match="class folder.s. dog hold no images"):
+        fold.ImageFolderSplit(root, "train")

@@ -179,10 +179,16 @@ class ImageFolderSplit(Dataset):
             folder = Path(root) / "test"   # e.g. the CIFAR-10 JPEG tree: train/ and test/
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} not found: an ImageNet-style folder has train/<class>/ and val/<class>/")
-        try:
-            self.inner = datasets.ImageFolder(str(folder), loader=lambda p: p)  # we decode ourselves
+        try:  # empty class folders are let through here and judged below (a missing one is fine in val/)
+            self.inner = datasets.ImageFolder(str(folder), loader=lambda p: p, allow_empty=True)  # we decode
         except FileNotFoundError as e:
             raise ReslabError(f"{folder}: {e}") from None
+        if not self.inner.samples:
+            raise ReslabError(f"{folder}: no images in its class folders")
+        empty = sorted(set(self.inner.classes) - {self.inner.classes[t] for t in self.inner.targets})
+        if empty and split == "train":
+            raise ReslabError(f"{folder}: class folder(s) {names_of(empty)} hold no images; a class needs training "
+                              "images (remove the folder to leave the class out)")
         self.folder = folder
         self.classes = self.inner.classes
         self.samples = self.inner.samples
