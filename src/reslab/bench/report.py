@@ -8,6 +8,9 @@ def markdown(result: dict) -> str:
              "Training step = forward + backward + SGD; TFLOP/s = 6 x MACs x images/s. Each candidate ran "
              "interleaved with its baseline: images/s is the median over rounds (range in brackets), the "
              "ratio the median of per-round ratios. Warm-up includes compilation.", "",
+             *(["**--quick: a smoke run (a few steps, 2 rounds), not a measurement.** With two rounds the median "
+                "is their mean, and one round disturbed by other work moves it far; measure without --quick.", ""]
+               if result.get("quick") else []),
              "| model | setting | batch | images/s | vs baseline | TFLOP/s | of peak | warm-up | peak mem |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
