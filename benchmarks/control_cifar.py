@@ -86,10 +86,12 @@ def open_batches(data_dir):
 
 
 def _unpickle(f):
-    # The batches are Python 2 pickles; encoding="bytes" is what the dataset's home page prescribes.
+    # The batches are Python 2 pickles; encoding="bytes" is what the dataset's home page prescribes. Copies
+    # pickled again by Python 3 (the JPEG pack's rebuild.py) have str keys: both read as str keys here.
     # (pickle runs code from the file: point --data-dir only at data you trust.)
     with f:
-        return pickle.load(f, encoding="bytes")
+        d = pickle.load(f, encoding="bytes")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
 def load_cifar10(data_dir):
@@ -98,13 +100,13 @@ def load_cifar10(data_dir):
 
     def stack(names):
         # each row is 1024 red, 1024 green, 1024 blue values, each plane row-major 32x32
-        x = np.concatenate([b[n][b"data"] for n in names]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        y = np.concatenate([np.asarray(b[n][b"labels"], dtype=np.int64) for n in names])
+        x = np.concatenate([b[n]["data"] for n in names]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        y = np.concatenate([np.asarray(b[n]["labels"], dtype=np.int64) for n in names])
         return np.ascontiguousarray(x), y
 
     train_x, train_y = stack(BATCH_FILES[:5])
     test_x, test_y = stack(["test_batch"])
-    classes = [c.decode() for c in b["batches.meta"][b"label_names"]]
+    classes = [c.decode() if isinstance(c, bytes) else c for c in b["batches.meta"]["label_names"]]
     return train_x, train_y, test_x, test_y, classes
 
 
@@ -267,7 +269,11 @@ def train(args):
     run_dir.mkdir(parents=True, exist_ok=True)
     resuming = args.resume and (run_dir / "last.pt").is_file()
     if (run_dir / "metrics.jsonl").exists() and not resuming:
-        sys.exit(f"{run_dir} already holds a run: choose another --out, or pass --resume")
+        if not args.resume:
+            sys.exit(f"{run_dir} already holds a run: choose another --out, or pass --resume")
+        # --resume of an attempt stopped before its first checkpoint: nothing to continue, so it starts
+        # afresh, without that attempt's log lines
+        (run_dir / "metrics.jsonl").unlink()
     torch.manual_seed(args.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
@@ -381,9 +387,11 @@ def train(args):
                 log(run_dir, rec)
                 print(f"step {step}/{iters} test loss {rec['loss']:.4f} top-1 err {rec['top1_err']:.2%} "
                       f"top-5 err {rec['top5_err']:.2%}", flush=True)
+                # written beside and renamed: a kill mid-write leaves the previous last.pt whole
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "step": step, "warming_up": warming_up,
-                            "elapsed_s": rec["elapsed_s"]}, run_dir / "last.pt")
+                            "elapsed_s": rec["elapsed_s"]}, run_dir / "last.pt.tmp")
+                os.replace(run_dir / "last.pt.tmp", run_dir / "last.pt")
                 tick += time.perf_counter() - t_eval  # images_per_s counts training time only
             if step == iters:
                 break

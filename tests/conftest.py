@@ -24,9 +24,11 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     torch.backends.cudnn.benchmark = switches[1]
 
 
-def make_cifar_batches(folder: Path, n_train=500, n_test=100, num_classes=10, seed=0, per_batch=None):
-    """Write CIFAR-10-style batch files (protocol 2, bytes keys, like the official python-2 pickles).
-    Images carry a class-dependent colour so a model can learn them."""
+def make_cifar_batches(folder: Path, n_train=500, n_test=100, num_classes=10, seed=0, per_batch=None,
+                       str_keys=False):
+    """Write CIFAR-10-style batch files (protocol 2, bytes keys, like the official python-2 pickles; with
+    `str_keys` str keys and names, as the JPEG pack's rebuild.py writes them). Images carry a class-dependent
+    colour so a model can learn them."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -46,6 +48,12 @@ def make_cifar_batches(folder: Path, n_train=500, n_test=100, num_classes=10, se
     (folder / "test_batch").write_bytes(pickle.dumps(d, protocol=2))
     meta = {b"label_names": [f"class{i}".encode() for i in range(num_classes)], b"num_vis": 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    if str_keys:
+        for f in folder.iterdir():
+            d = pickle.loads(f.read_bytes(), encoding="bytes")
+            d = {k.decode(): [v.decode() if isinstance(v, bytes) else v for v in vs] if isinstance(vs, list) else
+                 vs.decode() if isinstance(vs, bytes) else vs for k, vs in d.items()}
+            f.write_bytes(pickle.dumps(d, protocol=2))
     return folder
 
 

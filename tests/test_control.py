@@ -110,13 +110,15 @@ def test_every_data_dir_form_gives_the_same_arrays_and_writes_nothing(tmp_path):
     control = load_script()
     folder = make_cifar_batches(tmp_path / "extracted" / "cifar-10-batches-py", n_train=50, n_test=20)
     archive = make_cifar_archive(tmp_path / "packed" / "cifar-10-python.tar.gz", n_train=50, n_test=20)
+    # pickled again with str keys, as the JPEG pack's rebuild.py writes the batches
+    again = make_cifar_batches(tmp_path / "rebuilt" / "cifar-10-batches-py", n_train=50, n_test=20, str_keys=True)
     before = sorted(p for p in tmp_path.rglob("*"))
     reference = control.load_cifar10(folder)
     assert reference[0].shape == (50, 32, 32, 3) and reference[2].shape == (20, 32, 32, 3)
     # the pickles' rows are R, G, B planes: pixel (0, 0)'s red value is the row's first byte
-    raw = control.open_batches(folder)["data_batch_1"][b"data"]
+    raw = control.open_batches(folder)["data_batch_1"]["data"]
     assert reference[0][0, 0, 0, 0] == raw[0, 0] and reference[0][0, 0, 0, 2] == raw[0, 2048]
-    for form in (folder.parent, archive.parent, archive):
+    for form in (folder.parent, archive.parent, archive, again):
         got = control.load_cifar10(form)
         for a, b in zip(reference[:4], got[:4]):
             np.testing.assert_array_equal(a, b)
@@ -155,3 +157,16 @@ def test_real_data_path(tmp_path):
     assert (cfg["data"]["train_size"], cfg["data"]["test_size"]) == (50_000, 10_000)
     assert [e["n"] for e in evals] == [10_000] and math.isfinite(train[-1]["loss"])
     assert sorted(SHARED_CIFAR.iterdir()) == before  # read in place, nothing extracted next to it
+
+
+def test_resume_of_an_attempt_stopped_before_its_first_checkpoint_starts_afresh(tmp_path):
+    """A time limit can stop the control run before its first evaluation: --resume then starts afresh (it
+    refused, so every later call of a GPU session failed the same way)."""
+    data = make_cifar_batches(tmp_path / "data" / "cifar-10-batches-py", n_train=100, n_test=20)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')  # what a killed attempt left
+    run_script("--data-dir", data, "--iters", 4, "--eval-every", 4, "--workers", 0, "--batch-size", 16,
+               "--out", run, "--resume")
+    _, _, train, evals = read_run(run)
+    assert [r["step"] for r in evals] == [4] and train and all("loss" in r for r in train)  # the stale line went

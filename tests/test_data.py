@@ -253,6 +253,22 @@ def test_a_corrupt_jpeg_read_by_a_worker_is_still_one_line(jpeg_dir):
     assert "\n" not in line and line.startswith(f"{jpeg_dir / 'val' / 'cat' / '0.JPEG'}: cannot decode"), line
 
 
+def test_the_same_pixels_pickled_again_are_the_same_data(tmp_path):
+    """The JPEG pack's rebuild.py pickles the batches again (str keys): other file checksums, the same pixels.
+    The data is identified by its pixels, so a run resumes on the rebuilt copy and a report puts both in one
+    row."""
+    from conftest import make_cifar_batches
+    from reslab.state import _check_same_data
+    a = cifar.locate("cifar10", make_cifar_batches(tmp_path / "a" / "cifar-10-batches-py"))
+    b = cifar.locate("cifar10", make_cifar_batches(tmp_path / "b" / "cifar-10-batches-py", str_keys=True))
+    c = cifar.locate("cifar10", make_cifar_batches(tmp_path / "c" / "cifar-10-batches-py", seed=1))
+    assert a.md5 != b.md5 and a.pixels_md5 == b.pixels_md5 != c.pixels_md5
+    info = lambda loc: {"name": "cifar10", "identity": loc.identity}  # noqa: E731
+    _check_same_data(info(a), info(b), "resume")
+    with pytest.raises(ReslabError, match="checksum"):
+        _check_same_data(info(a), info(c), "resume")
+
+
 def test_data_info_cli_json(cifar_dir, capsys):
     import json
     from reslab.cli import main
@@ -271,6 +287,8 @@ def test_real_cifar10():
     mean = tr.images.double().mean((0, 2, 3)) / 255
     assert torch.allclose(mean, torch.tensor([0.491, 0.482, 0.447], dtype=torch.float64), atol=0.01)
     assert len(cifar.load("cifar10", "val5k", located=loc)) == 5000
+    # the pixels' MD5 that the JPEG pack's README gives for test_batch: a rebuilt copy is known by it
+    assert loc.pixels_md5 == "f27046e7dd3c8468b91d5a6d7c5984a6" and "JPEG-recompressed" in loc.identity["description"]
 
 
 def test_a_named_folder_without_the_data_says_what_is_missing_instead_of_downloading(tmp_path, monkeypatch):

@@ -70,7 +70,9 @@ def _check_same_data(saved: dict, now: dict, source: str) -> None:
         if saved.get(k) != now.get(k):
             raise ReslabError(f"{source}: the data differs from the run's ({k} {saved.get(k)!r} then, {now.get(k)!r} "
                               "now); resume with the data the run was trained on")
-    a, b = (saved.get("identity") or {}).get("md5"), (now.get("identity") or {}).get("md5")
+    # by pixels where both runs recorded them (the same data pickled again is the same data), else by file
+    key = "pixels_md5" if all((d.get("identity") or {}).get("pixels_md5") for d in (saved, now)) else "md5"
+    a, b = (saved.get("identity") or {}).get(key), (now.get("identity") or {}).get(key)
     if a and b and a != b:
         raise ReslabError(f"{source}: the data has checksum {b}, the run was trained on {a} "
                           f"({saved['identity'].get('description')}); resume with that data")
