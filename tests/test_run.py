@@ -179,6 +179,57 @@ def test_sigkill_at_any_moment_then_resume_is_bitwise_the_uninterrupted_run(data
     assert steps == [(m["kind"], m["step"]) for m in read_metrics(tmp_path / "ref")]
 
 
+def test_sigterm_saves_at_the_next_step_and_resume_is_bitwise_the_uninterrupted_run(data_dir, tmp_path):
+    """`timeout` and job schedulers send SIGTERM before they kill: the run saves the step it reached (its only
+    evaluation is at the end, so nothing else was on disk) and exits 143; --resume then finishes the same run."""
+    args = ["train", "--arch", "resnet8", "--batch-size", "32", "--iters", "40", "--eval-every", "40",
+            "--log-every", "1", "--data-dir", data_dir, "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAVE_MARK": str(tmp_path / "mark")}
+    assert _run_child([*args, "--out", tmp_path / "ref"], env)[0] == 0
+    out = tmp_path / "termed"
+    p = subprocess.Popen([sys.executable, "-c", _CHILD, *map(str, [*args, "--out", out])], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "metrics.jsonl"
+    while p.poll() is None and not (log.exists() and log.read_text().count("\n") >= 5):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    p.wait()
+    err = p.stderr.read()
+    assert p.returncode == 128 + signal.SIGTERM, err
+    step = ckpt.read_status(out)["step"]
+    assert 5 <= step < 40 and f"at step {step}" in err and "--resume" in err, err
+    assert _run_child([*args, "--out", out, "--resume"], env)[0] == 0
+    a, b = ckpt.load(tmp_path / "ref"), ckpt.load(out)
+    assert b["step"] == 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_sigterm_stops_a_run_set_with_every_run_saved(data_dir, tmp_path):
+    """In a run set each run saves the step it reached; the set resumes."""
+    from dataclasses import replace
+    from reslab.interrupt import Interrupted
+    from reslab.runset import train_set
+    from reslab.engine import Trainer
+    r = get_recipe("cifar-paper").with_overrides(batch_size=32, iters=24, eval_every=24, log_every=6)
+    base = RunConfig.build(tmp_path / "a", "resnet8", r, data_dir=data_dir, progress=False)
+    configs = [base, replace(base, seed=1, out=str(tmp_path / "b"))]
+    after = Trainer.after_step
+
+    def term_at_7(self, *a):
+        after(self, *a)
+        if self.state.step == 7 and self.cfg.seed == 1:
+            signal.raise_signal(signal.SIGTERM)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "after_step", term_at_7)
+        with pytest.raises(Interrupted, match="at step 7"):
+            train_set(configs)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    assert [ckpt.read_status(c.out)["step"] for c in configs] == [7, 7]
+    train_set(configs, resume=True)
+    assert all(ckpt.read_status(c.out)["finished"] for c in configs)
+
+
 def test_old_checkpoints_convert_and_are_refused_for_resume(tmp_path, capsys):
     """State dicts as PyTorch < 0.4.1 wrote them: no num_batches_tracked, no _metadata, legacy serialisation."""
     from reslab import create_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 EXIT_USER_ERROR = 2
@@ -392,8 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         a = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
+    from .interrupt import Interrupted
     try:
         return int(a.func(a) or 0)
+    except Interrupted as e:  # SIGTERM: saved, and the exit status says which signal ended it
+        print(f"reslab: {e}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (ReslabError, ValueError, FileNotFoundError) as e:
         print(f"reslab: error: {' '.join(_message(e).split())}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import dist
+from . import dist, interrupt
 from .config import RunConfig, extend, resume_config
 from .data import build as data_build
 from .data.augment import Augment
@@ -175,14 +175,19 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> dict:
-        """Train until the recipe's end (or `stop_at`); returns the last evaluation's metrics."""
-        stop = self.begin(stop_at)
-        try:
-            while self.state.step < stop:
-                self.advance(stop)
-            self.end(stop)
-        finally:
-            self.close()
+        """Train until the recipe's end (or `stop_at`, or a SIGTERM: saved at the step it ends, then
+        interrupt.Interrupted); returns the last evaluation's metrics."""
+        with interrupt.stop_on_sigterm(not self.d.enabled):
+            stop = self.begin(stop_at)
+            try:
+                while self.state.step < stop:
+                    self.advance(stop)
+                    if interrupt.requested():
+                        self.end(self.state.step)
+                        raise interrupt.stopped([self.out], [self.state.step])
+                self.end(stop)
+            finally:
+                self.close()
         return self.state.metrics
 
     def begin(self, stop_at: int | None = None) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist
+from . import dist, interrupt
 from .config import RunConfig
 from .engine import Trainer, TrainingDiverged
 from .errors import ReslabError
@@ -202,12 +202,22 @@ class FusedSet:
     # ------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> list[dict]:
         """Train every member to the end (or `stop_at`); returns each member's last evaluation, in order."""
+        with interrupt.stop_on_sigterm():
+            return self._fit(stop_at)
+
+    def _fit(self, stop_at: int | None) -> list[dict]:
         ts, r = self.trainers, self.cfg.recipe
         t0 = ts[0]
         plans = self._endless()
         try:
             stop = min(t.begin(stop_at) for t in ts)
             while t0.state.step < stop:
+                if interrupt.requested():  # the members save together, at the step the set reached
+                    self.to_members(lr_at(max(t0.state.step - 1, 0), r, t0.state.schedule))
+                    self._check_members(t0.state.step)
+                    for t in ts:
+                        t.end(t.state.step)
+                    raise interrupt.stopped([t.out for t in ts], [t.state.step for t in ts])
                 lr = lr_at(t0.state.step, r, t0.state.schedule)
                 if self.graphed is not None:
                     idx, variant = next(plans)

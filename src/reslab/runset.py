@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist
+from . import dist, interrupt
 from .config import RunConfig
 from .engine import Trainer, TrainingDiverged
 from .errors import ReslabError
@@ -41,11 +41,26 @@ class RunSet:
         """Train every run to its end (or `stop_at`); returns each run's last evaluation, in order."""
         if any(s is not None for s in self.streams):
             torch.cuda.synchronize()  # what the runs built on the default stream is ready for their own
+        with interrupt.stop_on_sigterm():
+            return self._fit(stop_at)
+
+    def _fit(self, stop_at: int | None) -> list[dict]:
         stops = [t.begin(stop_at) for t in self.trainers]
         active = [i for i, t in enumerate(self.trainers) if t.state.step < stops[i]]
         failed = {}
         try:
             while active:
+                if interrupt.requested():  # every run saves where it is, each at its own step
+                    for i in list(active):
+                        t = self.trainers[i]
+                        try:
+                            with _on(self.streams[i]):
+                                t.end(t.state.step)
+                        except TrainingDiverged as e:  # it keeps its last good checkpoint; the others save
+                            print(f"reslab: {t.cfg.out}: {e}", file=sys.stderr, flush=True)
+                            active.remove(i)
+                    raise interrupt.stopped([self.trainers[i].out for i in active],
+                                            [self.trainers[i].state.step for i in active])
                 for i in list(active):
                     t = self.trainers[i]
                     try:

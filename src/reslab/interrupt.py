@@ -1,0 +1,53 @@
+"""Stopping cleanly on SIGTERM, what job schedulers and `timeout` send before they kill: the run finishes the
+step it is in, saves its exact position (as --stop-at does) and ends with an error that says how to continue.
+Without this, everything since the last evaluation's checkpoint was lost.
+
+Only in a single process's main thread: under torchrun every rank would have to agree on the step to stop at
+(a collective per step), so there the signal keeps its default effect and a run resumes from its last
+checkpoint. A second SIGTERM acts at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+from .errors import ReslabError
+
+_requested = False
+
+
+class Interrupted(ReslabError):
+    """A run stopped on SIGTERM after saving; the message names what holds it."""
+
+
+def requested() -> bool:
+    """Whether a SIGTERM arrived since `stop_on_sigterm` was entered."""
+    return _requested
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(enabled: bool = True):
+    global _requested
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        global _requested
+        _requested = True
+        signal.signal(signal.SIGTERM, previous)  # a second one is not asked to wait
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    _requested = False
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _requested = False
+
+
+def stopped(outs: list, steps: list[int]) -> Interrupted:
+    where = ", ".join(f"{o} at step {s}" for o, s in zip(outs, steps))
+    again = f"reslab train --out {outs[0]} --resume" if len(outs) == 1 else "the same command with --resume"
+    return Interrupted(f"stopped on SIGTERM and saved ({where}): `{again}` continues")
