@@ -249,7 +249,8 @@ def _register_bench(sub) -> None:
                    help=f"run only these groups ({', '.join(GROUPS)})")
     p.add_argument("--out", default=None, help="result JSON (a Markdown table is written beside it)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="interleaved rounds per group (default 5; more narrows the ratio on a noisy machine)")
+                   help="interleaved rounds per group (default: per group and device, docs/benchmarks.md; more "
+                        "narrows the ratio on a noisy machine)")
     p.add_argument("--keep-going", action="store_true",
                    help="a group that fails is reported (result's `errors`, exit status 1) and the others still run")
     p.set_defaults(func=cmd_bench)
@@ -260,7 +261,8 @@ def cmd_reproduce(a) -> int:
     from .experiments import BUDGETS, EXPERIMENTS
     if a.list or not a.name:
         for e in EXPERIMENTS.values():
-            print(f"{e.name:<22} {e.paper}" + (f"  [needs {e.needs}]" if e.needs else ""))
+            print(f"{e.name:<22} {e.paper}" + (f"  [needs {e.needs}]" if e.needs else "")
+                  + (f"\n{'':<22} report: {e.analysis}" if e.analysis else ""))
         print("\nbudgets: " + "; ".join(f"{b.name} = {b.description}" for b in BUDGETS.values()))
         return 0
     from .reproduce import reproduce

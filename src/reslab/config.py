@@ -2,8 +2,8 @@
 how fast (`Runtime`), plus the seed and the run folder.
 
 `RunConfig` is plain data: `to_dict()`/`from_dict()` round-trip it, config.json and every checkpoint hold
-it, and experiments build it. The `reslab train` flags are derived from these fields (`cli_fields`), so a
-field is named once; `to_cli_args` writes the command line that rebuilds a config, and a test checks that
+it, and experiments build it. The `reslab train` flags are derived from these fields (flags.py: `add_run_flags`), so
+a field is named once; `to_cli_args` writes the command line that rebuilds a config, and a test checks that
 every experiment's recorded command rebuilds its config exactly.
 
 Resuming: the checkpoint's config is authoritative. Fields marked `free` (where the data lives, the device,

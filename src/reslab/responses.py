@@ -1,7 +1,8 @@
 """Layer responses (paper Fig. 7): the standard deviation of each 3x3 layer's output after BN, before the
 addition and the ReLU, on test images with the model in eval mode.
 
-One value per 3x3 layer inside the residual stages (6n for a 6n+2 CIFAR net, 3n·block_layers in general);
+One value per 3x3 layer inside the residual stages: 6n for a 6n+2 CIFAR net (3n·block_layers with other
+block depths), sum(layers)·block_layers for ImageNet basic nets, one per block (its 3x3) for bottlenecks;
 the stem, the shortcuts (option B/C projections, the gates of gated shortcuts) and the BN on the sum
 (`bn_after_add`) are not included. The std is taken over every element of the BN output
 (images x channels x positions).

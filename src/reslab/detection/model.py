@@ -11,9 +11,9 @@ Backbone defaults are the paper's: v1 bottlenecks (stride on the first 1x1), opt
 BatchNorm frozen to its statistics and affine values (FrozenBatchNorm2d: the detector's minibatches
 are too small for batch statistics), and conv1 + conv2_x not trained.
 
-The body is rebuilt in forward order (conv1 -> bn1 -> relu -> maxpool -> layer1 ...): a ResNet registers
-its children as conv1, maxpool, bn1, relu, ..., so walking its children (IntermediateLayerGetter) would
-max-pool before the BatchNorm. Parameter names stay the ResNet's (`conv1.weight`, `layer3.0.bn1.weight`).
+The body is rebuilt in forward order (conv1 -> bn1 -> relu -> maxpool -> layer1 ...), not found by walking
+the ResNet's children, so that it does not rest on their registration order (a test pins trunk == the
+classifier's forward). Parameter names stay the ResNet's (`conv1.weight`, `layer3.0.bn1.weight`).
 """
 from __future__ import annotations
 
