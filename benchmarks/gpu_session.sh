@@ -6,7 +6,7 @@
 #
 #   carry: .device-data  (holds cifar-10-jpeg.tar.xz and rebuild.py from ../shared/datasets/cifar10-jpeg,
 #                         and optionally runs/ : run folders from an earlier session, to resume; they come
-#                         back as $OUT/records.tgz and $OUT/ckpt.tar - last.pt files, 15 MiB at most)
+#                         back as $OUT/records.tgz and $OUT/ckpt-N.tar - last.pt files, unfinished runs first)
 #   bash benchmarks/gpu_session.sh check   # data, the CUDA tests (graphed step, GPU decode)
 #   bash benchmarks/gpu_session.sh bench   # issue 12: CIFAR rows, run sets and fused sets at K = 1, 5, 10
 #   bash benchmarks/gpu_session.sh full    # issue 12: the full cifar-paper schedule of ResNet-20, then 110
@@ -34,22 +34,48 @@ T6=/tmp/runs/table6   # reproduce's layout: T6/paper/ARCH-sSEED
 # ResNet-20 runs (/tmp/fused-wins, kept while the machine stays warm); else a run set
 fuse() { [ "${FUSED:-$(cat /tmp/fused-wins 2>/dev/null || echo 0)}" = 1 ] && echo --fused; }
 left() { local s=$(( T0 + BUDGET_S - $(date +%s) )); echo $(( s > 10 ? s : 10 )); }  # timeout 0 = no limit
-limit() { timeout -k 10 $(left) "$@"; }
+# SIGTERM at the limit: `reslab train` saves the step it reached and exits (143); KILL only 30 s later
+limit() { timeout -k 30 $(left) "$@"; }
 log() { tee -a $OUT/log.txt; }
-# what comes back (a call returns 8 files at most): every run folder's record (small) in records.tgz, and
-# last.pt files in ckpt.tar up to 15 MiB, rewritten after each training phase so that a call cut off at its
-# limit still returns what its earlier phases trained; the rest resume only while this machine stays warm
+# what comes back: every run folder's record (small) in records.tgz, and last.pt files in ckpt-N.tar (a call
+# returns at most 8 files of at most 16 MiB, 64 MiB in all): unfinished runs first, since they are what a cold
+# machine would train again, then finished ones, smallest first; rewritten after each training phase so that
+# a call cut off at its limit still returns what its earlier phases trained. What does not fit resumes only
+# while this machine stays warm, and the log names it.
 keep_runs() {
   cd /tmp/runs 2>/dev/null || return 0
   tar czf $OUT/records.tgz $(find . -name metrics.jsonl -o -name config.json -o -name env.json \
     -o -name 'manifest*.json' -o -name layer_responses.json -o -name '*.md' -o -name '*.png') 2>/dev/null
-  local total=0 size keep=""
-  for f in $(find . -name last.pt | sort); do
-    size=$(stat -c %s $f)
-    [ $(( total + size )) -le $(( 15 * 1024 * 1024 )) ] || { echo "not returned (over 15 MiB in all): $f" | log; continue; }
-    total=$(( total + size )); keep="$keep $f"
-  done
-  [ -z "$keep" ] || tar cf $OUT/ckpt.tar $keep
+  python3 - $OUT <<'PY' 2>&1 | log
+import sys, tarfile
+from pathlib import Path
+from reslab import checkpoint as c
+out, cap = Path(sys.argv[1]), 15 * 2**20
+for old in out.glob("ckpt-*.tar"):
+    old.unlink()
+there = [f for f in out.rglob("*") if f.is_file()]
+slots, room = 8 - len(there), 60 * 2**20 - sum(f.stat().st_size for f in there)  # log.txt still grows
+def finished(p):
+    try:
+        return c.read_status(p)["finished"]
+    except Exception:  # noqa: BLE001 - unreadable: last in line
+        return True
+bins = []
+for done, size, p in sorted((finished(p), p.stat().st_size, str(p)) for p in Path(".").rglob("last.pt")):
+    fit = next((b for b in bins if b[0] + size <= cap), None)
+    if size > min(cap, room) or (fit is None and len(bins) >= slots):
+        print(f"not returned ({size / 2**20:.1f} MiB; {'finished' if done else 'unfinished'}): {p}")
+        continue
+    if fit is None:
+        bins.append(fit := [0, []])
+    fit[0] += size
+    fit[1].append(p)
+    room -= size
+for i, (_, paths) in enumerate(bins, 1):
+    with tarfile.open(out / f"ckpt-{i}.tar", "w") as t:
+        for p in paths:
+            t.add(p)
+PY
   cd - > /dev/null
 }
 # one full-schedule training run, resumed where an earlier call left it (--resume also starts a run that has
@@ -57,13 +83,13 @@ keep_runs() {
 # running out of memory or a config error), it is retried eagerly so the run still happens, and the log says so
 train_full() {  # out, then train flags
   local out=$1; shift
-  limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-progress --resume 2>&1 \
+  limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --resume 2>&1 \
     | grep -v -i warn | tee /tmp/last-train.txt | tail -n 6 | log
   local rc=${PIPESTATUS[0]}
   if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && [ $(left) -gt 60 ] \
      && grep -q -e captur -e "CUDA graph" -e cudaGraph /tmp/last-train.txt; then
     echo "exit $rc: again with --no-graphs" | log
-    limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-progress --no-graphs --resume \
+    limit $R train "$@" --recipe cifar-paper --data-dir $DATA --out $out --no-graphs --resume \
       2>&1 | grep -v -i warn | tail -n 6 | log
   fi
 }
@@ -72,7 +98,7 @@ mkdir -p /tmp/runs
 [ $# -gt 0 ] || { echo "phases: check, bench, full, seeds, table6, fig67, control, r1202, r50, e2e (PHASE[:SECONDS] ...)"; exit 2; }
 for SPEC in "$@"; do  # every phase checked before any runs: a typo must not cost the phases before it
   case ${SPEC%%:*} in check|bench|full|seeds|table6|fig67|control|r1202|r50|e2e) ;; *) echo "unknown phase in $SPEC"; exit 2 ;; esac
-  case $SPEC in *:*) case ${SPEC#*:} in ''|*[!0-9]*) echo "$SPEC: the limit must be whole seconds"; exit 2 ;; esac ;; esac
+  case $SPEC in *:*) case ${SPEC#*:} in ''|0*|*[!0-9]*) echo "$SPEC: the limit must be whole seconds (no leading 0)"; exit 2 ;; esac ;; esac
 done
 for SPEC in "$@"; do
 PHASE=${SPEC%%:*}; BUDGET_S=570; [ "$SPEC" = "$PHASE" ] || BUDGET_S=${SPEC#*:}
@@ -120,7 +146,7 @@ full)
 seeds)
   t=$(date +%s)
   limit $R train --arch resnet20 --recipe cifar-paper --seeds 1 2 3 4 5 $(fuse) --data-dir $DATA --out $T6/paper/resnet20 \
-    --no-progress --resume 2>&1 | grep -v -i warn | tail -n 8 | log
+    --resume 2>&1 | grep -v -i warn | tail -n 8 | log
   echo "5 x resnet20 $(fuse || echo '(run set)'): this call trained for $(( $(date +%s) - t )) s" | log
   keep_runs ;;
 table6)
