@@ -365,8 +365,9 @@ def write_report(root) -> Path:
     datas = sorted({r["data"] for r in runs if r["data"]})
     if any(r["data_name"] == "folder" for r in runs):
         datas.append("image folders (not identified by checksum)")
-    if any(not r["data"] and r["data_name"] != "folder" for r in runs):
-        datas.append("not recorded (runs from an earlier reslab)")
+    for impl in sorted({r["implementation"] for r in runs if not r["data"] and r["data_name"] != "folder"}):
+        datas.append("not recorded (runs from an earlier reslab)" if impl == "reslab" else
+                     f"not recorded by the {impl} runs")
     lines = [f"# reslab report: {root.name}", "",
              "Data: " + "; ".join(datas) + ". Numbers on any copy other than the official files are not "
              "comparable to the paper's.", ""]
