@@ -68,27 +68,27 @@ def load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dic
     try:
         ck = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch.load raises many types for bad files (struct.error, UnpicklingError, ...)
-        export = _export_kind(p)
-        if export:
-            raise ReslabError(f"{p} is a {export} export, which holds the network alone (docs/use.md says how to run "
-                              "it); reslab reads checkpoints, run folders and .safetensors files") from None
+        _refuse_export(p)
         raise ReslabError(f"{p}: not a readable reslab checkpoint ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
+        _refuse_export(p)  # older torch hands a TorchScript archive to torch.jit.load instead of failing
         raise ReslabError(f"{p}: not a reslab checkpoint (no 'model' and 'model_config' entries)")
     return ck
 
 
-def _export_kind(p: Path) -> str | None:
-    """"TorchScript" or "ONNX" when the file is one of `reslab export`'s network-only formats."""
+def _refuse_export(p: Path) -> None:
+    """A one-line error when the file is one of `reslab export`'s network-only formats."""
     import zipfile
-    if p.suffix == ".onnx":
-        return "ONNX"
+    kind = "ONNX" if p.suffix == ".onnx" else None
     try:
         with zipfile.ZipFile(p) as z:  # a TorchScript archive holds the network's code beside its tensors
-            return "TorchScript" if any("/code/" in n for n in z.namelist()) else None
+            kind = "TorchScript" if any("/code/" in n for n in z.namelist()) else kind
     except (OSError, zipfile.BadZipFile):
-        return None
+        pass
+    if kind:
+        raise ReslabError(f"{p} is a {kind} export, which holds the network alone (docs/use.md says how to run it); "
+                          "reslab reads checkpoints, run folders and .safetensors files")
 
 
 def read_status(path: str | os.PathLike) -> dict:
