@@ -21,7 +21,7 @@ from reslab.cli import main
 from reslab.data.normalize import Normalizer
 from reslab.detection import create_detector, load_detector
 from reslab.detection.coco_eval import coco_metrics, require_pycocotools
-from reslab.detection.data import CocoDetection, TrainStream, hflip
+from reslab.detection.data import Categories, CocoDetection, TrainStream, hflip
 from reslab.detection.model import trunk_features
 from reslab.detection.train import DetectRun, train
 from reslab.errors import ReslabError
@@ -486,6 +486,24 @@ def test_a_split_without_boxes_has_no_map(trained, coco_small, tmp_path, capsys)
     capsys.readouterr()
     assert main(["detect", "eval", str(trained), "--data-dir", str(empty), "--workers", "0"]) == 0
     assert "mAP@[.5,.95] n/a" in capsys.readouterr().out
+
+
+def test_predict_turns_photos_upright_and_names_an_image_it_cannot_scale(tmp_path):
+    """A phone photo stored sideways is turned as its EXIF says before detection (training reads files as
+    stored: COCO's boxes are on those pixels); an image too elongated for the detector's sizes is a one-line
+    error, not torchvision's "Input and output sizes should be greater than 0"."""
+    from PIL import Image
+    from reslab.detection.data import read_rgb
+    from reslab.detection.draw import detect
+    im = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    im.save(tmp_path / "side.jpg", exif=exif)
+    assert read_rgb(tmp_path / "side.jpg").shape == (3, 20, 40)
+    assert read_rgb(tmp_path / "side.jpg", upright=True).shape == (3, 40, 20)
+    model = create_detector("resnet18", num_classes=4, **{**TINY, "min_size": 128, "max_size": 192}).eval()
+    with pytest.raises(ReslabError, match="a 4000x20 image is too elongated"):
+        detect(model, torch.zeros(3, 20, 4000, dtype=torch.uint8), 0.5, Categories.from_coco(CATEGORIES))
 
 
 def test_missing_pycocotools_says_what_to_install(monkeypatch, coco_small):

@@ -93,7 +93,7 @@ def cmd_predict(a) -> int:
     from .draw import detect, draw
     from .model import load_detector
     model = load_detector(a.path).to(pick_device(a.device))
-    image = read_rgb(a.image)
+    image = read_rgb(a.image, upright=True)
     dets = detect(model, image, a.threshold, Categories.from_coco(model.reslab["categories"]))
     out = draw(image, dets, a.out or f"{Path(a.image).stem}_boxes.png")
     if a.json:

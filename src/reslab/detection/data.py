@@ -184,12 +184,14 @@ class CocoDetection(Dataset):
         return img.float().div_(255), target
 
 
-def read_rgb(path) -> torch.Tensor:
-    """An image file as uint8 (3, H, W) RGB (PIL: torchvision's own decoders are deprecated)."""
-    from PIL import Image, UnidentifiedImageError
+def read_rgb(path, upright: bool = False) -> torch.Tensor:
+    """An image file as uint8 (3, H, W) RGB (PIL: torchvision's own decoders are deprecated). `upright`: turned
+    as its EXIF orientation says, for a photo to predict on (training reads files as stored: COCO's boxes are
+    on the stored pixels)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray((ImageOps.exif_transpose(im) if upright else im).convert("RGB"))
     except FileNotFoundError:
         raise ReslabError(f"{path}: no such image file") from None
     except (OSError, UnidentifiedImageError) as e:

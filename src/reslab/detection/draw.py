@@ -19,6 +19,12 @@ def detect(model, image_uint8: torch.Tensor, threshold: float, categories: Categ
     """Detections scoring at least `threshold`: [{class, label, score, box (xyxy pixels)}], best first."""
     if not 0 <= threshold <= 1:
         raise ReslabError(f"--threshold must be in [0, 1], got {threshold}")
+    h, w = image_uint8.shape[-2:]
+    t = model.transform  # the detector resizes the shorter side to min_size, the longer to max_size at most
+    if min(h, w) * min(t.min_size[-1] / min(h, w), t.max_size / max(h, w)) < 1:
+        raise ReslabError(f"a {w}x{h} image is too elongated for this detector's sizes (shorter side {t.min_size[-1]}, "
+                          f"longer side at most {t.max_size} px): its shorter side would shrink below 1 px; "
+                          "crop it first")
     device = next(model.parameters()).device
     out = model([image_uint8.to(device).float() / 255])[0]
     keep = out["scores"] >= threshold
