@@ -271,6 +271,11 @@ def train(args):
     if (run_dir / "metrics.jsonl").exists() and not resuming:
         if not args.resume:
             sys.exit(f"{run_dir} already holds a run: choose another --out, or pass --resume")
+        # every evaluation is followed by a checkpoint: a logged one without last.pt is a record kept apart
+        # from its checkpoint (a finished run's results, say), which starting afresh would delete
+        if '"kind": "eval"' in (run_dir / "metrics.jsonl").read_text():
+            sys.exit(f"{run_dir} holds the log of an evaluated run but not its checkpoint (last.pt), so it cannot "
+                     "be continued; choose another --out, or move the folder away to train it again")
         # --resume of an attempt stopped before its first checkpoint: nothing to continue, so it starts
         # afresh, without that attempt's log lines
         (run_dir / "metrics.jsonl").unlink()

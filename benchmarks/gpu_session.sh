@@ -136,8 +136,8 @@ PY
 full)
   for a in resnet20 resnet110; do
     [ $(left) -gt 60 ] || break
-    python3 -c "import sys; from reslab import checkpoint as c; sys.exit(not c.read_status(sys.argv[1])['finished'])" \
-      $T6/paper/$a-s0 2>/dev/null && continue   # finished by its checkpoint, not by a log line
+    python3 -c "import sys; from reslab.reproduce import run_status as s; sys.exit(s(sys.argv[1]) not in ('done', 'logged'))" \
+      $T6/paper/$a-s0 2>/dev/null && continue   # finished: by its checkpoint, or by its carried record
     t=$(date +%s)
     train_full $T6/paper/$a-s0 --arch $a --seed 0
     echo "$a: this call trained for $(( $(date +%s) - t )) s" | log

@@ -170,3 +170,17 @@ def test_resume_of_an_attempt_stopped_before_its_first_checkpoint_starts_afresh(
                "--out", run, "--resume")
     _, _, train, evals = read_run(run)
     assert [r["step"] for r in evals] == [4] and train and all("loss" in r for r in train)  # the stale line went
+
+
+def test_resume_keeps_a_record_whose_checkpoint_is_missing(tmp_path):
+    """A finished control run copied as its record only (no last.pt): --resume refuses, the log intact."""
+    data = make_cifar_batches(tmp_path / "data" / "cifar-10-batches-py", n_train=100, n_test=20)
+    run = tmp_path / "run"
+    run_script("--data-dir", data, "--iters", 4, "--eval-every", 4, "--workers", 0, "--batch-size", 16, "--out", run)
+    (run / "last.pt").unlink()
+    log = (run / "metrics.jsonl").read_text()
+    r = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(data), "--iters", "4", "--eval-every", "4",
+                        "--workers", "0", "--batch-size", "16", "--out", str(run), "--resume"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "holds the log of an evaluated run but not its checkpoint" in r.stderr
+    assert (run / "metrics.jsonl").read_text() == log

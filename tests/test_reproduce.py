@@ -116,6 +116,29 @@ def test_tiny_end_to_end_reproduce(tmp_path, capsys):
                  "--dry-run"]) == 0
     assert capsys.readouterr().out.count(" done ") == 4  # finished runs are skipped
 
+    # a finished run kept as its record only (checkpoints not copied along with the results): Table 6 needs
+    # no more than the record, so it is not trained again; the layer responses need the weights
+    r20 = out / "smoke" / "resnet20-s0"
+    log = (r20 / "metrics.jsonl").read_text()
+    (r20 / "last.pt").unlink()
+    (r20 / "best.pt").unlink()
+    args = ["--data-dir", str(d), "--out", str(out), "--budget", "smoke"]
+    assert main(["reproduce", "cifar-table6", "--seeds", "1", *args]) == 0
+    said = capsys.readouterr().out
+    assert "resnet20-s0      logged" in said and "resnet56-s0      done" in said
+    assert not (r20 / "last.pt").exists() and (r20 / "metrics.jsonl").read_text() == log
+    assert "| resnet20 |" in (out / "report.md").read_text()
+    assert main(["reproduce", "layer-responses", *args]) == 2
+    assert "holds only the record of its finished run (no last.pt)" in capsys.readouterr().err
+    # `reslab train` into that folder would start over and delete the record: refused, the record intact
+    assert main(shlex.split(json.loads((r20 / "config.json").read_text())["command"])[1:]) == 2
+    assert "holds the log of a run evaluated at step 32 but not its checkpoint" in capsys.readouterr().err
+    assert (r20 / "metrics.jsonl").read_text() == log
+    # a record cut before its end (an unfinished run whose checkpoint went missing) cannot be continued
+    (r20 / "metrics.jsonl").write_text("".join(ln + "\n" for ln in log.splitlines() if json.loads(ln)["step"] <= 16))
+    assert main(["reproduce", "cifar-table6", "--seeds", "1", *args]) == 2
+    assert "evaluated up to step 16 of 32 but not its checkpoint" in capsys.readouterr().err
+
 
 def test_report_keeps_the_control_apart_and_tables_comparisons(tmp_path):
     """Control runs (benchmarks/control_cifar.py) get their own section, never Table 6; a comparison

@@ -39,7 +39,7 @@ from .data.resident import ResidentLoader
 from .errors import ReslabError
 from .evaluate import evaluate, precise_bn
 from .flags import to_cli_args
-from .logs import MetricsLog, Progress, environment, truncate_metrics, write_json
+from .logs import MetricsLog, Progress, environment, last_evaluation, truncate_metrics, write_json
 from .recipes import after_eval, lr_at, warmup_rule_applies
 from .state import TrainingState
 from .step import (GivenBatch, GraphedStep, TrainStep, autocast_for, graph_fallback, make_ema, make_optimizer,
@@ -90,6 +90,11 @@ class Trainer:
             cfg = resume_config(saved, replace(cfg, runtime=resolve_runtime(cfg.runtime, dev)), explicit)
         elif extend_to is not None:
             raise ReslabError(f"--extend-to needs a run to extend, and {out} holds none ({ckpt.LAST} is missing)")
+        elif (ev := last_evaluation(out)) is not None:  # a record kept without its checkpoint (results copied
+            # elsewhere, checkpoints left behind): training here would start over and delete that record
+            raise ReslabError(f"{out} holds the log of a run evaluated at step {ev['step']} but not its checkpoint "
+                              f"({ckpt.LAST}), so it cannot be continued; choose another --out, or move the folder "
+                              "away to train it again")
         if extend_to is not None:
             cfg = extend(cfg, extend_to)
         self.d = d = dist_info or dist.init(cfg.runtime.device)

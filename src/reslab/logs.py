@@ -102,6 +102,12 @@ def read_metrics(run_dir) -> list[dict]:
     return out
 
 
+def last_evaluation(run_dir) -> dict | None:
+    """The last evaluation a run folder's log records (None: none). Every evaluation is followed by a
+    checkpoint, so a log that has one and a folder without last.pt means the checkpoint went missing."""
+    return next((r for r in reversed(read_metrics(run_dir)) if r.get("kind") == "eval"), None)
+
+
 class Progress:
     """A tqdm bar with throughput and ETA on a terminal; plain lines (one per log interval) otherwise."""
 

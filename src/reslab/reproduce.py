@@ -20,6 +20,7 @@ from .complexity import count_macs
 from .config import ConfigConflict, RunConfig, resume_config
 from .errors import ReslabError
 from .experiments import BUDGETS, get_experiment
+from .logs import last_evaluation
 from .flags import to_cli_args
 from .fusedset import fusion_key, train_fused
 from .runset import train_set
@@ -34,9 +35,14 @@ EFFECTIVE_FLOPS = {"cpu": 0.08e12, "cuda": 2.7e12}
 
 
 def run_status(run_dir: Path) -> str:
-    """new | done | resume@STEP | unusable, read from the run's last checkpoint without loading its tensors."""
+    """new | done | resume@STEP | unusable, read from the run's last checkpoint without loading its tensors;
+    without one, from its log: logged (finished, only its record is here: the report needs no more) or
+    lost@STEP (evaluated up to STEP, checkpoint missing: it cannot be continued)."""
     if not (Path(run_dir) / ckpt.LAST).is_file():
-        return "new"
+        ev = last_evaluation(run_dir)
+        if ev is None:  # nothing, or an attempt killed before its first checkpoint: trained from the start
+            return "new"
+        return "logged" if ev["step"] == _recorded_config(Path(run_dir)).recipe.iters else f"lost@{ev['step']}"
     try:
         st = ckpt.read_status(run_dir)
     except ReslabError:
@@ -71,9 +77,21 @@ def groups_of(pending: list[RunConfig], k: int, fused: bool) -> list[list[RunCon
     return [runs[i:i + k] for runs in by_kind.values() for i in range(0, len(runs), k)]
 
 
-def _check_is_ours(cfg: RunConfig, experiment: str) -> None:
+def _recorded_config(run: Path) -> RunConfig:
+    """The config a run folder's config.json records (a run logged without its checkpoint has no other)."""
     try:
-        resume_config(RunConfig.from_dict(ckpt.read_status(cfg.out)["config"]), resolved(cfg), None)
+        return RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReslabError(f"{run} holds a run's log without its checkpoint, and a config.json this reslab cannot "
+                          f"read (missing or from an earlier version: {e!r}); move that folder away, or give "
+                          "reproduce another --out") from None
+
+
+def _check_is_ours(cfg: RunConfig, experiment: str) -> None:
+    saved = (RunConfig.from_dict(ckpt.read_status(cfg.out)["config"]) if (Path(cfg.out) / ckpt.LAST).is_file()
+             else _recorded_config(Path(cfg.out)))
+    try:
+        resume_config(saved, resolved(cfg), None)
     except ConfigConflict as e:
         raise ReslabError(f"{cfg.out} holds another run than {experiment}'s: its {e.field} is {e.saved!r} where the "
                           f"experiment trains with {e.asked!r}; move that folder away, or give reproduce another "
@@ -100,7 +118,7 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
     print(f"{name} ({exp.paper}) at budget {budget}: {BUDGETS[budget].description}; {len(configs)} runs on {dev.type}")
     for cfg in configs:
         status = run_status(Path(cfg.out))
-        est = 0.0 if status == "done" else estimate_seconds(cfg, dev.type)
+        est = 0.0 if status in ("done", "logged") else estimate_seconds(cfg, dev.type)
         total += est
         print(f"  {Path(cfg.out).name:<16} {status:<12} ~{est / 60:5.1f} min   {command(cfg)}")
     print(f"  estimated total: ~{total / 60:.0f} min (at {EFFECTIVE_FLOPS.get(dev.type, 0) / 1e12:.2f} effective "
@@ -124,7 +142,15 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
         if status != "new":  # a run found on disk, finished or to resume, must be this experiment's run:
             # all checked before any trains, or a stranger in the last folder would stop the sweep hours in
             _check_is_ours(cfg, name)
-        if status != "done":
+        if status.startswith("lost@"):
+            raise ReslabError(f"{cfg.out} holds the log of a run evaluated up to step {status[5:]} of "
+                              f"{cfg.recipe.iters} but not its checkpoint ({ckpt.LAST}), so it cannot be continued; "
+                              "bring that checkpoint back, or move the folder away to train the run again")
+        if status == "logged" and exp.post == "layer_responses":
+            raise ReslabError(f"{name} reads each run's weights, and {cfg.out} holds only the record of its "
+                              f"finished run (no {ckpt.LAST}); bring that checkpoint back, or move the folder away "
+                              "to train the run again")
+        if status not in ("done", "logged"):
             pending.append(cfg)
     for group in groups_of(pending, concurrent, fused):  # runs not yet finished, `concurrent` at a time
         names = ", ".join(Path(c.out).name for c in group)
