@@ -194,3 +194,22 @@ def test_fused_set_graphed_on_cuda(data_dir, tmp_path):
     fs.fit()
     for a, b in zip(eager, graphed):
         assert _losses(b.out)[:3] == pytest.approx(_losses(a.out)[:3], rel=FIRST_STEPS_RTOL)
+
+
+def test_a_member_whose_evaluation_overflows_stops_the_set_before_any_saves(data_dir, tmp_path, monkeypatch):
+    """Finite weights, non-finite evaluation loss in member 1 at step 6: member 0, evaluated first, must not
+    save at step 6 either; both stay at step 3, and the error names member 1."""
+    from reslab.engine import TrainingDiverged
+    import reslab.engine as engine
+    cs = _configs(tmp_path / "d", data_dir, seeds=(0, 1), iters=12, eval_every=3, log_every=3)
+    fs = FusedSet(cs)
+    real, calls = engine.evaluate, []
+
+    def overflowing(model, *a, **k):  # calls 1, 2: step 3 (members 0, 1); calls 3, 4: step 6
+        calls.append(model)
+        m = real(model, *a, **k)
+        return {**m, "loss": float("nan")} if model is fs.trainers[1].model and len(calls) > 2 else m
+    monkeypatch.setattr(engine, "evaluate", overflowing)
+    with pytest.raises(TrainingDiverged, match="fused member s1: the evaluation at step 6 gave a non-finite loss"):
+        fs.fit()
+    assert [ckpt.read_status(c.out)["step"] for c in cs] == [3, 3]

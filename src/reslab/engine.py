@@ -145,6 +145,7 @@ class Trainer:
         self._rule = torch.zeros(2, dtype=torch.float64, device=d.device)  # warm-up rule window: wrong, seen
         self._batches = None
         self.checked_step = st.step      # every step up to here is known finite
+        self._evaluated = None           # (step, metrics) of the latest evaluation
         self.label = ""                  # shown in progress lines when several runs share a process
         self._log = self._bar = None     # opened by begin()
 
@@ -235,6 +236,9 @@ class Trainer:
         r = self.cfg.recipe
         return step % r.log_every == 0 or step >= stop, step % r.eval_every == 0 or step == r.iters
 
+    def evaluates_at(self, step: int, stop: int) -> bool:
+        return self._due(step, stop)[1]
+
     def reports_at(self, step: int, stop: int) -> bool:
         """Whether after_step at `step` writes a log line or evaluates (reads the model and counters)."""
         return any(self._due(step, stop))
@@ -309,7 +313,12 @@ class Trainer:
         acc.zero_()
         self._t_log, self._imgs = time.time(), 0
 
-    def evaluate_and_save(self) -> dict:
+    def evaluation(self, step: int) -> dict:
+        """The metrics of the evaluation at `step` (the weights as they are), computed once: a fused set
+        evaluates every member before any saves. A non-finite loss stops the run here, before anything is
+        logged or saved."""
+        if self._evaluated is not None and self._evaluated[0] == step:
+            return self._evaluated[1]
         st, cfg = self.state, self.cfg
         self.check_finite()  # before spending an evaluation on a diverged model
         if cfg.runtime.precise_bn:
@@ -317,14 +326,20 @@ class Trainer:
             precise_bn(self.model, iter(self.data.train.fork(cfg.seed + 7919)), cfg.runtime.precise_bn)
         m = evaluate(self.model, self.data.eval, self.ctx)
         if not math.isfinite(m["loss"]):  # finite weights whose outputs overflow: as diverged as a NaN loss
-            raise TrainingDiverged(f"the evaluation at step {st.step} gave a non-finite loss (the model's outputs "
+            raise TrainingDiverged(f"the evaluation at step {step} gave a non-finite loss (the model's outputs "
                                    f"overflow); stopped without saving ({self._on_disk()}); lower the learning "
                                    "rate or use --precision fp32")
-        rec = {"kind": "eval", "step": st.step, "epoch": st.step / max(1, len(self.data.train)),
-               "split": self.data.eval_split, **m, "elapsed_s": time.time() - self._t_start}
         if st.ema is not None:
             e = evaluate(st.ema.module, self.data.eval, self.ctx)
-            rec.update({f"ema_{k}": v for k, v in e.items() if k != "n"})
+            m = {**m, **{f"ema_{k}": v for k, v in e.items() if k != "n"}}
+        self._evaluated = (step, m)
+        return m
+
+    def evaluate_and_save(self) -> dict:
+        st, cfg = self.state, self.cfg
+        m = self.evaluation(st.step)
+        rec = {"kind": "eval", "step": st.step, "epoch": st.step / max(1, len(self.data.train)),
+               "split": self.data.eval_split, **m, "elapsed_s": time.time() - self._t_start}
         after_eval(cfg.recipe, st.schedule, m["top1_err"])
         if self._log:
             self._log.write(rec)

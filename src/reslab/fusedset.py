@@ -19,8 +19,9 @@ image folders (the fused batch is gathered from device-resident CIFAR); members 
 say why. Under torchrun a fused set, like a run set, is an error.
 
 A member that diverges stops the whole set (one fused step cannot leave a member out). Every member is
-checked before any reports, so no member saves at that step: all checkpoints on disk stay at the same good
-step, and the others resume together without the diverged one.
+checked (its weights and losses, and at an evaluation its evaluation loss) before any reports, so no member
+saves at that step: all checkpoints on disk stay at the same good step, and the others resume together
+without the diverged one.
 """
 from __future__ import annotations
 
@@ -199,6 +200,16 @@ class FusedSet:
                                f"({on_disk}); lower the learning rate or use --precision fp32, or resume the "
                                "others without it")
 
+    def _evaluate_members(self, step: int) -> None:
+        """Every member evaluated before any logs or saves: one whose outputs overflow (a non-finite loss)
+        stops the set with every checkpoint on disk at the same step, as a diverged step does."""
+        for t in self.trainers:
+            try:
+                t.evaluation(step)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"fused member {Path(t.cfg.out).name}: {e}; no member saved at step {step}, "
+                                       "resume the others without it") from None
+
     # ------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> list[dict]:
         """Train every member to the end (or `stop_at`); returns each member's last evaluation, in order."""
@@ -228,6 +239,8 @@ class FusedSet:
                 if t0.reports_at(t0.state.step + 1, stop):
                     self.to_members(lr)
                     self._check_members(t0.state.step + 1)
+                    if t0.evaluates_at(t0.state.step + 1, stop):
+                        self._evaluate_members(t0.state.step + 1)
                 for t, w in zip(ts, wrong):
                     t.after_step(w, n, lr, stop)
             self.to_members(lr_at(max(t0.state.step - 1, 0), r, t0.state.schedule))  # the last step's lr
