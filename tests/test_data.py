@@ -1,5 +1,6 @@
 """The data layer: official formats, safety, splits, the resident loader, folders and views."""
 import hashlib
+import json
 import pickle
 
 import numpy as np
@@ -10,6 +11,7 @@ from reslab.data import Normalizer, ResidentLoader, cifar
 from reslab.data import folder as fold
 from reslab.data.augment import Augment
 from reslab.data.safe_pickle import load_batch
+from reslab import checkpoint as ckpt
 from reslab.errors import ReslabError
 
 from conftest import SHARED_CIFAR, make_cifar_archive, make_cifar_batches
@@ -238,6 +240,26 @@ def test_corrupt_jpeg_stops_with_its_name_or_is_skipped(jpeg_dir, capsys):
     img, _ = skip[0]
     assert img.dtype == torch.uint8 and skip.skipped == [str(bad)]
     assert "0.JPEG" in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_a_corrupt_training_image_resumes_with_on_corrupt_skip(jpeg_dir, tmp_path, capsys):
+    """The first undecodable training image stops `reslab train` with its name; the same run resumes with
+    --on-corrupt skip (a free field), which reports the file once and trains to the end."""
+    from reslab.cli import main
+    bad = jpeg_dir / "train" / "dog" / "1.JPEG"
+    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
+    run = tmp_path / "run"
+    args = ["train", "--arch", "resnet18", "--width", "0.125", "--data", "folder", "--data-dir", str(jpeg_dir),
+            "--crop-size", "32", "--batch-size", "2", "--iters", "6", "--eval-every", "3", "--workers", "0",
+            "--normalization", "channel", "--out", str(run), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: cannot decode" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--resume", "--on-corrupt", "skip"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"skipping corrupt image: {bad}") == 1
+    assert ckpt.read_status(run)["step"] == 6
+    assert json.loads((run / "config.json").read_text())["data"]["on_corrupt"] == "skip"
 
 
 def test_a_corrupt_jpeg_read_by_a_worker_is_still_one_line(jpeg_dir):

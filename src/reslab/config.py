@@ -42,6 +42,9 @@ class DataSpec:
     dir: str | None = field(default=None, metadata=FREE)   # archive or folder; None: $RESLAB_DATA, else download
     workers: int = field(default=4, metadata=FREE)         # DataLoader workers (image folders)
     decode: str = field(default="auto", metadata=FREE)     # image folders: cpu | device | auto (device on a GPU)
+    # image folders: a training image that cannot be decoded stops the run, or is skipped (free: a run stopped
+    # by one resumes with skip)
+    on_corrupt: str = field(default="stop", metadata=FREE)
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ class Trainer:
             cfg.data.name, cfg.data.dir, batch_size=r.batch_size, device=d.device, seed=cfg.seed, rank=d.rank,
             world_size=d.world_size, val_split=r.val_split, normalization=r.normalization,
             channels_last=rt.channels_last, workers=cfg.data.workers, augment=Augment.for_size(r.crop, r.crop_size),
-            decode=cfg.data.decode)
+            decode=cfg.data.decode, on_corrupt=cfg.data.on_corrupt)
         if r.batch_size > data.train_size:  # no full batch in an epoch: the loader would never yield one
             raise ReslabError(f"the batch ({r.batch_size}) is larger than the training split ({data.train_size:,} "
                               f"images); use --batch-size {data.train_size} or less")

@@ -34,6 +34,9 @@ _HELP = {
     ("data", "workers"): "DataLoader workers (image folders)",
     ("data", "decode"): "image folders: decode JPEGs in the workers (cpu) or batched on the run's device "
                         "(device; nvJPEG on a GPU); auto: device on a GPU",
+    ("data", "on_corrupt"): "image folders: a training image that cannot be decoded stops the run (stop), or is "
+                            "reported once by name and replaced by the next decodable one (skip; a run stopped by "
+                            "one resumes with it); evaluation always stops",
     ("recipe", "crop"): "image folders: the paper's scale augmentation or RandomResizedCrop",
     ("recipe", "crop_size"): "image folders: training crop side (test views keep the 256/224 proportions)",
     ("runtime", "precision"): "auto: bf16 on CUDA, fp32 on the CPU",
@@ -52,13 +55,13 @@ def _choices() -> dict:
     from .blocks import SHORTCUTS
     from .data.augment import CROPS
     from .data.build import DATASETS
-    from .data.folder import DECODERS
+    from .data.folder import DECODERS, ON_CORRUPT
     from .data.normalize import MODES
     from .step import PRECISIONS
     from .recipes import SCHEDULES
     return {("recipe", "schedule"): SCHEDULES, ("recipe", "normalization"): MODES, ("data", "name"): DATASETS,
             ("runtime", "precision"): ("auto", *PRECISIONS), ("model", "shortcut"): SHORTCUTS,
-            ("recipe", "crop"): CROPS, ("data", "decode"): DECODERS}
+            ("recipe", "crop"): CROPS, ("data", "decode"): DECODERS, ("data", "on_corrupt"): ON_CORRUPT}
 
 
 def _model_fields():

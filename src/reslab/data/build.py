@@ -103,9 +103,10 @@ class FolderStream(EpochCursor):
 def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: int = 0, world_size: int = 1,
           val_split: bool = False, normalization: str = "pixel", normalizer: Normalizer | None = None,
           channels_last: bool = False, view: str = "center", workers: int = 4, eval_batch: int | None = None,
-          with_train: bool = True, augment=None, decode: str = "auto") -> RunData:
+          with_train: bool = True, augment=None, decode: str = "auto", on_corrupt: str = "stop") -> RunData:
     """Loaders for a run. `normalizer` (e.g. from a checkpoint) overrides fitting one on the training split.
-    Folders: `augment` (augment.Augment: crop kind and size) and `decode` (folder.DECODERS)."""
+    Folders: `augment` (augment.Augment: crop kind and size), `decode` (folder.DECODERS) and `on_corrupt`
+    (folder.ON_CORRUPT, for the training split; an evaluation always stops at an undecodable image)."""
     # Randomness is the run's own: the resident loader draws from (seed, epoch, batch), folder loaders from
     # (seed, epoch, index), so runs side by side in one process never share the global generator.
     if data not in DATASETS:
@@ -116,7 +117,7 @@ def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: 
         return _build_folder(data_dir, batch_size=batch_size, device=device, seed=seed, rank=rank,
                              world_size=world_size, normalization=normalization, normalizer=normalizer, view=view,
                              workers=workers, eval_batch=eval_batch, with_train=with_train,
-                             augment=augment or Augment(), decode=decode)
+                             augment=augment or Augment(), decode=decode, on_corrupt=on_corrupt)
     if view != "center":
         raise ReslabError(f"--views {view} needs an ImageNet-style folder; CIFAR is tested on the single "
                           "original 32x32 view (paper §4.2)")
@@ -135,7 +136,7 @@ def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: 
 
 def _build_folder(root, *, batch_size: int, device, seed: int, rank: int, world_size: int, normalization: str,
                   normalizer: Normalizer | None, view: str, workers: int, eval_batch: int, with_train: bool,
-                  augment, decode: str) -> RunData:
+                  augment, decode: str, on_corrupt: str) -> RunData:
     from . import folder
     if not root:
         raise ReslabError("--data folder needs --data-dir pointing at a folder with train/ and val/")
@@ -144,7 +145,7 @@ def _build_folder(root, *, batch_size: int, device, seed: int, rank: int, world_
     if decode not in folder.DECODERS:
         raise ReslabError(f"unknown decode {decode!r}; valid choices: {', '.join(folder.DECODERS)}")
     encoded = decode == "device" or (decode == "auto" and torch.device(device).type == "cuda")
-    train_ds = folder.ImageFolderSplit(root, "train", augment=augment, encoded=encoded)
+    train_ds = folder.ImageFolderSplit(root, "train", augment=augment, encoded=encoded, on_corrupt=on_corrupt)
     if normalizer is None:
         normalizer = (folder.imagenet_normalizer() if normalization == "channel"
                       else folder.fit_normalizer(train_ds, "pixel", size=augment.size, seed=seed))

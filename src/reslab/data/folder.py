@@ -45,6 +45,7 @@ from .resident import mix_seed
 
 MULTISCALE_SIZES = (224, 256, 384, 480, 640)
 VIEWS = ("center", "10crop", "multiscale")
+ON_CORRUPT = ("stop", "skip")
 DECODERS = ("auto", "cpu", "device")   # auto: on the GPU where the run is on one, else in the workers
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -172,7 +173,7 @@ class ImageFolderSplit(Dataset):
 
     def __init__(self, root, split: str, transform=None, on_corrupt: str = "stop", augment: Augment | None = None,
                  encoded: bool = False):
-        if on_corrupt not in ("stop", "skip"):
+        if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be 'stop' or 'skip', got {on_corrupt!r}")
         folder = Path(root) / split
         if split == "val" and not folder.is_dir() and (Path(root) / "test").is_dir():
