@@ -14,6 +14,7 @@ from reslab.cli import main
 from reslab.config import RunConfig
 from reslab.engine import train
 from reslab.errors import ReslabError
+from reslab.export import SUFFIXES
 from reslab.recipes import get_recipe
 
 from conftest import make_cifar_archive
@@ -77,6 +78,31 @@ def test_export_round_trips(trained, tmp_path, fmt, suffix, capsys):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_with_the_normalizer_takes_uint8_images(trained, tmp_path, fmt, capsys):
+    """--with-normalizer: the file takes decoded pixels (uint8) and gives what reslab gives for them, at the
+    test view and at another size (the per-pixel mean image resized as for multi-scale tests)."""
+    out = tmp_path / f"model{SUFFIXES[fmt]}"
+    assert main(["export", str(trained), "--format", fmt, "--out", str(out), "--with-normalizer"]) == 0
+    assert "input: uint8 RGB images, normalised inside" in capsys.readouterr().out
+    ref = reslab.load(trained / "last.pt")
+    assert ref.reslab["normalizer"].mode == "pixel" and ref.reslab["normalizer"].mean.shape == (3, 32, 32)
+    g = torch.Generator().manual_seed(5)
+    for shape in ((4, 3, 32, 32), (2, 3, 40, 48)):
+        x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        with torch.no_grad():
+            want = ref(ref.reslab["normalizer"](x))
+            if fmt == "torchscript":
+                got = torch.jit.load(str(out))(x)
+            else:
+                import onnxruntime as ort
+                got = torch.from_numpy(ort.InferenceSession(str(out)).run(None, {"images": x.numpy()})[0])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert main(["export", str(trained), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors"),
+                 "--with-normalizer"]) == 2
+    assert "carry the normaliser already" in capsys.readouterr().err
+
+
 def test_exports_and_hand_edited_sidecars_are_named_errors(trained, tmp_path, capsys):
     """predict on a TorchScript file says it is an export (not "not a readable checkpoint" with torch.load's
     advice to unpickle it); a safetensors sidecar without its fields, or with too few class names, is
@@ -118,6 +144,13 @@ def test_onnx_export_takes_the_view_a_folder_run_was_tested_at(tmp_path, capsys)
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(sess.run(None, {"images": x.numpy()})[0]), ref(x),
                                    rtol=1e-4, atol=1e-4)
+    # with the run's per-channel normalisation inside: uint8 pixels in
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--with-normalizer"]) == 0
+    u8 = torch.randint(0, 256, (2, 3, 36, 44), dtype=torch.uint8)
+    assert ref.reslab["normalizer"].mode == "channel"
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(ort.InferenceSession(str(out)).run(None, {"images": u8.numpy()})[0]),
+                                   ref(ref.reslab["normalizer"](u8)), rtol=1e-4, atol=1e-4)
 
 
 def test_convert_torchvision_identical_outputs(tmp_path):

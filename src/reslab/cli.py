@@ -316,10 +316,10 @@ def cmd_predict(a) -> int:
 
 def cmd_export(a) -> int:
     from .export import export
-    r = export(a.path, a.format, a.out)
+    r = export(a.path, a.format, a.out, with_normalizer=a.with_normalizer)
     size = r["view_size"]
     print(f"exported {a.format}: {', '.join(r['files'])} (checked: max |diff| {r['max_abs_diff']:.2e} "
-          f"against the PyTorch model; its test view is {size}x{size}, any size is accepted)")
+          f"against the PyTorch model; input: {r['input']}; its test view is {size}x{size}, any size is accepted)")
     return 0
 
 
@@ -345,6 +345,8 @@ def _register_use(sub) -> None:
     p.add_argument("path")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True)
+    p.add_argument("--with-normalizer", action="store_true",
+                   help="torchscript/onnx: the graph takes uint8 RGB images and applies the run's normalisation")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("convert", help="import torchvision or CIFAR-reproduction weights")
     p.add_argument("src")
