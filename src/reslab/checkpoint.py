@@ -65,14 +65,13 @@ def load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dic
     """Read a reslab checkpoint (any format). `mmap=True` maps the tensors instead of reading them: the
     cheap way to look at the small entries of a large file."""
     p = resolve(path)
+    _refuse_export(p)  # before torch.load, which warns about a TorchScript archive and may hand it to torch.jit
     try:
         ck = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch.load raises many types for bad files (struct.error, UnpicklingError, ...)
-        _refuse_export(p)
         raise ReslabError(f"{p}: not a readable reslab checkpoint ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
-        _refuse_export(p)  # older torch hands a TorchScript archive to torch.jit.load instead of failing
         raise ReslabError(f"{p}: not a reslab checkpoint (no 'model' and 'model_config' entries)")
     return ck
 
