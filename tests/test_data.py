@@ -232,7 +232,7 @@ def test_folder_views_have_the_right_count_and_sizes(jpeg_dir):
 
 def test_corrupt_jpeg_stops_with_its_name_or_is_skipped(jpeg_dir, capsys):
     bad = jpeg_dir / "val" / "cat" / "0.JPEG"
-    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
+    bad.write_bytes(b"\xff\xd8\xff this is not a jpeg")
     ds = fold.ImageFolderSplit(jpeg_dir, "val")
     with pytest.raises(ReslabError, match="0.JPEG"):
         ds[0]
@@ -247,7 +247,7 @@ def test_a_run_stopped_by_a_corrupt_training_image_resumes_with_on_corrupt_skip(
     --on-corrupt skip (a free field), which reports the file once and trains to the end."""
     from reslab.cli import main
     bad = jpeg_dir / "train" / "dog" / "1.JPEG"
-    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
+    bad.write_bytes(b"\xff\xd8\xff this is not a jpeg")
     run = tmp_path / "run"
     args = ["train", "--arch", "resnet18", "--width", "0.125", "--data", "folder", "--data-dir", str(jpeg_dir),
             "--crop-size", "32", "--batch-size", "2", "--iters", "6", "--eval-every", "3", "--workers", "0",
@@ -267,7 +267,7 @@ def test_a_corrupt_jpeg_read_by_a_worker_is_still_one_line(jpeg_dir):
     last line, the error itself."""
     from torch.utils.data import DataLoader
     from reslab.cli import _message
-    (jpeg_dir / "val" / "cat" / "0.JPEG").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (jpeg_dir / "val" / "cat" / "0.JPEG").write_bytes(b"\xff\xd8\xff this is not a jpeg")
     with pytest.raises(ReslabError) as e:
         list(DataLoader(fold.ImageFolderSplit(jpeg_dir, "val"), batch_size=None, num_workers=1))
     assert "Original Traceback" in str(e.value)

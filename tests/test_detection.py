@@ -501,6 +501,10 @@ def test_predict_turns_photos_upright_and_names_an_image_it_cannot_scale(tmp_pat
     im.save(tmp_path / "side.jpg", exif=exif)
     assert read_rgb(tmp_path / "side.jpg").shape == (3, 20, 40)
     assert read_rgb(tmp_path / "side.jpg", upright=True).shape == (3, 40, 20)
+    Image.fromarray(np.full((20, 40), 40000, np.uint16)).save(tmp_path / "deep.png")  # scaled, not clipped at 255
+    assert read_rgb(tmp_path / "deep.png").unique().tolist() == [40000 >> 8]
+    with pytest.raises(ReslabError, match="nothing.jpg: no such image file"):
+        read_rgb(tmp_path / "nothing.jpg")
     model = create_detector("resnet18", num_classes=4, **{**TINY, "min_size": 128, "max_size": 192}).eval()
     with pytest.raises(ReslabError, match="a 4000x20 image is too elongated"):
         detect(model, torch.zeros(3, 20, 4000, dtype=torch.uint8), 0.5, Categories.from_coco(CATEGORIES))

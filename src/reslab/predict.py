@@ -43,16 +43,15 @@ def augment_of(cfg: dict) -> Augment:
     return Augment.for_size(r.get("crop", "scale"), r.get("crop_size", 224))
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
-
-
 def image_paths(inputs) -> list[Path]:
-    """Files as given, folders expanded (recursively) to their images, in sorted order."""
+    """Files as given, folders expanded (recursively) to their images, in sorted order (hidden files and
+    folders left out)."""
+    from .data.images import IMAGE_SUFFIXES, is_image_file
     out = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q, p, IMAGE_SUFFIXES))
         elif p.is_file():
             out.append(p)
         else:
@@ -86,7 +85,7 @@ def view_size(family: str, crop_size: int | None = None, data: str | None = None
 @torch.no_grad()
 def predict(path, inputs, top: int = 5, batch_size: int = 64, device: str = "auto") -> list[dict]:
     """Top-k classes with probabilities for each image, with the checkpoint's normalisation and class names."""
-    from .data.folder import decode
+    from .data.images import decode
     from .interop import load
     model = load(path)
     dev = pick_device(device)

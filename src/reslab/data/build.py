@@ -137,14 +137,18 @@ def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: 
 def _build_folder(root, *, batch_size: int, device, seed: int, rank: int, world_size: int, normalization: str,
                   normalizer: Normalizer | None, view: str, workers: int, eval_batch: int, with_train: bool,
                   augment, decode: str, on_corrupt: str) -> RunData:
-    from . import folder
+    from . import folder, images
     if not root:
         raise ReslabError("--data folder needs --data-dir pointing at a folder with train/ and val/")
     if batch_size % world_size:
         raise ReslabError(f"the global batch ({batch_size}) must be a multiple of the world size ({world_size})")
     if decode not in folder.DECODERS:
         raise ReslabError(f"unknown decode {decode!r}; valid choices: {', '.join(folder.DECODERS)}")
-    encoded = decode == "device" or (decode == "auto" and torch.device(device).type == "cuda")
+    if decode == "device" and not images.device_decoding():
+        raise ReslabError("--decode device needs torchvision's decode_jpeg, which this torchvision lacks; "
+                          "use --decode cpu")
+    on_gpu = torch.device(device).type == "cuda"
+    encoded = decode == "device" or (decode == "auto" and on_gpu and images.device_decoding())
     train_ds = folder.ImageFolderSplit(root, "train", augment=augment, encoded=encoded, on_corrupt=on_corrupt)
     if normalizer is None:
         normalizer = (folder.imagenet_normalizer() if normalization == "channel"

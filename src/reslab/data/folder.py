@@ -28,18 +28,18 @@ decoder finds it broken), so an epoch keeps its length.
 """
 from __future__ import annotations
 
-import io
+import os
 import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
 from ..errors import ReslabError
 from .augment import Augment, Finish, crop_resize
+from .images import FOLDER_SUFFIXES, ImageReadMode, decode, decode_jpeg, is_image_file, is_jpeg, jpeg_size, read_bytes
 from .normalize import Normalizer
 from .resident import mix_seed
 
@@ -115,51 +115,21 @@ class MultiScale(torch.nn.Module):
         return [t(img) for t in self.per_scale]
 
 
-def decode(path: str, data: torch.Tensor | None = None, upright: bool = False) -> torch.Tensor:
-    """A file (or its bytes, already read) as a uint8 RGB (3, H, W) tensor, decoded on the CPU. `upright`:
-    turned as its EXIF orientation says (a phone's photo as its owner sees it); training data is read as
-    stored, as PIL-based pipelines read ImageNet."""
-    try:
-        img = decode_image(read_bytes(path) if data is None else data, mode=ImageReadMode.RGB,
-                           apply_exif_orientation=upright)
-    except Exception as e:  # torchvision raises RuntimeError for many decoder failures
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ReslabError(f"{path}: cannot decode image ({type(e).__name__}: {first})") from None
-    # 16-bit PNGs decode to uint16: scale them, as storing them in uint8 would wrap around
-    return img if img.dtype == torch.uint8 else v2.functional.to_dtype(img, torch.uint8, scale=True)
-
-
-def read_bytes(path: str) -> torch.Tensor:
-    """A file's bytes as a uint8 tensor in ordinary memory (torchvision's read_file maps the file, and a
-    mapped storage cannot be handed from a DataLoader worker to the main process)."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise ReslabError(f"{path}: cannot read ({e.strerror})") from None
-    if not raw:
-        raise ReslabError(f"{path}: empty file, not an image")
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-
-
-def is_jpeg(data: torch.Tensor) -> bool:
-    return data.numel() > 3 and data[:3].tolist() == [0xFF, 0xD8, 0xFF]
-
-
-def jpeg_size(path: str, data: torch.Tensor) -> tuple[int, int]:
-    """(height, width) from a JPEG's header, without decoding it (Pillow reads the header lazily)."""
-    from PIL import Image
-    try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
-            w, h = im.size
-    except Exception as e:
-        raise ReslabError(f"{path}: cannot read the JPEG header ({type(e).__name__}: {e})") from None
-    return h, w
-
-
 def names_of(classes, most: int = 6) -> str:
     """Class names for an error message: the first few, and how many in all."""
     shown = ", ".join(classes[:most])
     return shown + (f", ... ({len(classes)} in all)" if len(classes) > most else "")
+
+
+class Classes(datasets.ImageFolder):
+    """torchvision's ImageFolder without hidden class folders (`.ipynb_checkpoints`, say), which would
+    otherwise become classes."""
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {c: i for i, c in enumerate(classes)}
 
 
 class ImageFolderSplit(Dataset):
@@ -181,11 +151,12 @@ class ImageFolderSplit(Dataset):
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} not found: an ImageNet-style folder has train/<class>/ and val/<class>/")
         try:  # empty class folders are let through here and judged below (a missing one is fine in val/)
-            self.inner = datasets.ImageFolder(str(folder), loader=lambda p: p, allow_empty=True)  # we decode
+            self.inner = Classes(str(folder), loader=lambda p: p, allow_empty=True,  # we decode
+                                 is_valid_file=lambda p: is_image_file(p, folder))
         except FileNotFoundError as e:
             raise ReslabError(f"{folder}: {e}") from None
         if not self.inner.samples:
-            raise ReslabError(f"{folder}: no images in its class folders")
+            raise ReslabError(f"{folder}: no images in its class folders (files ending {', '.join(FOLDER_SUFFIXES)})")
         empty = sorted(set(self.inner.classes) - {self.inner.classes[t] for t in self.inner.targets})
         if empty and split == "train":
             raise ReslabError(f"{folder}: class folder(s) {names_of(empty)} hold no images; a class needs training "

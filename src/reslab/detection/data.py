@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -185,18 +184,12 @@ class CocoDetection(Dataset):
 
 
 def read_rgb(path, upright: bool = False) -> torch.Tensor:
-    """An image file as uint8 (3, H, W) RGB (PIL: torchvision's own decoders are deprecated). `upright`: turned
-    as its EXIF orientation says, for a photo to predict on (training reads files as stored: COCO's boxes are
-    on the stored pixels)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray((ImageOps.exif_transpose(im) if upright else im).convert("RGB"))
-    except FileNotFoundError:
-        raise ReslabError(f"{path}: no such image file") from None
-    except (OSError, UnidentifiedImageError) as e:
-        raise ReslabError(f"{path}: cannot decode image ({type(e).__name__})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    """An image file as uint8 (3, H, W) RGB. `upright`: turned as its EXIF orientation says, for a photo to
+    predict on (training reads files as stored: COCO's boxes are on the stored pixels)."""
+    from ..data.images import decode
+    if not Path(path).is_file():
+        raise ReslabError(f"{path}: no such image file")
+    return decode(str(path), upright=upright)
 
 
 def hflip(img: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
