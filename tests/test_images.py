@@ -37,6 +37,7 @@ FORMATS = {  # file name -> how to write it
 }
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. torch's about a read-only array, once per process
 def test_every_format_decodes_to_the_rgb_pillow_sees(tmp_path):
     """BMP, TIFF, PPM/PGM (which torchvision's decoders refuse, though ImageFolder lists them) and every
     mode of the others: the same pixels as Pillow's RGB conversion (a GIF's first frame)."""

@@ -101,17 +101,16 @@ def pil_decode(path: str, data: torch.Tensor, upright: bool = False) -> torch.Te
                 im = ImageOps.exif_transpose(im)
             arr = deep_gray(im)
             if arr is None:
-                arr = np.asarray(im.convert("RGB"))
+                arr = np.array(im.convert("RGB"))  # a copy: a read-only array makes torch warn
     except ReslabError as e:
         raise ReslabError(f"{path}: {e}") from None
     except UnidentifiedImageError:
         raise ReslabError(f"{path}: not an image (its bytes are in no format torchvision or Pillow reads)") from None
     except Exception as e:  # truncated files, decompression bombs, broken headers
         raise ReslabError(f"{path}: cannot decode image ({reason(e)})") from None
-    img = torch.from_numpy(np.ascontiguousarray(arr))
-    if img.ndim == 2:  # 16-bit grey, scaled below
-        img = v2.functional.to_dtype(img[None], torch.uint8, scale=True).expand(3, -1, -1).contiguous()
-        return img
+    img = torch.from_numpy(arr)
+    if img.ndim == 2:  # 16-bit grey
+        return v2.functional.to_dtype(img[None], torch.uint8, scale=True).expand(3, -1, -1).contiguous()
     return img.permute(2, 0, 1).contiguous()
 
 
