@@ -10,6 +10,7 @@ unless asked to turn it upright, and scale 16-bit images to 8 bits rather than c
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def is_image_file(path, below: Path | None = None, suffixes=FOLDER_SUFFIXES) -> 
     """An image by its suffix (any case), and not hidden: no part of its path below `below` starts with a
     dot, as macOS's `._photo.jpg` resource forks and Jupyter's `.ipynb_checkpoints/` do; they are never data."""
     p = Path(path)
-    parts = p.relative_to(below).parts if below is not None else (p.name,)
+    parts = Path(os.path.relpath(p, below)).parts if below is not None else (p.name,)
     return p.suffix.lower() in suffixes and not any(s.startswith(".") for s in parts)
 
 
