@@ -76,6 +76,37 @@ def test_warmup_rule_holds_lr_until_training_error_drops(data_dir, tmp_path):
     assert read_metrics(tmp_path / "shallow")[0]["lr"] == 0.1
 
 
+def test_a_run_stopped_between_log_lines_and_warmup_checks_resumes_to_the_same_lines(data_dir, tmp_path):
+    """The log line's running sums and the warm-up rule's window are part of the checkpoint: stopped by
+    SIGTERM at step 7 (log every 4, checks every 5), the resumed run's line at step 8 still covers steps 5-8
+    and its check at step 10 steps 6-10, so its log and its weights are the uninterrupted run's."""
+    import signal
+    from reslab.engine import Trainer
+    from reslab.interrupt import Interrupted
+    r = get_recipe("cifar-paper").with_overrides(**{**SMALL, "log_every": 4}, warmup_rule=WarmupRule(
+        lr=0.01, until_train_err=0.5, min_depth=8, check_every=5))
+    train(settings(data_dir, tmp_path / "ref", r))
+    out = tmp_path / "cut"
+    after = Trainer.after_step
+
+    def term_at_7(self, *a):
+        after(self, *a)
+        if self.state.step == 7:
+            signal.raise_signal(signal.SIGTERM)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "after_step", term_at_7)
+        with pytest.raises(Interrupted, match="at step 7"):
+            train(settings(data_dir, out, r))
+    counters = ckpt.load(out)["train"]["counters"]
+    assert counters["log"][2] == 3 * 32 and counters["warmup_rule"][1] == 2 * 32
+    train(settings(data_dir, out, r), resume=True)
+    keep = ("kind", "step", "lr", "loss", "train_err", "warmup_rule", "top1_err")
+    lines = [[{k: m[k] for k in keep if k in m} for m in read_metrics(o)] for o in (tmp_path / "ref", out)]
+    assert lines[0] == lines[1]
+    a, b = ckpt.load(tmp_path / "ref")["model"], ckpt.load(out)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_tiny_model_overfits_a_tiny_batch(tmp_path):
     d = tmp_path / "tiny"
     make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=40, n_test=20, per_batch=8)
@@ -109,7 +140,7 @@ def test_checkpoint_contents_load_with_weights_only(data_dir, tmp_path):
     ck = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
     assert {"format", "config", "model", "model_config", "normalizer", "classes", "data", "step", "finished",
             "best_err", "metrics", "train"} == set(ck)
-    assert {"optimizer", "scaler", "ema", "ema_n", "schedule", "loader", "elapsed"} == set(ck["train"])
+    assert {"optimizer", "scaler", "ema", "ema_n", "schedule", "loader", "elapsed", "counters"} == set(ck["train"])
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
     assert ck["config"]["recipe"]["name"] == "cifar-paper" and ck["model_config"]["name"] == "resnet8"
     assert ck["config"]["runtime"]["precision"] == "fp32"  # resolved, so a resume elsewhere keeps it

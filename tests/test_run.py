@@ -205,6 +205,37 @@ def test_sigterm_saves_at_the_next_step_and_resume_is_bitwise_the_uninterrupted_
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_sigterm_to_the_process_group_leaves_the_data_workers_to_the_run(tmp_path):
+    """`timeout`, Slurm and `kill -- -PGID` signal the DataLoader workers too. A worker it ended took the run
+    down with "DataLoader worker is killed by signal" and nothing saved; now the workers leave the signal to
+    the run, which saves, exits 143, shuts them down without a complaint, and resumes bitwise."""
+    from conftest import make_jpeg_folder
+    root = make_jpeg_folder(tmp_path / "imgs", per_class=8)
+    args = ["train", "--arch", "resnet18", "--data", "folder", "--data-dir", root, "--recipe", "imagenet-paper",
+            "--crop-size", "32", "--batch-size", "4", "--iters", "30", "--eval-every", "30", "--log-every", "1",
+            "--workers", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAVE_MARK": str(tmp_path / "mark")}
+    assert _run_child([*args, "--out", tmp_path / "ref"], env)[0] == 0
+    out = tmp_path / "termed"
+    p = subprocess.Popen([sys.executable, "-c", _CHILD, *map(str, [*args, "--out", out])], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = out / "metrics.jsonl"
+    while p.poll() is None and not (log.exists() and log.read_text().count("\n") >= 3):
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGTERM)  # the main process and both workers
+    p.wait()
+    err = p.stderr.read()
+    assert p.returncode == 128 + signal.SIGTERM and "DataLoader" not in err and "Traceback" not in err, err
+    step = ckpt.read_status(out)["step"]
+    assert 3 <= step < 30 and f"at step {step}" in err, err
+    rc, err = _run_child([*args, "--out", out, "--resume"], env)
+    assert rc == 0 and "DataLoader" not in err, err  # and a run that ends normally shuts its workers down quietly
+    a, b = ckpt.load(tmp_path / "ref"), ckpt.load(out)
+    assert b["step"] == 30
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_sigterm_stops_a_run_set_with_every_run_saved(data_dir, tmp_path):
     """In a run set each run saves the step it reached; the set resumes."""
     from dataclasses import replace

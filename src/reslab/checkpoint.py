@@ -9,7 +9,8 @@ it. The layout (FORMAT) is `TrainingState.state_dict()` (state.py):
   model_config      ResNetConfig metadata: `build_model` rebuilds the network from it
   normalizer, classes, data     what evaluation and prediction need (data: name, split, sizes, identity)
   step, finished, best_err, metrics      the run's status, read by `read_status` without the rest
-  train             what only resuming needs: optimizer, scaler, ema, schedule, loader position, elapsed
+  train             what only resuming needs: optimizer, scaler, ema, schedule, loader position, elapsed,
+                    counters (the sums behind the next log line and warm-up rule check)
 
 Weights-only files (`reslab convert`, earlier reslab versions) hold model, model_config, normalizer and
 classes; everything that only uses a model (`load_model`) accepts them.

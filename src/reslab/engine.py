@@ -138,11 +138,12 @@ class Trainer:
             write_json(out / "config.json", self.config_record())
             write_json(out / "env.json", environment())
         net = self._net(model, rt, d) if own_step else model
-        self.step_fn = TrainStep(net, model, opt, scaler, ema, rt.precision, d.device, r.label_smoothing)
+        self.step_fn = TrainStep(net, model, opt, scaler, ema, rt.precision, d.device, r.label_smoothing,
+                                 acc=st.counters["log"])
         self._plans = isinstance(data.train, ResidentLoader)  # a graph can gather its own batches from plans
         self.graphed = self._graphed_step(rt, ema) if own_step else None
         self.ctx = autocast_for(d.device, rt.precision)
-        self._rule = torch.zeros(2, dtype=torch.float64, device=d.device)  # warm-up rule window: wrong, seen
+        self._rule = st.counters["warmup_rule"]  # the warm-up rule's window: wrong, seen
         self._batches = None
         self.checked_step = st.step      # every step up to here is known finite
         self._evaluated = None           # (step, metrics) of the latest evaluation
@@ -356,8 +357,8 @@ class Trainer:
         self.check_finite()
         st = self.state
         st.elapsed = time.time() - self._t_start
+        state = st.state_dict()  # on every rank: it sums the counters over them
         if self.d.is_main:
-            state = st.state_dict()
             if best:
                 ckpt.save_atomic(state, self.out / ckpt.BEST)
             ckpt.save_atomic(state, self.out / ckpt.LAST)

@@ -9,6 +9,7 @@ checkpoint. A second SIGTERM acts at once.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -45,6 +46,26 @@ def stop_on_sigterm(enabled: bool = True):
     finally:
         signal.signal(signal.SIGTERM, previous)
         _requested = False
+
+
+def shield_worker(_worker_id: int) -> None:
+    """A DataLoader worker's init: a SIGTERM is the main process's to act on. `timeout`, Slurm and `kill -- -PGID`
+    send it to every process of the job, and a worker it ended took the run down ("DataLoader worker is killed
+    by signal") before the main process could save. So the worker waits for SIGTERM in a thread of its own and
+    ends only on the one its parent sends when it shuts its workers down; the others are the parent's to act
+    on. (Ignoring SIGTERM outright would hang the parent's exit, which terminates persistent workers.) Where
+    the platform cannot tell who sent a signal (macOS, Windows), workers keep the default."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)  # a shutdown it was asked for: the parent's SIGCHLD check reports any other exit as a crash
+
+    threading.Thread(target=wait, name="sigterm", daemon=True).start()
 
 
 def stopped(outs: list, steps: list[int]) -> Interrupted:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from . import checkpoint as ckpt
 from . import dist
 from .config import RunConfig
@@ -23,6 +25,12 @@ class TrainingState:
         self.best_err = math.inf
         self.elapsed = 0.0              # training seconds spent by earlier processes of this run
         self.metrics: dict = {}         # the last evaluation
+        # Running sums on the device, between the points that read and clear them: the log line's (loss, wrong,
+        # seen, non-finite steps) and the warm-up rule's window (wrong, seen). Saved, so a run stopped between
+        # two log lines or two checks (--stop-at, SIGTERM) logs and decides on resume as it would have.
+        device = next(model.parameters()).device
+        self.counters = {"log": torch.zeros(4, dtype=torch.float64, device=device),
+                         "warmup_rule": torch.zeros(2, dtype=torch.float64, device=device)}
         # No generator state: a run's randomness is a function of its seed alone (the model is initialised
         # from it, the loaders draw from (seed, epoch, batch)), so nothing random needs saving.
 
@@ -31,7 +39,9 @@ class TrainingState:
         return self.step >= self.cfg.recipe.iters
 
     def state_dict(self) -> dict:
+        """The checkpoint. Under torchrun every rank calls it: the counters are summed over the ranks."""
         m = dist.unwrap(self.model)
+        counters = {k: dist.all_reduce_sum(t.clone()).tolist() for k, t in self.counters.items()}
         return {
             "format": ckpt.FORMAT, "config": self.cfg.to_dict(),
             "model": m.state_dict(), "model_config": m.metadata,
@@ -42,7 +52,7 @@ class TrainingState:
                       # how many updates the EMA has seen: at 0 the next update copies the weights over it
                       "ema_n": int(self.ema.n_averaged) if self.ema is not None else 0,
                       "schedule": self.schedule.state_dict(), "loader": self.data.train.state_dict(),
-                      "elapsed": self.elapsed},
+                      "elapsed": self.elapsed, "counters": counters},
         }
 
     def load_state_dict(self, ck: dict, source: str = "checkpoint") -> None:
@@ -61,6 +71,8 @@ class TrainingState:
         self.schedule.load_state_dict(t["schedule"])
         self.data.train.load_state_dict(t["loader"])
         self.step, self.best_err, self.elapsed = ck["step"], ck["best_err"], t["elapsed"]
+        for k, v in t.get("counters", {}).items():  # the sums, on rank 0 (checkpoints before 2026-12 had none)
+            self.counters[k].copy_(torch.tensor(v, dtype=torch.float64) * (dist.rank() == 0))
         self.metrics = ck.get("metrics") or {}
 
 

@@ -64,12 +64,12 @@ class TrainStep:
     """
 
     def __init__(self, net, model, opt, scaler, ema, precision: str, device: torch.device,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, acc: torch.Tensor | None = None):
         self.net, self.model, self.opt, self.scaler, self.ema = net, model, opt, scaler, ema
         self.precision, self.device = precision, device
         self.ctx = autocast_for(device, precision)
         self.label_smoothing = label_smoothing
-        self.acc = torch.zeros(4, dtype=torch.float64, device=device)
+        self.acc = torch.zeros(4, dtype=torch.float64, device=device) if acc is None else acc
         self._one = torch.ones((), dtype=torch.float64, device=device)  # reused: no host->device copy per step
         self.lr = torch.tensor(0.0, device=device)
 

@@ -89,7 +89,7 @@ class FolderStream(EpochCursor):
                                      seed=seed, drop_last=True)
         return FolderStream(DataLoader(ld.dataset, batch_size=ld.batch_size, sampler=Keyed(sampler, seed),
                                        num_workers=ld.num_workers, pin_memory=ld.pin_memory, drop_last=True,
-                                       collate_fn=ld.collate_fn), self.finish)
+                                       collate_fn=ld.collate_fn, worker_init_fn=ld.worker_init_fn), self.finish)
 
     def __iter__(self):
         if hasattr(self.loader.sampler, "set_epoch"):

@@ -38,6 +38,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from ..errors import ReslabError
+from ..interrupt import shield_worker
 from .augment import Augment, Finish, crop_resize
 from .images import FOLDER_SUFFIXES, ImageReadMode, decode, decode_jpeg, is_image_file, is_jpeg, jpeg_size, read_bytes
 from .normalize import Normalizer
@@ -300,7 +301,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int 
         inner = ShardSampler(len(dataset), rank, world_size)
     return DataLoader(dataset, batch_size=1 if multiscale else batch_size, sampler=Keyed(inner, seed),
                       num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                      drop_last=train, collate_fn=collate)
+                      drop_last=train, collate_fn=collate, worker_init_fn=shield_worker)
 
 
 class Finisher:
