@@ -271,7 +271,7 @@ def train(args):
     if (run_dir / "metrics.jsonl").exists() and not resuming:
         if not args.resume:
             sys.exit(f"{run_dir} already holds a run: choose another --out, or pass --resume")
-        # every evaluation is followed by a checkpoint: a logged one without last.pt is a record kept apart
+        # an evaluation is logged after its checkpoint is saved: a logged one without last.pt is a record kept apart
         # from its checkpoint (a finished run's results, say), which starting afresh would delete
         if '"kind": "eval"' in (run_dir / "metrics.jsonl").read_text():
             sys.exit(f"{run_dir} holds the log of an evaluated run but not its checkpoint (last.pt), so it cannot "
@@ -339,6 +339,8 @@ def train(args):
         # drop the lines logged after the checkpoint: those iterations are about to be run again
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if ckpt.get("eval") and not any('"kind": "eval"' in ln and json.loads(ln)["step"] == step for ln in kept):
+            kept.append(json.dumps(ckpt["eval"]))  # killed between the save and the log write
         (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
         print(f"resumed from step {step}", flush=True)
     recent_err = deque(maxlen=WARMUP_WINDOW)
@@ -389,14 +391,15 @@ def train(args):
                 last_eval = evaluate(model, test_loader, device)
                 rec = {"kind": "eval", "step": step, "epoch": step * args.batch_size / len(train_y),
                        "split": "test", **last_eval, "elapsed_s": time.perf_counter() - start}
+                # written beside and renamed: a kill mid-write leaves the previous last.pt whole; logged after,
+                # so that no log shows an evaluation whose checkpoint a kill lost
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "step": step, "warming_up": warming_up,
+                            "elapsed_s": rec["elapsed_s"], "eval": rec}, run_dir / "last.pt.tmp")
+                os.replace(run_dir / "last.pt.tmp", run_dir / "last.pt")
                 log(run_dir, rec)
                 print(f"step {step}/{iters} test loss {rec['loss']:.4f} top-1 err {rec['top1_err']:.2%} "
                       f"top-5 err {rec['top5_err']:.2%}", flush=True)
-                # written beside and renamed: a kill mid-write leaves the previous last.pt whole
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "step": step, "warming_up": warming_up,
-                            "elapsed_s": rec["elapsed_s"]}, run_dir / "last.pt.tmp")
-                os.replace(run_dir / "last.pt.tmp", run_dir / "last.pt")
                 tick += time.perf_counter() - t_eval  # images_per_s counts training time only
             if step == iters:
                 break

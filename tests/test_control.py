@@ -184,3 +184,17 @@ def test_resume_keeps_a_record_whose_checkpoint_is_missing(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "holds the log of an evaluated run but not its checkpoint" in r.stderr
     assert (run / "metrics.jsonl").read_text() == log
+
+
+def test_resume_writes_back_the_evaluation_a_kill_after_the_save_lost(tmp_path):
+    """The control run saves before it logs an evaluation; killed in between, --resume restores the line from
+    the checkpoint's copy, so the report sees the evaluation the checkpoint holds."""
+    data = make_cifar_batches(tmp_path / "data" / "cifar-10-batches-py", n_train=100, n_test=20)
+    run = tmp_path / "run"
+    args = ["--data-dir", data, "--iters", 4, "--eval-every", 4, "--workers", 0, "--batch-size", 16, "--out", run]
+    run_script(*args)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert '"kind": "eval"' in lines[-1]
+    (run / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines[:-1]))  # as the kill left it
+    run_script(*args, "--resume")
+    assert (run / "metrics.jsonl").read_text().splitlines() == lines

@@ -107,6 +107,38 @@ def test_a_run_stopped_between_log_lines_and_warmup_checks_resumes_to_the_same_l
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_kill_around_the_first_save_leaves_a_run_that_continues(data_dir, tmp_path, monkeypatch):
+    """A run saves before it logs its evaluation. Killed inside its first save, it leaves no eval line (so
+    `reslab reproduce` sees a run to start, not one evaluated whose checkpoint is lost); killed between the
+    save and the log write, its resume writes the checkpoint's own record of that evaluation back."""
+    from reslab import logs
+    from reslab.reproduce import run_status
+    out = tmp_path / "r"
+    real_save = ckpt.save_atomic
+    monkeypatch.setattr(ckpt, "save_atomic", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(data_dir, out))
+    assert not (out / "last.pt").exists() and read_metrics(out)
+    assert all(m["kind"] == "train" for m in read_metrics(out)) and run_status(out) == "new"
+    monkeypatch.setattr(ckpt, "save_atomic", real_save)
+    real_write = logs.MetricsLog.write
+
+    def killed_writing_eval(self, rec):
+        if rec["kind"] == "eval":
+            raise KeyboardInterrupt()
+        real_write(self, rec)
+    monkeypatch.setattr(logs.MetricsLog, "write", killed_writing_eval)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(data_dir, out), resume=True)
+    assert ckpt.read_status(out)["step"] == 20 and not [m for m in read_metrics(out) if m["kind"] == "eval"]
+    monkeypatch.setattr(logs.MetricsLog, "write", real_write)
+    train(settings(data_dir, out), resume=True)
+    train(settings(data_dir, tmp_path / "ref"))
+    keep = ("kind", "step", "loss", "train_err", "top1_err")
+    got, want = ([{k: m[k] for k in keep if k in m} for m in read_metrics(o)] for o in (out, tmp_path / "ref"))
+    assert got == want and [m["step"] for m in got if m["kind"] == "eval"] == [20, 40]
+
+
 def test_tiny_model_overfits_a_tiny_batch(tmp_path):
     d = tmp_path / "tiny"
     make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=40, n_test=20, per_batch=8)

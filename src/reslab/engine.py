@@ -132,7 +132,7 @@ class Trainer:
             # lines logged after the checkpoint belong to steps that will run again; with no checkpoint, the
             # lines of an attempt killed before its first one (or of another run in this folder) all do
             if ck is not None:
-                truncate_metrics(out, st.step)
+                truncate_metrics(out, st.step, st.metrics)
             else:
                 (out / "metrics.jsonl").unlink(missing_ok=True)
             write_json(out / "config.json", self.config_record())
@@ -342,12 +342,12 @@ class Trainer:
         rec = {"kind": "eval", "step": st.step, "epoch": st.step / max(1, len(self.data.train)),
                "split": self.data.eval_split, **m, "elapsed_s": time.time() - self._t_start}
         after_eval(cfg.recipe, st.schedule, m["top1_err"])
-        if self._log:
-            self._log.write(rec)
         improved = m["top1_err"] < st.best_err
         st.best_err = min(st.best_err, m["top1_err"])
         st.metrics = rec
         self.save(best=improved)
+        if self._log:  # after the save: a log never shows an evaluation whose checkpoint a kill lost
+            self._log.write(rec)
         self._t_log, self._imgs = time.time(), 0  # throughput counts training only, not this evaluation
         return rec
 

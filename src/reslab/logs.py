@@ -149,15 +149,22 @@ def write_json(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
-def truncate_metrics(run_dir, step: int) -> None:
-    """Lines logged after the checkpoint belong to steps that will be run again: drop them."""
+def truncate_metrics(run_dir, step: int, evaluation: dict | None = None) -> None:
+    """Lines logged after the checkpoint belong to steps that will be run again: drop them. `evaluation` (the
+    checkpoint's own record of its evaluation) goes back in if a kill between the save and the log write
+    lost its line: a run saves before it logs, so that no log ever shows an evaluation without its
+    checkpoint."""
     p = Path(run_dir) / "metrics.jsonl"
-    if p.is_file():
-        keep = []
-        for ln in p.read_text().splitlines():
-            try:
-                if ln.strip() and json.loads(ln)["step"] <= step:
-                    keep.append(ln)
-            except (ValueError, KeyError):  # a line torn by a kill mid-write
-                continue
+    keep, evaluated = [], False
+    for ln in p.read_text().splitlines() if p.is_file() else []:
+        try:
+            rec = json.loads(ln)
+            if rec["step"] <= step:
+                keep.append(ln)
+                evaluated |= rec.get("kind") == "eval" and rec["step"] == step
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
+            continue
+    if evaluation and evaluation.get("kind") == "eval" and evaluation.get("step") == step and not evaluated:
+        keep.append(json.dumps(evaluation))
+    if keep or p.is_file():
         write_text_atomic(p, "".join(ln + "\n" for ln in keep))
