@@ -262,6 +262,28 @@ def test_a_run_stopped_by_a_corrupt_training_image_resumes_with_on_corrupt_skip(
     assert json.loads((run / "config.json").read_text())["data"]["on_corrupt"] == "skip"
 
 
+def test_on_corrupt_skip_covers_the_normalisation_fitted_from_the_images(jpeg_dir, tmp_path, capsys):
+    """--normalization pixel reads training images before the first step: a corrupt one stops the run with
+    its name, or under --on-corrupt skip is reported once and left out of the mean (it was a traceback-free
+    stop even with skip)."""
+    from reslab.cli import main
+    bad = jpeg_dir / "train" / "dog" / "1.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff this is not a jpeg")
+    args = ["train", "--arch", "resnet18", "--width", "0.125", "--data", "folder", "--data-dir", str(jpeg_dir),
+            "--crop-size", "32", "--batch-size", "2", "--iters", "3", "--eval-every", "3", "--workers", "0",
+            "--normalization", "pixel", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: cannot decode" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--out", str(tmp_path / "b"), "--on-corrupt", "skip"]) == 0
+    assert capsys.readouterr().err.count(f"skipping corrupt image: {bad}") == 1
+    good = fold.ImageFolderSplit(jpeg_dir, "train", on_corrupt="skip")
+    good.samples = [s for s in good.samples if s[0] != str(bad)]
+    want = fold.fit_normalizer(good, "pixel", size=32)
+    got = ckpt.load(tmp_path / "b")["normalizer"]
+    assert torch.equal(got["mean"], want.mean)
+
+
 def test_a_corrupt_jpeg_read_by_a_worker_is_still_one_line(jpeg_dir):
     """A loader worker's error comes back with the worker's traceback as its message: the CLI prints its
     last line, the error itself."""

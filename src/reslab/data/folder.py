@@ -375,12 +375,23 @@ def _to(x, device):
 def fit_normalizer(dataset: ImageFolderSplit, mode: str = "channel", size: int = 224, max_images: int = 10_000,
                    seed: int = 0) -> Normalizer:
     """Mean (and std) from up to `max_images` training images at the centre view. For "channel" without
-    a dataset pass, use imagenet_normalizer() instead."""
+    a dataset pass, use imagenet_normalizer() instead. An undecodable image stops it with its name, or
+    under on_corrupt="skip" is reported (once, as the loader would) and left out."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset), generator=g)[:max_images]
     view = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-    imgs = torch.stack([view(decode(dataset.samples[int(i)][0])) for i in idx])
-    return Normalizer.fit(imgs, mode)
+    imgs = []
+    for i in idx.tolist():
+        path = dataset.samples[i][0]
+        try:
+            imgs.append(view(decode(path)))
+        except ReslabError as e:
+            if dataset.on_corrupt == "stop":
+                raise
+            dataset.note_skipped(path, e)
+    if not imgs:
+        raise ReslabError(f"none of the {len(idx)} images sampled to fit the normalisation could be decoded")
+    return Normalizer.fit(torch.stack(imgs), mode)
 
 
 def imagenet_normalizer() -> Normalizer:
