@@ -26,6 +26,7 @@ from reslab.detection.model import trunk_features
 from reslab.detection.train import DetectRun, train
 from reslab.errors import ReslabError
 from reslab.interop import weights_record
+from reslab.logs import read_metrics
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}, {"id": 11, "name": "triangle"}]
 COLOURS = {3: (225, 40, 40), 7: (40, 200, 60), 11: (50, 80, 235)}
@@ -403,6 +404,11 @@ def test_a_failing_evaluation_keeps_the_training(coco_small, tmp_path, monkeypat
     with pytest.raises(ReslabError, match="pycocotools broke"):
         train(_run(coco_small, tmp_path / "r", recipe={"iters": 3, "save_every": 100}))
     assert ckpt.load(tmp_path / "r")["step"] == 3
+    monkeypatch.undo()  # fixed: the resume runs the evaluation the failure left undone (it ended the run)
+    final = train(_run(coco_small, tmp_path / "r", recipe={"iters": 3, "save_every": 100}, resume=True))
+    assert final["step"] == 3 and ckpt.load(tmp_path / "r")["metrics"]["step"] == 3
+    assert [m["step"] for m in read_metrics(tmp_path / "r") if m["kind"] == "eval"] == [3]
+    assert train(_run(coco_small, tmp_path / "r", recipe={"iters": 3}, resume=True)) == final  # done: no rerun
 
 
 def _one_line_error(capsys, argv, *needles):

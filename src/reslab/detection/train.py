@@ -215,7 +215,7 @@ def build_state(run: DetectRun, d: dist.DistInfo) -> tuple[TrainState, CocoDetec
 
 
 def train(run: DetectRun) -> dict:
-    """Train (or resume) one detector; returns the last evaluation's metrics ({} if none ran)."""
+    """Train (or resume) one detector; returns the metrics of the evaluation at the step it ends on ({} if none)."""
     from .coco_eval import require_pycocotools
     require_pycocotools()  # the run ends with a COCO evaluation: fail now, not after hours of training
     d = dist.init(run.device)
@@ -250,7 +250,8 @@ def _loop(state: TrainState, net: nn.Module, val_ds: CocoDetection, run: DetectR
     stop = min(r.iters, run.stop_at or r.iters)
     t_start = t_log = time.time()
     steps_per_epoch = max(1, len(state.stream))
-    final: dict = {}
+    if saved_step is not None and _eval_due(state.step, r) and state.metrics.get("step") != state.step:
+        _evaluate_and_save(state, val_ds, run, d, log, t_start, out)  # one a failure ended after the save
     while state.step < stop:
         for images, targets in state.stream:
             lr = lr_at(state.step, r)
@@ -274,7 +275,7 @@ def _loop(state: TrainState, net: nn.Module, val_ds: CocoDetection, run: DetectR
                     log.write(rec)
                 bar.update(state.step, n, f"loss {rec['loss']:.3f} lr {lr:.3g} {rec['images_per_s']:.1f} img/s")
                 t_log = time.time()
-            due_eval = state.step == r.iters or (r.eval_every and state.step % r.eval_every == 0)
+            due_eval = _eval_due(state.step, r)
             if due_eval or done or state.step % r.save_every == 0:
                 if window.any_bad():  # every step since the last save, not just this log window
                     raise _diverged(out, saved_step, state.step)
@@ -282,16 +283,27 @@ def _loop(state: TrainState, net: nn.Module, val_ds: CocoDetection, run: DetectR
                     ckpt.save_atomic(state.state_dict(), out / ckpt.LAST)
                 saved_step = state.step
                 if due_eval:  # after the save: an evaluation that fails (its data, pycocotools) loses no training
-                    final = _evaluate(state, val_ds, run, d, log, t_start)
-                    if d.is_main:  # and again with the metrics, which the checkpoint records
-                        ckpt.save_atomic(state.state_dict(), out / ckpt.LAST)
+                    _evaluate_and_save(state, val_ds, run, d, log, t_start, out)
                 window.bad.zero_()
                 dist.barrier()
                 t_log = time.time()
             if done:
                 break
     bar.close()
-    return final
+    return state.metrics if state.metrics.get("step") == state.step else {}
+
+
+def _eval_due(step: int, r: DetectRecipe) -> bool:
+    return step == r.iters or bool(r.eval_every and step % r.eval_every == 0)
+
+
+def _evaluate_and_save(state: TrainState, val_ds: CocoDetection, run: DetectRun, d, log, t_start: float,
+                       out: Path) -> None:
+    """Evaluate, then save again with the metrics, which the checkpoint records: a resume that finds a due
+    evaluation without them (it failed: its data, pycocotools) runs it before training on."""
+    _evaluate(state, val_ds, run, d, log, t_start)
+    if d.is_main:
+        ckpt.save_atomic(state.state_dict(), out / ckpt.LAST)
 
 
 def _evaluate(state: TrainState, val_ds: CocoDetection, run: DetectRun, d, log, t_start: float) -> dict:
