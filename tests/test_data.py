@@ -1,6 +1,7 @@
 """The data layer: official formats, safety, splits, the resident loader, folders and views."""
 import hashlib
 import json
+import os
 import pickle
 
 import numpy as np
@@ -228,6 +229,8 @@ def test_folder_views_have_the_right_count_and_sizes(jpeg_dir):
     c = fold.ImageFolderSplit(jpeg_dir, "val", fold.eval_transform(norm, "center", size=24, resize=32))
     loader = fold.make_loader(c, 4, train=False, workers=0, rank=1, world_size=2)
     assert sum(len(yb) for _, yb, _, _ in loader) == 3
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert fold.make_loader(c, 4, train=False, workers=64).num_workers == min(64, cpus)  # not 64 on 2 cores
 
 
 def test_corrupt_jpeg_stops_with_its_name_or_is_skipped(jpeg_dir, capsys):

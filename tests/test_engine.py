@@ -139,6 +139,24 @@ def test_a_kill_around_the_first_save_leaves_a_run_that_continues(data_dir, tmp_
     assert got == want and [m["step"] for m in got if m["kind"] == "eval"] == [20, 40]
 
 
+def test_a_sigterm_at_the_last_step_lets_the_run_finish(data_dir, tmp_path, monkeypatch):
+    """Nothing is left to continue: the run ends as finished (exit 0), not with a message naming --resume."""
+    import signal
+    from reslab.engine import Trainer
+    from reslab.interrupt import stopped
+    after = Trainer.after_step
+
+    def term_at_end(self, *a):
+        after(self, *a)
+        if self.state.step == SMALL["iters"]:
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(Trainer, "after_step", term_at_end)
+    m = train(settings(data_dir, tmp_path / "r"))
+    assert m["step"] == SMALL["iters"] and ckpt.read_status(tmp_path / "r")["finished"]
+    msg = str(stopped(["runs/a"], [7], failed=["runs/b"]))  # a set also names the runs that had diverged
+    assert "runs/a at step 7; diverged before: runs/b" in msg and "the same command with --resume" not in msg
+
+
 def test_tiny_model_overfits_a_tiny_batch(tmp_path):
     d = tmp_path / "tiny"
     make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=40, n_test=20, per_batch=8)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reslab import checkpoint as ckpt
 from reslab import create_model
 from reslab.cli import main
 from reslab.experiments import BUDGETS, EXPERIMENTS, get_experiment
@@ -322,3 +323,25 @@ def test_reproduce_checks_every_run_on_disk_before_training(tmp_path):
     with pytest.raises(ReslabError, match=r"holds another run than cifar-table6's: its recipe.lr is 0.05"):
         reproduce("cifar-table6", d, out, budget="smoke", seeds=1, report=False)
     assert not any((Path(c.out) / "last.pt").exists() for c in configs[:-1])
+
+
+def test_sigterm_under_reproduce_says_to_run_reproduce_again(tmp_path, capsys, monkeypatch):
+    """A reproduce run stopped by SIGTERM saves like any run, but is continued by the same reproduce command
+    (which resumes its runs), not by the `reslab train --resume` a lone run's message names."""
+    import signal
+    from reslab.engine import Trainer
+    d = tmp_path / "data"
+    make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=200, n_test=40)
+    after = Trainer.after_step
+
+    def term_at_3(self, *a):
+        after(self, *a)
+        if self.state.step == 3:
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(Trainer, "after_step", term_at_3)
+    args = ["reproduce", "layer-responses", "--data-dir", str(d), "--out", str(tmp_path / "r"), "--budget", "smoke"]
+    assert main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "at step 3): the same `reslab reproduce` command continues" in err and "--resume" not in err, err
+    saved = [ckpt.read_status(p.parent)["step"] for p in (tmp_path / "r" / "smoke").glob("*/last.pt")]
+    assert saved == [3]

@@ -265,9 +265,13 @@ def cmd_reproduce(a) -> int:
                   + (f"\n{'':<22} report: {e.analysis}" if e.analysis else ""))
         print("\nbudgets: " + "; ".join(f"{b.name} = {b.description}" for b in BUDGETS.values()))
         return 0
+    from .interrupt import Interrupted
     from .reproduce import reproduce
-    reproduce(a.name, a.data_dir, a.out, a.budget, a.seeds, a.dry_run, a.device, report=not a.no_report,
-              concurrent=a.concurrent, fused=a.fused)
+    try:
+        reproduce(a.name, a.data_dir, a.out, a.budget, a.seeds, a.dry_run, a.device, report=not a.no_report,
+                  concurrent=a.concurrent, fused=a.fused)
+    except Interrupted as e:  # its runs continue where they stopped when the same command runs again
+        raise e.continued_by("the same `reslab reproduce` command") from None
     return 0
 
 

@@ -189,7 +189,7 @@ class Trainer:
             try:
                 while self.state.step < stop:
                     self.advance(stop)
-                    if interrupt.requested():
+                    if interrupt.requested() and self.state.step < stop:  # at the last step: it just ends
                         self.end(self.state.step)
                         raise interrupt.stopped([self.out], [self.state.step])
                 self.end(stop)

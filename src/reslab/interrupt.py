@@ -19,7 +19,15 @@ _requested = False
 
 
 class Interrupted(ReslabError):
-    """A run stopped on SIGTERM after saving; the message names what holds it."""
+    """A run stopped on SIGTERM after saving; the message names what holds it and what continues it."""
+
+    def __init__(self, saved: str, again: str):
+        self.saved = saved
+        super().__init__(f"stopped on SIGTERM and saved ({saved}): {again} continues")
+
+    def continued_by(self, again: str) -> "Interrupted":
+        """The same stop, with the command that continues it as the caller knows it (`reslab reproduce`)."""
+        return Interrupted(self.saved, again)
 
 
 def requested() -> bool:
@@ -68,7 +76,11 @@ def shield_worker(_worker_id: int) -> None:
     threading.Thread(target=wait, name="sigterm", daemon=True).start()
 
 
-def stopped(outs: list, steps: list[int]) -> Interrupted:
+def stopped(outs: list, steps: list[int], failed: list | None = None) -> Interrupted:
+    """The stop of runs `outs` at `steps`; `failed`: runs of the set that had diverged before it (their
+    last good checkpoints kept), named so the set's summary is not lost."""
     where = ", ".join(f"{o} at step {s}" for o, s in zip(outs, steps))
-    again = f"reslab train --out {outs[0]} --resume" if len(outs) == 1 else "the same command with --resume"
-    return Interrupted(f"stopped on SIGTERM and saved ({where}): `{again}` continues")
+    if failed:
+        where += f"; diverged before: {', '.join(map(str, failed))}"
+    again = f"`reslab train --out {outs[0]} --resume`" if len(outs) == 1 else "the same command with --resume"
+    return Interrupted(where, again)

@@ -60,7 +60,7 @@ class RunSet:
                             print(f"reslab: {t.cfg.out}: {e}", file=sys.stderr, flush=True)
                             active.remove(i)
                     raise interrupt.stopped([self.trainers[i].out for i in active],
-                                            [self.trainers[i].state.step for i in active])
+                                            [self.trainers[i].state.step for i in active], failed=list(failed))
                 for i in list(active):
                     t = self.trainers[i]
                     try:

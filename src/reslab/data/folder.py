@@ -293,7 +293,10 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int 
                 rank: int = 0, world_size: int = 1, multiscale: bool = False) -> DataLoader:
     """A DataLoader with workers, pinned memory and persistent workers, yielding collate()'s batches.
     Training shuffles with a seeded DistributedSampler (call loader.sampler.set_epoch(e)); evaluation uses
-    an exact ShardSampler."""
+    an exact ShardSampler. More workers than the CPUs this process may use are not started: they would only
+    contend (and DataLoader warns), and a stream's batches do not depend on the number of workers."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(workers, cpus)
     if train:
         inner = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                     seed=seed, drop_last=True)
