@@ -59,6 +59,13 @@ def test_sixteen_bit_images_are_scaled_alike_by_either_decoder(tmp_path):
     png, tiff, pgm = (images.decode(str(tmp_path / n)) for n in ("deep.png", "deep.tiff", "deep.pgm"))
     assert torch.equal(png, tiff) and torch.equal(png, pgm)
     assert torch.equal(png[0], torch.from_numpy((deep >> 8).astype(np.uint8))) and torch.equal(png[0], png[2])
+    # 32-bit integer TIFFs (Pillow's mode "I", as for the PGM): 8-bit values stored wide are those values;
+    # wider ones have no one scale
+    Image.fromarray((deep >> 8).astype(np.int32), "I").save(tmp_path / "wide8.tiff")
+    assert torch.equal(images.decode(str(tmp_path / "wide8.tiff")), png)
+    Image.fromarray(deep.astype(np.int32), "I").save(tmp_path / "wide.tiff")
+    with pytest.raises(ReslabError, match=r"wide.tiff: 32-bit integer pixels \(values 0..64725\)"):
+        images.decode(str(tmp_path / "wide.tiff"))
     Image.fromarray(deep.astype(np.float32)).save(tmp_path / "float.tiff")
     with pytest.raises(ReslabError, match="float.tiff: floating-point pixels"):
         images.decode(str(tmp_path / "float.tiff"))

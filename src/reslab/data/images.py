@@ -98,9 +98,10 @@ def pil_decode(path: str, data: torch.Tensor, upright: bool = False) -> torch.Te
     from PIL import Image, ImageOps, UnidentifiedImageError
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            sixteen = stored_as_16_bit(im)  # read from the file's layout, before a transpose loads it
             if upright:
                 im = ImageOps.exif_transpose(im)
-            arr = deep_gray(im)
+            arr = deep_gray(im, sixteen)
             if arr is None:
                 arr = np.array(im.convert("RGB"))  # a copy: a read-only array makes torch warn
     except ReslabError as e:
@@ -115,16 +116,26 @@ def pil_decode(path: str, data: torch.Tensor, upright: bool = False) -> torch.Te
     return img.permute(2, 0, 1).contiguous()
 
 
-def deep_gray(im) -> np.ndarray | None:
-    """A grey image of more than 8 bits as uint16 (H, W), or None for the 8-bit modes Pillow converts to RGB
-    itself (its own conversion of these clips every value above 255)."""
-    if im.mode.startswith("I;16"):
+def stored_as_16_bit(im) -> bool:
+    """Whether the file stores 16-bit samples. Pillow opens a 16-bit PGM in mode "I", as it opens a 32-bit
+    TIFF; only the raw mode of the file's pixel data tells them apart."""
+    for tile in im.tile or []:
+        raw = tile[3][0] if isinstance(tile[3], tuple) else tile[3]
+        if isinstance(raw, str) and raw.startswith("I;16"):
+            return True
+    return False
+
+
+def deep_gray(im, sixteen: bool) -> np.ndarray | None:
+    """A grey image of more than 8 bits as uint16 (H, W), or None for what Pillow converts to RGB itself
+    (its own conversion clips every value above 255, right only for 8-bit values)."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and sixteen):
         return np.asarray(im).astype(np.uint16)
-    if im.mode == "I":  # how Pillow opens 16-bit PGMs and PNGs; other 32-bit integers have no one scale
+    if im.mode == "I":  # 32-bit integers: 8-bit values stored wide are kept; others have no one scale
         arr = np.asarray(im)
-        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise ReslabError(f"32-bit integer pixels (values {arr.min()}..{arr.max()}); save it with 8 or 16 bits")
-        return arr.astype(np.uint16)
+        return None
     if im.mode == "F":
         raise ReslabError("floating-point pixels; save it with 8 or 16 bits")
     return None
