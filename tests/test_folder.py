@@ -68,6 +68,30 @@ def test_both_decoding_paths_give_the_same_batches(tmp_path):
             assert all(torch.equal(p, q) for p, q in zip(flat(xa), flat(xb), strict=True))
 
 
+def test_datasets_pickle_for_spawned_workers(tmp_path):
+    """Where workers are spawned (macOS, Windows; forkserver on Python 3.14) the dataset is pickled into
+    each: it kept torchvision's ImageFolder with two lambdas, and every folder run with workers failed."""
+    import pickle
+    root = make_jpeg_folder(tmp_path / "imgs", per_class=2)
+    norm = fold.imagenet_normalizer()
+    for ds in (fold.ImageFolderSplit(root, "train", augment=Augment.for_size("scale", 24)),
+               fold.ImageFolderSplit(root, "train", augment=Augment.for_size("scale", 24), encoded=True),
+               fold.ImageFolderSplit(root, "val", fold.eval_transform(norm, "10crop", size=24, resize=32))):
+        again = pickle.loads(pickle.dumps(ds))
+        key = (1, 7) if ds.augment else 1
+        assert same(ds[key], again[key])
+
+
+def same(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
 def test_a_stream_is_exact_whatever_its_workers_and_wherever_it_resumes(tmp_path):
     root = make_jpeg_folder(tmp_path / "imgs", per_class=6, size=(40, 56))
     def two_epochs(s):

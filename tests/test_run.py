@@ -127,6 +127,9 @@ def slow_save(obj, f, *a, **k):  # writes the checkpoint slowly, so a kill can l
     time.sleep(float(os.environ.get("SAVE_SLEEP", "0")))
     return real(obj, f, *a, **k)
 torch.save = slow_save
+if os.environ.get("START_METHOD"):  # Python 3.14 starts processes by forkserver where 3.11 forked them
+    import multiprocessing
+    multiprocessing.set_start_method(os.environ["START_METHOD"], force=True)
 from reslab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -184,7 +187,7 @@ def test_sigterm_saves_at_the_next_step_and_resume_is_bitwise_the_uninterrupted_
     evaluation is at the end, so nothing else was on disk) and exits 143; --resume then finishes the same run."""
     args = ["train", "--arch", "resnet8", "--batch-size", "32", "--iters", "40", "--eval-every", "40",
             "--log-every", "1", "--data-dir", data_dir, "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAVE_MARK": str(tmp_path / "mark")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAVE_MARK": str(tmp_path / "mark"), "START_METHOD": start}
     assert _run_child([*args, "--out", tmp_path / "ref"], env)[0] == 0
     out = tmp_path / "termed"
     p = subprocess.Popen([sys.executable, "-c", _CHILD, *map(str, [*args, "--out", out])], env=env,
@@ -205,16 +208,18 @@ def test_sigterm_saves_at_the_next_step_and_resume_is_bitwise_the_uninterrupted_
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_sigterm_to_the_process_group_leaves_the_data_workers_to_the_run(tmp_path):
+@pytest.mark.parametrize("start", ["fork", "forkserver"])
+def test_sigterm_to_the_process_group_leaves_the_data_workers_to_the_run(tmp_path, start):
     """`timeout`, Slurm and `kill -- -PGID` signal the DataLoader workers too. A worker it ended took the run
     down with "DataLoader worker is killed by signal" and nothing saved; now the workers leave the signal to
-    the run, which saves, exits 143, shuts them down without a complaint, and resumes bitwise."""
+    the run, which saves, exits 143, shuts them down without a complaint, and resumes bitwise. Whatever the
+    process start method (forkserver: Python 3.14's default, under which a worker's parent is the server)."""
     from conftest import make_jpeg_folder
     root = make_jpeg_folder(tmp_path / "imgs", per_class=8)
     args = ["train", "--arch", "resnet18", "--data", "folder", "--data-dir", root, "--recipe", "imagenet-paper",
             "--crop-size", "32", "--batch-size", "4", "--iters", "30", "--eval-every", "30", "--log-every", "1",
             "--workers", "2", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAVE_MARK": str(tmp_path / "mark")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAVE_MARK": str(tmp_path / "mark"), "START_METHOD": start}
     assert _run_child([*args, "--out", tmp_path / "ref"], env)[0] == 0
     out = tmp_path / "termed"
     p = subprocess.Popen([sys.executable, "-c", _CHILD, *map(str, [*args, "--out", out])], env=env,

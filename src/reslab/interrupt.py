@@ -9,6 +9,7 @@ checkpoint. A second SIGTERM acts at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -56,16 +57,25 @@ def stop_on_sigterm(enabled: bool = True):
         _requested = False
 
 
-def shield_worker(_worker_id: int) -> None:
+def worker_options(workers: int) -> dict:
+    """DataLoader arguments for workers that leave a SIGTERM to the run (shield_worker). On Linux they are
+    forked, as DataLoader's default was before Python 3.14: a forked worker starts with one thread, so it can
+    block the signal in every thread it will have; a spawned one already runs a BLAS pool."""
+    if workers <= 0 or not hasattr(signal, "sigwaitinfo"):
+        return {}
+    return {"worker_init_fn": functools.partial(shield_worker, parent=os.getpid()), "multiprocessing_context": "fork"}
+
+
+def shield_worker(_worker_id: int, parent: int) -> None:
     """A DataLoader worker's init: a SIGTERM is the main process's to act on. `timeout`, Slurm and `kill -- -PGID`
     send it to every process of the job, and a worker it ended took the run down ("DataLoader worker is killed
     by signal") before the main process could save. So the worker waits for SIGTERM in a thread of its own and
-    ends only on the one its parent sends when it shuts its workers down; the others are the parent's to act
-    on. (Ignoring SIGTERM outright would hang the parent's exit, which terminates persistent workers.) Where
-    the platform cannot tell who sent a signal (macOS, Windows), workers keep the default."""
-    if not hasattr(signal, "sigwaitinfo"):
+    ends only on the one `parent` (the process that iterates the loader) sends when it shuts its workers down;
+    the others are the parent's to act on. (Ignoring SIGTERM outright would hang the parent's exit, which
+    terminates persistent workers.) Where that cannot be arranged (no sigwaitinfo: macOS, Windows; a worker
+    already running other threads, which would take the signal) the worker keeps the default."""
+    if not hasattr(signal, "sigwaitinfo") or len(os.listdir("/proc/self/task")) > 1:
         return
-    parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
 
     def wait():

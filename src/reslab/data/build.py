@@ -83,13 +83,14 @@ class FolderStream(EpochCursor):
         """An independent stream over the same files with another shuffling seed and its own (non-persistent)
         workers: a second iterator of a persistent-worker DataLoader would reset the training one."""
         from torch.utils.data import DataLoader, DistributedSampler
+        from ..interrupt import worker_options
         from .folder import Keyed
         ld, sp = self.loader, self.loader.sampler.inner
         sampler = DistributedSampler(ld.dataset, num_replicas=sp.num_replicas, rank=sp.rank, shuffle=True,
                                      seed=seed, drop_last=True)
         return FolderStream(DataLoader(ld.dataset, batch_size=ld.batch_size, sampler=Keyed(sampler, seed),
                                        num_workers=ld.num_workers, pin_memory=ld.pin_memory, drop_last=True,
-                                       collate_fn=ld.collate_fn, worker_init_fn=ld.worker_init_fn), self.finish)
+                                       collate_fn=ld.collate_fn, **worker_options(ld.num_workers)), self.finish)
 
     def __iter__(self):
         if hasattr(self.loader.sampler, "set_epoch"):

@@ -38,7 +38,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from ..errors import ReslabError
-from ..interrupt import shield_worker
+from ..interrupt import worker_options
 from .augment import Augment, Finish, crop_resize
 from .images import FOLDER_SUFFIXES, ImageReadMode, decode, decode_jpeg, is_image_file, is_jpeg, jpeg_size, read_bytes
 from .normalize import Normalizer
@@ -152,20 +152,19 @@ class ImageFolderSplit(Dataset):
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} not found: an ImageNet-style folder has train/<class>/ and val/<class>/")
         try:  # empty class folders are let through here and judged below (a missing one is fine in val/)
-            self.inner = Classes(str(folder), loader=lambda p: p, allow_empty=True,  # we decode
-                                 is_valid_file=lambda p: is_image_file(p, folder))
+            # not kept: its lambdas would not pickle, and spawned workers (macOS, Windows) get the dataset pickled
+            found = Classes(str(folder), loader=lambda p: p, allow_empty=True,  # we decode
+                            is_valid_file=lambda p: is_image_file(p, folder))
         except FileNotFoundError as e:
             raise ReslabError(f"{folder}: {e}") from None
-        if not self.inner.samples:
+        if not found.samples:
             raise ReslabError(f"{folder}: no images in its class folders (files ending {', '.join(FOLDER_SUFFIXES)})")
-        empty = sorted(set(self.inner.classes) - {self.inner.classes[t] for t in self.inner.targets})
+        empty = sorted(set(found.classes) - {found.classes[t] for t in found.targets})
         if empty and split == "train":
             raise ReslabError(f"{folder}: class folder(s) {names_of(empty)} hold no images; a class needs training "
                               "images (remove the folder to leave the class out)")
         self.folder = folder
-        self.classes = self.inner.classes
-        self.samples = self.inner.samples
-        self.targets = self.inner.targets
+        self.classes, self.samples, self.targets = found.classes, found.samples, found.targets
         self.transform, self.on_corrupt, self.augment, self.encoded = transform, on_corrupt, augment, encoded
         self.skipped: list[str] = []
 
@@ -304,7 +303,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int 
         inner = ShardSampler(len(dataset), rank, world_size)
     return DataLoader(dataset, batch_size=1 if multiscale else batch_size, sampler=Keyed(inner, seed),
                       num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                      drop_last=train, collate_fn=collate, worker_init_fn=shield_worker)
+                      drop_last=train, collate_fn=collate, **worker_options(workers))
 
 
 class Finisher:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..data.build import EpochCursor
 from ..errors import ReslabError
-from ..interrupt import shield_worker
+from ..interrupt import worker_options
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ class TrainStream(EpochCursor):
                               "lower --batch-size")
         # own generator: creating an iterator must not draw from the global RNG (the RPN's sampler does)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 collate_fn=collate, drop_last=True, persistent_workers=False, worker_init_fn=shield_worker,
+                                 collate_fn=collate, drop_last=True, persistent_workers=False, **worker_options(workers),
                                  generator=torch.Generator().manual_seed(seed))
         self.batch_size = batch_size
         self.epoch, self.batch = 0, 0
@@ -259,4 +259,4 @@ def eval_loader(dataset: CocoDetection, batch_size: int, rank: int = 0, world_si
     """Every image once, in id order; rank r gets the contiguous r-th slice (no padding, no duplicates)."""
     from ..data.folder import ShardSampler
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
-                      num_workers=workers, collate_fn=collate, worker_init_fn=shield_worker)
+                      num_workers=workers, collate_fn=collate, **worker_options(workers))
