@@ -187,7 +187,7 @@ def test_sigterm_saves_at_the_next_step_and_resume_is_bitwise_the_uninterrupted_
     evaluation is at the end, so nothing else was on disk) and exits 143; --resume then finishes the same run."""
     args = ["train", "--arch", "resnet8", "--batch-size", "32", "--iters", "40", "--eval-every", "40",
             "--log-every", "1", "--data-dir", data_dir, "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAVE_MARK": str(tmp_path / "mark"), "START_METHOD": start}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAVE_MARK": str(tmp_path / "mark")}
     assert _run_child([*args, "--out", tmp_path / "ref"], env)[0] == 0
     out = tmp_path / "termed"
     p = subprocess.Popen([sys.executable, "-c", _CHILD, *map(str, [*args, "--out", out])], env=env,
