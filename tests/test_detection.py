@@ -411,6 +411,29 @@ def test_a_failing_evaluation_keeps_the_training(coco_small, tmp_path, monkeypat
     assert train(_run(coco_small, tmp_path / "r", recipe={"iters": 3}, resume=True)) == final  # done: no rerun
 
 
+def test_a_kill_between_the_evaluation_save_and_its_log_line(coco_small, tmp_path, monkeypatch):
+    """The evaluation is saved, then logged: killed in between, the resume writes the line back from the
+    checkpoint and does not evaluate again (it logged a second line at the same step)."""
+    import reslab.detection.train as det_train
+    from reslab import logs
+    real_write, real_eval = logs.MetricsLog.write, det_train.evaluate
+
+    def killed_writing_eval(self, rec):
+        if rec["kind"] == "eval":
+            raise KeyboardInterrupt()
+        real_write(self, rec)
+    monkeypatch.setattr(logs.MetricsLog, "write", killed_writing_eval)
+    with pytest.raises(KeyboardInterrupt):
+        train(_run(coco_small, tmp_path / "r", recipe={"iters": 3, "save_every": 100}))
+    assert ckpt.load(tmp_path / "r")["metrics"]["step"] == 3
+    monkeypatch.setattr(logs.MetricsLog, "write", real_write)
+    calls = []
+    monkeypatch.setattr(det_train, "evaluate", lambda *a, **k: calls.append(1) or real_eval(*a, **k))
+    final = train(_run(coco_small, tmp_path / "r", recipe={"iters": 3}, resume=True))
+    assert not calls and final["step"] == 3
+    assert [m for m in read_metrics(tmp_path / "r") if m["kind"] == "eval"] == [final]
+
+
 def _one_line_error(capsys, argv, *needles):
     capsys.readouterr()
     assert main(argv) == 2

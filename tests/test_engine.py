@@ -154,7 +154,8 @@ def test_a_sigterm_at_the_last_step_lets_the_run_finish(data_dir, tmp_path, monk
     m = train(settings(data_dir, tmp_path / "r"))
     assert m["step"] == SMALL["iters"] and ckpt.read_status(tmp_path / "r")["finished"]
     msg = str(stopped(["runs/a"], [7], failed=["runs/b"]))  # a set also names the runs that had diverged
-    assert "runs/a at step 7; diverged before: runs/b" in msg and "the same command with --resume" not in msg
+    assert "runs/a at step 7; diverged, last good checkpoint kept: runs/b" in msg
+    assert "(diverged, last good checkpoint kept: runs/b)" in str(stopped([], [], failed=["runs/b"]))
 
 
 def test_tiny_model_overfits_a_tiny_batch(tmp_path):

@@ -123,8 +123,14 @@ def test_tiny_end_to_end_reproduce(tmp_path, capsys):
     log = (r20 / "metrics.jsonl").read_text()
     (r20 / "last.pt").unlink()
     (r20 / "best.pt").unlink()
+    # a finished run killed between its final save and the log write: its report line comes back
+    r56 = out / "smoke" / "resnet56-s0"
+    log56 = (r56 / "metrics.jsonl").read_text()
+    assert '"kind": "eval", "step": 32' in log56.splitlines()[-1]
+    (r56 / "metrics.jsonl").write_text("".join(ln + "\n" for ln in log56.splitlines()[:-1]))
     args = ["--data-dir", str(d), "--out", str(out), "--budget", "smoke"]
     assert main(["reproduce", "cifar-table6", "--seeds", "1", *args]) == 0
+    assert (r56 / "metrics.jsonl").read_text() == log56
     said = capsys.readouterr().out
     assert "resnet20-s0      logged" in said and "resnet56-s0      done" in said
     assert not (r20 / "last.pt").exists() and (r20 / "metrics.jsonl").read_text() == log
@@ -345,3 +351,14 @@ def test_sigterm_under_reproduce_says_to_run_reproduce_again(tmp_path, capsys, m
     assert "at step 3): the same `reslab reproduce` command continues" in err and "--resume" not in err, err
     saved = [ckpt.read_status(p.parent)["step"] for p in (tmp_path / "r" / "smoke").glob("*/last.pt")]
     assert saved == [3]
+    # one that lands in a run's last step lets that run finish, and the sweep stops before the next run
+    def term_at_end(self, *a):
+        after(self, *a)
+        if self.state.step == self.cfg.recipe.iters:
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(Trainer, "after_step", term_at_end)
+    assert main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "finished; 3 runs not started): the same `reslab reproduce` command continues" in err, err
+    status = [ckpt.read_status(p.parent) for p in (tmp_path / "r" / "smoke").glob("*/last.pt")]
+    assert [s["finished"] for s in status] == [True]

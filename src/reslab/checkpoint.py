@@ -92,13 +92,14 @@ def _refuse_export(p: Path) -> None:
 
 
 def read_status(path: str | os.PathLike) -> dict:
-    """{step, iters, finished, config} of a training checkpoint; the tensors (model, optimiser) stay on disk."""
+    """{step, iters, finished, config, metrics} of a training checkpoint (metrics: its last evaluation's
+    record); the tensors (model, optimiser) stay on disk."""
     ck = load(path, mmap=True)
     if ck.get("format") != FORMAT:
         raise ReslabError(f"{resolve(path)}: written by an earlier reslab (no run status inside); "
                           "it can be evaluated and exported, not resumed")
     return {"step": ck["step"], "iters": ck["config"]["recipe"]["iters"], "finished": ck["finished"],
-            "config": ck["config"]}
+            "config": ck["config"], "metrics": ck.get("metrics") or {}}
 
 
 def training_state(path: str | os.PathLike) -> dict:

@@ -32,13 +32,19 @@ class Interrupted(ReslabError):
 
 
 def requested() -> bool:
-    """Whether a SIGTERM arrived since `stop_on_sigterm` was entered."""
+    """Whether a SIGTERM arrived since the outermost `stop_on_sigterm` was entered (still true after it
+    exits: a caller that trains several groups in turn, `reslab reproduce`, stops before the next one)."""
     return _requested
+
+
+_depth = 0
 
 
 @contextlib.contextmanager
 def stop_on_sigterm(enabled: bool = True):
-    global _requested
+    """Within it a SIGTERM is only noted (see `requested`). Nested uses share the outermost one's handler,
+    so a signal that arrives between two inner ones is not forgotten when the next begins."""
+    global _requested, _depth
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -48,13 +54,16 @@ def stop_on_sigterm(enabled: bool = True):
         _requested = True
         signal.signal(signal.SIGTERM, previous)  # a second one is not asked to wait
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    _requested = False
+    if _depth == 0:
+        previous = signal.signal(signal.SIGTERM, handler)
+        _requested = False
+    _depth += 1
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        _requested = False
+        _depth -= 1
+        if _depth == 0:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def worker_options(workers: int) -> dict:
@@ -87,10 +96,10 @@ def shield_worker(_worker_id: int, parent: int) -> None:
 
 
 def stopped(outs: list, steps: list[int], failed: list | None = None) -> Interrupted:
-    """The stop of runs `outs` at `steps`; `failed`: runs of the set that had diverged before it (their
-    last good checkpoints kept), named so the set's summary is not lost."""
-    where = ", ".join(f"{o} at step {s}" for o, s in zip(outs, steps))
-    if failed:
-        where += f"; diverged before: {', '.join(map(str, failed))}"
+    """The stop of runs `outs` at `steps`; `failed`: runs of the set that diverged (their last good
+    checkpoints kept), named so the set's summary is not lost."""
+    where = "; ".join(filter(None, [", ".join(f"{o} at step {s}" for o, s in zip(outs, steps)),
+                                    f"diverged, last good checkpoint kept: {', '.join(map(str, failed))}"
+                                    if failed else ""]))
     again = f"`reslab train --out {outs[0]} --resume`" if len(outs) == 1 else "the same command with --resume"
     return Interrupted(where, again)

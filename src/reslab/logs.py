@@ -156,7 +156,8 @@ def truncate_metrics(run_dir, step: int, evaluation: dict | None = None) -> None
     checkpoint."""
     p = Path(run_dir) / "metrics.jsonl"
     keep, evaluated = [], False
-    for ln in p.read_text().splitlines() if p.is_file() else []:
+    text = p.read_text() if p.is_file() else ""
+    for ln in text.splitlines():
         try:
             rec = json.loads(ln)
             if rec["step"] <= step:
@@ -166,5 +167,6 @@ def truncate_metrics(run_dir, step: int, evaluation: dict | None = None) -> None
             continue
     if evaluation and evaluation.get("kind") == "eval" and evaluation.get("step") == step and not evaluated:
         keep.append(json.dumps(evaluation))
-    if keep or p.is_file():
-        write_text_atomic(p, "".join(ln + "\n" for ln in keep))
+    new = "".join(ln + "\n" for ln in keep)
+    if new != text and (keep or p.is_file()):
+        write_text_atomic(p, new)

@@ -16,11 +16,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from . import interrupt
 from .complexity import count_macs
 from .config import ConfigConflict, RunConfig, resume_config
 from .errors import ReslabError
 from .experiments import BUDGETS, get_experiment
-from .logs import last_evaluation
+from .logs import last_evaluation, truncate_metrics
 from .flags import to_cli_args
 from .fusedset import fusion_key, train_fused
 from .runset import train_set
@@ -142,6 +143,9 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
         if status != "new":  # a run found on disk, finished or to resume, must be this experiment's run:
             # all checked before any trains, or a stranger in the last folder would stop the sweep hours in
             _check_is_ours(cfg, name)
+        if status == "done":  # a kill between its final save and log write lost the line the report reads
+            st = ckpt.read_status(cfg.out)
+            truncate_metrics(cfg.out, st["step"], st["metrics"])
         if status.startswith("lost@"):
             raise ReslabError(f"{cfg.out} holds the log of a run evaluated up to step {status[5:]} of "
                               f"{cfg.recipe.iters} but not its checkpoint ({ckpt.LAST}), so it cannot be continued; "
@@ -152,15 +156,22 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
                               "to train the run again")
         if status not in ("done", "logged"):
             pending.append(cfg)
-    for group in groups_of(pending, concurrent, fused):  # runs not yet finished, `concurrent` at a time
-        names = ", ".join(Path(c.out).name for c in group)
-        t = time.time()
-        print(f"[{time.strftime('%H:%M:%S')}] {names}: training", file=sys.stderr, flush=True)
-        # resume=True also starts a run that has no checkpoint yet; a resumed run must be the experiment's
-        # run (every field but the free ones: data folder, device, ...), else a one-line error says which
-        (train_fused if fused and len(group) > 1 else train_set)(group, resume=True)
-        print(f"[{time.strftime('%H:%M:%S')}] {names}: done in {(time.time() - t) / 60:.1f} min",
-              file=sys.stderr, flush=True)
+    groups, finished = groups_of(pending, concurrent, fused), []
+    with interrupt.stop_on_sigterm():  # one that lands in a group's last step stops the sweep before the next
+        for k, group in enumerate(groups):  # runs not yet finished, `concurrent` at a time
+            if interrupt.requested():
+                left = sum(len(g) for g in groups[k:])
+                raise interrupt.Interrupted(f"{', '.join(finished)} finished; {left} runs not started",
+                                            "the same command")
+            names = ", ".join(Path(c.out).name for c in group)
+            t = time.time()
+            print(f"[{time.strftime('%H:%M:%S')}] {names}: training", file=sys.stderr, flush=True)
+            # resume=True also starts a run that has no checkpoint yet; a resumed run must be the experiment's
+            # run (every field but the free ones: data folder, device, ...), else a one-line error says which
+            (train_fused if fused and len(group) > 1 else train_set)(group, resume=True)
+            finished += [Path(c.out).name for c in group]
+            print(f"[{time.strftime('%H:%M:%S')}] {names}: done in {(time.time() - t) / 60:.1f} min",
+                  file=sys.stderr, flush=True)
     if exp.post == "layer_responses":
         from .responses import responses_for_runs
         resp = responses_for_runs(dirs, data_dir)

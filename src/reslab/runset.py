@@ -57,6 +57,7 @@ class RunSet:
                             with _on(self.streams[i]):
                                 t.end(t.state.step)
                         except TrainingDiverged as e:  # it keeps its last good checkpoint; the others save
+                            failed[t.cfg.out] = str(e)
                             print(f"reslab: {t.cfg.out}: {e}", file=sys.stderr, flush=True)
                             active.remove(i)
                     raise interrupt.stopped([self.trainers[i].out for i in active],

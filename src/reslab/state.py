@@ -26,8 +26,9 @@ class TrainingState:
         self.elapsed = 0.0              # training seconds spent by earlier processes of this run
         self.metrics: dict = {}         # the last evaluation
         # Running sums on the device, between the points that read and clear them: the log line's (loss, wrong,
-        # seen, non-finite steps) and the warm-up rule's window (wrong, seen). Saved, so a run stopped between
-        # two log lines or two checks (--stop-at, SIGTERM) logs and decides on resume as it would have.
+        # seen, non-finite steps) and the warm-up rule's window (wrong, seen). Saved, so a run stopped by SIGTERM
+        # between two log lines logs on resume as it would have (--stop-at writes a line where it stops), and
+        # one stopped either way between two checks of the rule decides as it would have.
         device = next(model.parameters()).device
         self.counters = {"log": torch.zeros(4, dtype=torch.float64, device=device),
                          "warmup_rule": torch.zeros(2, dtype=torch.float64, device=device)}

@@ -225,7 +225,7 @@ def train(run: DetectRun) -> dict:
         if d.is_main:
             out.mkdir(parents=True, exist_ok=True)
             if ck:
-                truncate_metrics(out, state.step)
+                truncate_metrics(out, state.step, state.metrics)
             write_json(out / "config.json", {
                 "run": asdict(run), "recipe": asdict(state.recipe), "detector": state.model.config.to_dict(),
                 "categories": state.categories.to_list(), "world_size": d.world_size,
@@ -299,20 +299,14 @@ def _eval_due(step: int, r: DetectRecipe) -> bool:
 
 def _evaluate_and_save(state: TrainState, val_ds: CocoDetection, run: DetectRun, d, log, t_start: float,
                        out: Path) -> None:
-    """Evaluate, then save again with the metrics, which the checkpoint records: a resume that finds a due
-    evaluation without them (it failed: its data, pycocotools) runs it before training on."""
-    _evaluate(state, val_ds, run, d, log, t_start)
-    if d.is_main:
-        ckpt.save_atomic(state.state_dict(), out / ckpt.LAST)
-
-
-def _evaluate(state: TrainState, val_ds: CocoDetection, run: DetectRun, d, log, t_start: float) -> dict:
+    """Evaluate, save again with the metrics (the checkpoint records them: a resume that finds a due
+    evaluation without them, one that failed on its data or pycocotools, runs it before training on), then
+    log it: a kill between the save and the log write has its line written back on resume."""
     loader = eval_loader(val_ds, run.eval_batch, d.rank, d.world_size, run.workers)
     m = evaluate(state.model, loader, state.categories, val_ds.ann_file, d.device)
     if m is None:  # not rank 0
-        return {}
-    rec = {"kind": "eval", "step": state.step, **m, "elapsed_s": time.time() - t_start}
-    state.metrics = rec
+        return
+    state.metrics = {"kind": "eval", "step": state.step, **m, "elapsed_s": time.time() - t_start}
+    ckpt.save_atomic(state.state_dict(), out / ckpt.LAST)
     if log:
-        log.write(rec)
-    return rec
+        log.write(state.metrics)
