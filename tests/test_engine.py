@@ -265,6 +265,13 @@ def _torchrun(nproc, *args, env=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=e)
 
 
+def _why(stderr: str) -> str:
+    """A failed torchrun's cause: its summary pushes a rank's own last words ("terminate called after ...",
+    a Python error) out of the tail, so they are picked out first."""
+    cause = [ln for ln in stderr.splitlines() if any(k in ln for k in ("terminate called", "what()", "Error:"))]
+    return "\n".join(cause[:20]) + "\n...\n" + stderr[-1500:]
+
+
 def _half_batch_reference(data_dir, recipe, seed=0):
     """One process, the same global batches, BN statistics per half batch as on two ranks (SyncBN is
     GPU-only), running statistics kept from the first half (DDP broadcasts rank 0's buffers)."""
@@ -301,7 +308,7 @@ def test_two_process_ddp_equals_one_process_at_the_same_global_batch(data_dir, t
     r = _torchrun(2, "train", "--arch", "resnet8", "--data-dir", str(data_dir), "--batch-size", "32",
                   "--iters", "12", "--eval-every", "12", "--log-every", "4", "--out", str(out), "--no-compile",
                   "--no-channels-last")  # the reference below is contiguous; formats differ in rounding
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, _why(r.stderr)
     recipe = get_recipe("cifar-paper").with_overrides(batch_size=32, iters=12, eval_every=12, log_every=4)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1): a convolution's sums follow the thread count
