@@ -56,8 +56,11 @@ def test_sixteen_bit_images_are_scaled_alike_by_either_decoder(tmp_path):
     deep = (np.arange(24 * 36).reshape(24, 36) * 75).astype(np.uint16)  # 0 .. 64,725
     for name in ("deep.png", "deep.tiff", "deep.pgm"):
         Image.fromarray(deep).save(tmp_path / name)
-    png, tiff, pgm = (images.decode(str(tmp_path / n)) for n in ("deep.png", "deep.tiff", "deep.pgm"))
-    assert torch.equal(png, tiff) and torch.equal(png, pgm)
+    ascii_pgm = f"P2\n36 24\n65535\n{' '.join(map(str, deep.flatten()))}\n"  # Pillow writes only binary PGMs
+    (tmp_path / "ascii.pgm").write_text(ascii_pgm)
+    png, tiff, pgm, plain = (images.decode(str(tmp_path / n)) for n in ("deep.png", "deep.tiff", "deep.pgm",
+                                                                         "ascii.pgm"))
+    assert torch.equal(png, tiff) and torch.equal(png, pgm) and torch.equal(png, plain)
     assert torch.equal(png[0], torch.from_numpy((deep >> 8).astype(np.uint8))) and torch.equal(png[0], png[2])
     # 32-bit integer TIFFs (Pillow's mode "I", as for the PGM): 8-bit values stored wide are those values;
     # wider ones have no one scale

@@ -161,8 +161,8 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
         for k, group in enumerate(groups):  # runs not yet finished, `concurrent` at a time
             if interrupt.requested():
                 left = sum(len(g) for g in groups[k:])
-                raise interrupt.Interrupted(f"{', '.join(finished)} finished; {left} runs not started",
-                                            "the same command")
+                done = f"{', '.join(finished)} finished; " if finished else ""
+                raise interrupt.Interrupted(f"{done}{left} runs not started", "the same command")
             names = ", ".join(Path(c.out).name for c in group)
             t = time.time()
             print(f"[{time.strftime('%H:%M:%S')}] {names}: training", file=sys.stderr, flush=True)

@@ -120,9 +120,11 @@ def stored_as_16_bit(im) -> bool:
     """Whether the file stores 16-bit samples. Pillow opens a 16-bit PGM in mode "I", as it opens a 32-bit
     TIFF; only the raw mode of the file's pixel data tells them apart."""
     for tile in im.tile or []:
-        raw = tile[3][0] if isinstance(tile[3], tuple) else tile[3]
-        if isinstance(raw, str) and raw.startswith("I;16"):
+        args = tile[3] if isinstance(tile[3], tuple) else (tile[3],)
+        if isinstance(args[0], str) and args[0].startswith("I;16"):
             return True
+        if tile[0] in ("ppm", "ppm_plain") and any(isinstance(a, int) and a > 255 for a in args[1:]):
+            return True  # a PGM whose maximum value needs 16 bits (ASCII P2, or binary with maxval < 65535)
     return False
 
 
