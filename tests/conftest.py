@@ -101,3 +101,15 @@ def randomise_bn(model, seed=0):
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def kill_on_eval_line(monkeypatch) -> None:
+    """Make the metrics log raise KeyboardInterrupt (a kill) when it is about to write an evaluation line."""
+    from reslab import logs
+    real = logs.MetricsLog.write
+
+    def killed(self, rec):
+        if rec["kind"] == "eval":
+            raise KeyboardInterrupt()
+        real(self, rec)
+    monkeypatch.setattr(logs.MetricsLog, "write", killed)

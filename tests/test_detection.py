@@ -28,6 +28,8 @@ from reslab.errors import ReslabError
 from reslab.interop import weights_record
 from reslab.logs import read_metrics
 
+from conftest import kill_on_eval_line
+
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}, {"id": 11, "name": "triangle"}]
 COLOURS = {3: (225, 40, 40), 7: (40, 200, 60), 11: (50, 80, 235)}
 # a tiny detector: anchors for 20-44 px objects, few RoIs and proposals
@@ -417,12 +419,7 @@ def test_a_kill_between_the_evaluation_save_and_its_log_line(coco_small, tmp_pat
     import reslab.detection.train as det_train
     from reslab import logs
     real_write, real_eval = logs.MetricsLog.write, det_train.evaluate
-
-    def killed_writing_eval(self, rec):
-        if rec["kind"] == "eval":
-            raise KeyboardInterrupt()
-        real_write(self, rec)
-    monkeypatch.setattr(logs.MetricsLog, "write", killed_writing_eval)
+    kill_on_eval_line(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(_run(coco_small, tmp_path / "r", recipe={"iters": 3, "save_every": 100}))
     assert ckpt.load(tmp_path / "r")["metrics"]["step"] == 3

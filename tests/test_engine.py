@@ -18,7 +18,7 @@ from reslab.logs import read_metrics
 from reslab.recipes import RECIPES, Recipe, ScheduleState, WarmupRule, after_eval, get_recipe, lr_at
 from reslab.zoo import create_model
 
-from conftest import make_cifar_archive
+from conftest import kill_on_eval_line, make_cifar_archive
 
 SMALL = dict(batch_size=32, iters=40, eval_every=20, log_every=10)
 
@@ -122,12 +122,7 @@ def test_a_kill_around_the_first_save_leaves_a_run_that_continues(data_dir, tmp_
     assert all(m["kind"] == "train" for m in read_metrics(out)) and run_status(out) == "new"
     monkeypatch.setattr(ckpt, "save_atomic", real_save)
     real_write = logs.MetricsLog.write
-
-    def killed_writing_eval(self, rec):
-        if rec["kind"] == "eval":
-            raise KeyboardInterrupt()
-        real_write(self, rec)
-    monkeypatch.setattr(logs.MetricsLog, "write", killed_writing_eval)
+    kill_on_eval_line(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(settings(data_dir, out), resume=True)
     assert ckpt.read_status(out)["step"] == 20 and not [m for m in read_metrics(out) if m["kind"] == "eval"]

@@ -67,8 +67,11 @@ def test_sixteen_bit_images_are_scaled_alike_by_either_decoder(tmp_path):
     Image.fromarray((deep >> 8).astype(np.int32), "I").save(tmp_path / "wide8.tiff")
     assert torch.equal(images.decode(str(tmp_path / "wide8.tiff")), png)
     Image.fromarray(deep.astype(np.int32), "I").save(tmp_path / "wide.tiff")
-    with pytest.raises(ReslabError, match=r"wide.tiff: 32-bit integer pixels \(values 0..64725\)"):
+    with pytest.raises(ReslabError, match=r"wide.tiff: 32-bit or signed integer pixels \(values 0..64725\)"):
         images.decode(str(tmp_path / "wide.tiff"))
+    (tmp_path / "signed.tiff").write_bytes(signed_16_bit_tiff(np.array([[-20000, 0], [100, 26000]], np.int16)))
+    with pytest.raises(ReslabError, match=r"signed.tiff: 32-bit or signed integer pixels \(values -"):
+        images.decode(str(tmp_path / "signed.tiff"))  # signed 16-bit: no one scale (it was wrapped around)
     Image.fromarray(deep.astype(np.float32)).save(tmp_path / "float.tiff")
     with pytest.raises(ReslabError, match="float.tiff: floating-point pixels"):
         images.decode(str(tmp_path / "float.tiff"))
@@ -151,3 +154,13 @@ def test_without_torchvisions_decoders_pillow_reads_everything(tmp_path, monkeyp
     assert x.shape == (2, 3, 24, 24)
     with pytest.raises(ReslabError, match="--decode device needs torchvision's decode_jpeg.*use --decode cpu"):
         build("folder", root, batch_size=2, device="cpu", workers=0, decode="device")
+
+
+def signed_16_bit_tiff(a: np.ndarray) -> bytes:
+    """A baseline TIFF of signed 16-bit grey samples (SampleFormat 2), which Pillow reads but cannot write."""
+    import struct
+    h, w = a.shape
+    tags = [(256, 3, w), (257, 3, h), (258, 3, 16), (259, 3, 1), (262, 3, 1), (273, 4, 8), (277, 3, 1),
+            (278, 3, h), (279, 4, a.nbytes), (339, 3, 2)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", t, k, 1, v) for t, k, v in tags)
+    return b"II*\x00" + struct.pack("<I", 8 + a.nbytes) + a.astype("<i2").tobytes() + ifd + b"\x00" * 4

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import multiprocessing
 import os
 import signal
+import sys
 import threading
 
 from .errors import ReslabError
@@ -32,8 +34,8 @@ class Interrupted(ReslabError):
 
 
 def requested() -> bool:
-    """Whether a SIGTERM arrived since the outermost `stop_on_sigterm` was entered (still true after it
-    exits: a caller that trains several groups in turn, `reslab reproduce`, stops before the next one)."""
+    """Whether a SIGTERM arrived since the outermost `stop_on_sigterm` was entered (an inner one
+    that exits leaves it set: `reslab reproduce` wraps its groups of runs in one and checks between them)."""
     return _requested
 
 
@@ -62,17 +64,21 @@ def stop_on_sigterm(enabled: bool = True):
         yield
     finally:
         _depth -= 1
-        if _depth == 0:
+        if _depth == 0:  # a later run in this process (a notebook, a torchrun rank) starts unasked to stop
             signal.signal(signal.SIGTERM, previous)
+            _requested = False
 
 
 def worker_options(workers: int) -> dict:
     """DataLoader arguments for workers that leave a SIGTERM to the run (shield_worker). On Linux they are
     forked, as DataLoader's default was before Python 3.14: a forked worker starts with one thread, so it can
     block the signal in every thread it will have; a spawned one already runs a BLAS pool."""
-    if workers <= 0 or not hasattr(signal, "sigwaitinfo"):
+    if workers <= 0 or sys.platform != "linux":
         return {}
-    return {"worker_init_fn": functools.partial(shield_worker, parent=os.getpid()), "multiprocessing_context": "fork"}
+    # a start method the user chose explicitly is theirs; otherwise fork (3.14's default is forkserver)
+    chosen = multiprocessing.get_start_method(allow_none=True)
+    return {"worker_init_fn": functools.partial(shield_worker, parent=os.getpid()),
+            "multiprocessing_context": chosen or "fork"}
 
 
 def shield_worker(_worker_id: int, parent: int) -> None:
@@ -81,9 +87,9 @@ def shield_worker(_worker_id: int, parent: int) -> None:
     by signal") before the main process could save. So the worker waits for SIGTERM in a thread of its own and
     ends only on the one `parent` (the process that iterates the loader) sends when it shuts its workers down;
     the others are the parent's to act on. (Ignoring SIGTERM outright would hang the parent's exit, which
-    terminates persistent workers.) Where that cannot be arranged (no sigwaitinfo: macOS, Windows; a worker
-    already running other threads, which would take the signal) the worker keeps the default."""
-    if not hasattr(signal, "sigwaitinfo") or len(os.listdir("/proc/self/task")) > 1:
+    terminates persistent workers.) Where that cannot be arranged (off Linux; a worker already running other
+    threads, which would take the signal: a spawned one, with numpy's BLAS pool) the worker keeps the default."""
+    if sys.platform != "linux" or len(os.listdir("/proc/self/task")) > 1:
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
 

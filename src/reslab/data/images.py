@@ -122,7 +122,7 @@ def stored_as_16_bit(im) -> bool:
     for tile in im.tile or []:
         args = tile[3] if isinstance(tile[3], tuple) else (tile[3],)
         if isinstance(args[0], str) and args[0].startswith("I;16"):
-            return True
+            return not args[0].endswith("S")  # I;16S, I;16BS: signed, no one scale (refused below)
         if tile[0] in ("ppm", "ppm_plain") and any(isinstance(a, int) and a > 255 for a in args[1:]):
             return True  # a PGM whose maximum value needs 16 bits (ASCII P2, or binary with maxval < 65535)
     return False
@@ -136,7 +136,8 @@ def deep_gray(im, sixteen: bool) -> np.ndarray | None:
     if im.mode == "I":  # 32-bit integers: 8-bit values stored wide are kept; others have no one scale
         arr = np.asarray(im)
         if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise ReslabError(f"32-bit integer pixels (values {arr.min()}..{arr.max()}); save it with 8 or 16 bits")
+            raise ReslabError(f"32-bit or signed integer pixels (values {arr.min()}..{arr.max()}); "
+                              "save it with 8 or 16 bits, unsigned")
         return None
     if im.mode == "F":
         raise ReslabError("floating-point pixels; save it with 8 or 16 bits")
