@@ -20,6 +20,7 @@ Eager fp32 (PyTorch's defaults, so convolutions may use TF32 on Ampere and later
 channels_last: the point is an implementation nobody would suspect of being clever.
 """
 import argparse
+import hashlib
 import json
 import os
 import pickle
@@ -317,8 +318,12 @@ def train(args):
                                     "window": WARMUP_WINDOW} if args.depth >= 110 else None},
               "model_config": {"name": arch, "depth": args.depth, "shortcut": "A", "residual": True,
                                "num_classes": len(classes)},
+              # which data this is, by the MD5 of the test images as the batch file stores them (N x 3072, each
+              # image's red, green and blue planes): reslab records the same fingerprint, so a report can tell
+              # whether both trained on one copy
               "data": {"dir": str(args.data_dir), "normalization": args.normalization, "train_size": len(train_y),
-                       "test_size": len(test_y), "augmentation": "pad 4 + random crop 32, horizontal flip"},
+                       "test_size": len(test_y), "augmentation": "pad 4 + random crop 32, horizontal flip",
+                       "test_pixels_md5": hashlib.md5(np.ascontiguousarray(test_x.transpose(0, 3, 1, 2)).tobytes()).hexdigest()},
               "workers": args.workers}
     if not resuming:  # a resumed run keeps the command that started it
         (run_dir / "config.json").write_text(json.dumps(config, indent=2))

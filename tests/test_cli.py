@@ -52,7 +52,13 @@ def test_an_unusable_device_or_count_is_a_one_line_error(tmp_path, capsys):
                        (["train", "--device", "mps", "--iters", "1", "--out", str(tmp_path / "b")], "runs on cpu or cuda"),
                        (["predict", str(tmp_path), "--top", "-1"], "--top: must be at least 1"),
                        (["eval", str(tmp_path), "--precise-bn", "-3"], "--precise-bn: must be at least 0"),
-                       (["export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path)], "is a folder; give the file")):
+                       (["export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path)], "is a folder; give the file"),
+                       # values that crashed at the first step or trained another experiment without a word
+                       (["train", "--eval-every", "0", "--out", str(tmp_path / "c")], "eval_every and log_every must be at least 1"),
+                       (["train", "--label-smoothing", "2", "--out", str(tmp_path / "d")], "label_smoothing and ema_decay must be in [0, 1)"),
+                       (["train", "--weight-decay", "-1", "--out", str(tmp_path / "e")], "weight_decay must not be negative"),
+                       (["train", "--milestones", "10", "5", "--out", str(tmp_path / "f")], "increasing order"),
+                       (["train", "--stop-at", "0", "--out", str(tmp_path / "g")], "--stop-at: must be at least 1")):
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -344,12 +344,20 @@ def test_precise_bn_is_a_true_average():
     from reslab.evaluate import precise_bn
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
     batches = [(torch.randn(8, 3, 4, 4) * (i + 1), None) for i in range(3)]
-    used = precise_bn(m, iter(batches), 3)
+    used = precise_bn(m, batches, 3)
     assert used == 3
     with torch.no_grad():
         means = torch.stack([m[0](x).mean((0, 2, 3)) for x, _ in batches]).mean(0)
     torch.testing.assert_close(m[1].running_mean, means, rtol=1e-4, atol=1e-5)
     assert m[1].momentum == 0.1
+    # more batches than an epoch has: the next epoch's come too (here the same three again)
+    assert precise_bn(m, batches, 5) == 5
+    # a loader that yields nothing (its batch larger than the split, the last dropped) is an error, and the
+    # statistics stay as they were: they had been reset to mean 0, var 1 and evaluated as such
+    before = {k: v.clone() for k, v in m[1].state_dict().items()}
+    with pytest.raises(ReslabError, match="gave none"):
+        precise_bn(m, [], 2)
+    assert all(torch.equal(v, before[k]) for k, v in m[1].state_dict().items())
 
 
 def test_eval_loss_of_confidently_wrong_views_is_not_floored():

@@ -375,3 +375,8 @@ def test_an_empty_class_folder_is_a_missing_class_in_val_and_an_error_in_train(t
         p.unlink()
     with pytest.raises(ReslabError, match="class folder.s. dog hold no images"):
         fold.ImageFolderSplit(root, "train")
+    # one class: a one-output classifier is always right (0% error), so it is refused
+    from reslab.data import build as data_build
+    one = make_jpeg_folder(tmp_path / "one", classes=("cat",), per_class=2, size=(40, 56))
+    with pytest.raises(ReslabError, match="one class folder .cat.; a classifier needs at least 2"):
+        data_build.build("folder", one, batch_size=2, device="cpu", workers=0)

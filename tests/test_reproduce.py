@@ -37,6 +37,11 @@ def test_experiment_definitions():
     assert "--shortcut B" in command(sc[1]) and "--data-dir D" in command(sc[1])
     with pytest.raises(ValueError, match="quick, medium, paper"):
         deg.configs("huge", "o")
+    # Table 2: ResNet-18/34 with option A, "no extra parameter compared to the plain counterparts"
+    t2 = {c.out.rsplit("/", 1)[-1]: c.model for c in get_experiment("imagenet-degradation").configs("paper", "o", "D")}
+    params = {k: sum(p.numel() for p in create_model(m.arch, **m.kwargs()).parameters()) for k, m in t2.items()}
+    assert params["resnet18-s0"] == params["plain18-s0"] and params["resnet34-s0"] == params["plain34-s0"]
+    assert t2["resnet34-s0"].kwargs()["shortcut"] == "A"
 
 
 @pytest.mark.parametrize("budget", list(BUDGETS))
@@ -93,7 +98,7 @@ def test_report_from_synthetic_logs(tmp_path):
     t = {r["arch"]: r for r in json.loads((tmp_path / "results.json").read_text())["table6"]}
     assert t["resnet20"]["n"] == 2 and t["resnet20"]["mean"] == pytest.approx(10.0)
     assert t["resnet20"]["std"] == pytest.approx(1.4142, abs=1e-3) and t["resnet20"]["best"] == pytest.approx(9.0)
-    assert "| resnet20 | x0.5 | 100 | fp32 | 10.00 ± 1.41 (2) | 9.00 | 8.75 | 8.27 | 8.29 |" in text
+    assert "| resnet20 | x0.5 | 100 | fp32 | cpu | TestCPU (2 cores) | 10.00 ± 1.41 (2) | 9.00 | 8.75 | 8.27 | 8.29 |" in text
     assert "TestCPU (2 cores)" in text and "x0.5" in text
     assert summarize(tmp_path / "plain20-s0")["test_err"] == pytest.approx(25.0)
     csv_text = (tmp_path / "results.csv").read_text()
@@ -134,7 +139,8 @@ def test_tiny_end_to_end_reproduce(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "resnet20-s0      logged" in said and "resnet56-s0      done" in said
     assert not (r20 / "last.pt").exists() and (r20 / "metrics.jsonl").read_text() == log
-    assert "| resnet20 |" in (out / "report.md").read_text()
+    # the smoke budget's batch of 16 is not the paper's recipe: its row says so
+    assert "| resnet20 (batch_size=16) |" in (out / "report.md").read_text()
     assert main(["reproduce", "layer-responses", *args]) == 2
     assert "holds only the record of its finished run (no last.pt)" in capsys.readouterr().err
     # `reslab train` into that folder would start over and delete the record: refused, the record intact
@@ -155,9 +161,8 @@ def test_report_keeps_the_control_apart_and_tables_comparisons(tmp_path):
     cfg = json.loads((ctl / "config.json").read_text())
     (ctl / "config.json").write_text(json.dumps({**cfg, "implementation": "control"}))
     # a control run still training: its mid-schedule error must not be averaged in
-    busy = _fake_run(tmp_path / "control", "resnet20-s1", "resnet20", True, [(0.4, 0.45)])
-    (busy / "config.json").write_text(json.dumps({**cfg, "implementation": "control",
-                                                  "recipe": {**cfg["recipe"], "iters": 200}}))  # at 100 of 200
+    busy = _fake_run(tmp_path / "control", "resnet20-s1", "resnet20", True, [(0.4, 0.45)], iters=50, seed=1)
+    (busy / "config.json").write_text(json.dumps({**cfg, "implementation": "control", "seed": 1}))  # at 50 of 100
     from reslab.config import RunConfig
     wide = RunConfig.build(tmp_path / "wide-s0", "resnet20", model={"width": 2.0})
     (tmp_path / "manifest-width-vs-depth.json").write_text(json.dumps({
@@ -167,8 +172,9 @@ def test_report_keeps_the_control_apart_and_tables_comparisons(tmp_path):
     text = write_report(tmp_path).read_text()
     t = {r["arch"]: r for r in json.loads((tmp_path / "results.json").read_text())["table6"]}
     assert t["resnet20"]["n"] == 1 and t["resnet20"]["mean"] == pytest.approx(12.0)  # the control is not in it
-    assert "| resnet20 | x0.5 | 10.00 ± - (1), 1 unfinished not counted | 12.00 ± - (1) |" in text
-    assert "| resnet20-s0 (control) | x0.5 | 100/100 |" in text and "| resnet20-s0 | x0.5 | 100/100 |" in text
+    assert ("| resnet20 | x0.5 | 100 | fp32 | same --data-dir (not checked by MD5) | 10.00 ± - (1), 1 unfinished "
+            "not counted | 12.00 ± - (1) |") in text
+    assert "| control/resnet20-s0 (control) | x0.5 | 100/100 |" in text and "| resnet20-s0 | x0.5 | 100/100 |" in text
     assert "| resnet20 | resnet20  | 0.270M | 40.6M | 12.00 ± - (1) |" in text
     assert "| wide | resnet20 width=2.0 | 1.069M | 156.2M | - |" in text  # no run of it yet
     assert (tmp_path / "width_vs_depth_quick.png").is_file()
@@ -188,8 +194,10 @@ def test_table6_averages_finished_runs_and_names_the_others(tmp_path):
     text = write_report(tmp_path).read_text()
     t = {r["arch"]: r for r in json.loads((tmp_path / "results.json").read_text())["table6"]}
     assert (t["resnet20"]["n"], t["resnet20"]["mean"], t["resnet20"]["unfinished"]) == (1, pytest.approx(9.0), 1)
-    assert "| resnet20 | x0.5 | 100 | fp32 | 9.00 ± - (1), 1 unfinished not counted |" in text
-    assert not t["resnet32"]["complete"] and "| resnet32 | x0.5 | 400 | fp32 | 30.00 ± - (1) incomplete |" in text
+    assert "| resnet20 | x0.5 | 100 | fp32 | cpu | TestCPU (2 cores) | 9.00 ± - (1), 1 unfinished not counted |" in text
+    # no finished run: the unfinished one, with its step, and no best-of-n beside the paper's number
+    assert not t["resnet32"]["complete"] and t["resnet32"]["unfinished"] == 1
+    assert "| resnet32 | x0.5 | 400 | fp32 | cpu | TestCPU (2 cores) | incomplete: 30.00 (1) at step 200 of 400 | - |" in text
 
 
 def test_report_never_averages_across_budgets_precisions_or_data(tmp_path):
@@ -212,8 +220,8 @@ def test_report_never_averages_across_budgets_precisions_or_data(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["table6"]
     assert [(r["budget"], r["precision"], r["n"], round(r["mean"], 6)) for r in rows] == [
         (1.0, "bf16", 2, 9.0), (1.0, "fp32", 1, 9.0), (0.015, "fp32", 1, 36.0)]
-    assert "| resnet20 | x1 | 100 | bf16 | 9.00 ± 1.41 (2) | 8.00 |" in text
-    assert "| resnet20 | x0.015 | 100 | fp32 | 36.00 ± - (1) | 36.00 |" in text
+    assert "| resnet20 | x1 | 100 | bf16 | cpu | TestCPU (2 cores) | 9.00 ± 1.41 (2) | 8.00 |" in text
+    assert "| resnet20 | x0.015 | 100 | fp32 | cpu | TestCPU (2 cores) | 36.00 ± - (1) | 36.00 |" in text
     assert "## Layer responses (paper Fig. 7): paper" in text and "## Layer responses (paper Fig. 7): quick" in text
     assert (tmp_path / "layer_responses-paper.png").is_file() and (tmp_path / "layer_responses-quick.png").is_file()
     import matplotlib.image
@@ -230,8 +238,8 @@ def test_report_never_averages_across_budgets_precisions_or_data(tmp_path):
     cfg_path = tmp_path / "val" / "resnet20-s3" / "config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "eval_split": "val5k"}))
     text = write_report(tmp_path).read_text()
-    assert "| resnet20 | x1 | 100 | bf16 | 9.00 ± 1.41 (2), 1 repeated seed not counted | 8.00 |" in text
-    assert "| resnet20 (lr=0.9) | x1 | 100 | bf16 | 50.00 ± - (1) |" in text
+    assert "| resnet20 | x1 | 100 | bf16 | cpu | TestCPU (2 cores) | 9.00 ± 1.41 (2), 1 repeated seed not counted | 8.00 |" in text
+    assert "| resnet20 (lr=0.9) | x1 | 100 | bf16 | cpu | TestCPU (2 cores) | 50.00 ± - (1) |" in text
     assert "1.00" not in text.split("## Table 6")[1].split("## ")[0]  # the val5k run
     for folder in ("paper2", "lr", "val"):
         import shutil
@@ -239,8 +247,86 @@ def test_report_never_averages_across_budgets_precisions_or_data(tmp_path):
     # runs on another copy of the data: their own row, named by the copy
     run("other", "resnet20-s0", 1.0, "bf16", 0.30, data="copy B")
     text = write_report(tmp_path).read_text()
-    assert "| resnet20 (copy A) | x1 | 100 | bf16 | 9.00 ± 1.41 (2) |" in text
-    assert "| resnet20 (copy B) | x1 | 100 | bf16 | 30.00 ± - (1) |" in text
+    assert "| resnet20 (copy A) | x1 | 100 | bf16 | cpu | TestCPU (2 cores) | 9.00 ± 1.41 (2) |" in text
+    assert "| resnet20 (copy B) | x1 | 100 | bf16 | cpu | TestCPU (2 cores) | 30.00 ± - (1) |" in text
+
+
+def _new_run(root, name, err, *, seed=0, model=None, recipe=None, runtime=None, world_size=1, md5="aaaa",
+             env=None, diverged_at=None, budget=0.015):
+    """A run folder as this version's engine writes it (config.json with model_config, data_info, world_size)."""
+    from reslab.config import RunConfig
+    from reslab.recipes import get_recipe
+    cfg = RunConfig.build(root / name, "resnet20", model=model or {}, seed=seed,
+                          recipe=get_recipe("cifar-paper").scaled(budget).with_overrides(**(recipe or {})),
+                          **{"precision": "fp32", **(runtime or {})})  # a run records its precision resolved
+    iters = cfg.recipe.iters
+    d = root / name
+    d.mkdir(parents=True)
+    ident = {"dataset": "cifar10", "official": False, "md5": md5, "pixels_md5": md5, "description": "copy"}
+    (d / "config.json").write_text(json.dumps({
+        **cfg.to_dict(), "model_config": create_model("resnet20", **(model or {})).metadata, "world_size": world_size,
+        "data_info": {"name": "cifar10", "eval_split": "test", "identity": ident}}))
+    (d / "env.json").write_text(json.dumps(env or {"torch": "9.9", "cpu": "TestCPU", "cpu_count": 2, "gpus": [],
+                                                   "device": "cpu", "world_size": world_size}))
+    lines = [{"kind": "train", "step": iters // 2, "train_err": 0.5, "elapsed_s": 1},
+             {"kind": "eval", "step": iters // 2, "top1_err": 0.6, "elapsed_s": 1}]
+    if diverged_at is None:
+        lines += [{"kind": "train", "step": iters, "train_err": 0.3, "elapsed_s": 2},
+                  {"kind": "eval", "step": iters, "top1_err": err, "elapsed_s": 2}]
+    else:
+        lines.append({"kind": "diverged", "step": diverged_at, "elapsed_s": 2, "reason": "NaN"})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return d
+
+
+def test_table6_rows_are_one_way_of_training_and_name_what_left_a_mean(tmp_path):
+    """What the review of the report found pooled or hidden: a diverged seed (left out of the mean without
+    a word), --shortcut A asked for by name (the paper's net, left out of Table 6), precise BN, several
+    ranks and a GPU's TF32 "fp32" (averaged with the CPU's fp32), another copy of the data under the same
+    description, a tie between recipes (which made a changed lr the unlabelled row), and NaN in results.json."""
+    _new_run(tmp_path, "a/resnet20-s0", 0.30)
+    _new_run(tmp_path, "a/resnet20-s1", 0.32, seed=1, model={"shortcut": "A"})  # the default, named
+    _new_run(tmp_path, "a/resnet20-s2", None, seed=2, diverged_at=700)
+    _new_run(tmp_path, "pbn/resnet20-s0", 0.40, runtime={"precise_bn": 200})
+    _new_run(tmp_path, "ddp/resnet20-s0", 0.50, world_size=4)
+    _new_run(tmp_path, "gpu/resnet20-s0", 0.20, env={"torch": "9.9", "cpu": "X", "cpu_count": 16,
+                                                     "gpus": ["GPU A", "GPU A"], "device": "cuda", "gpu": "GPU A",
+                                                     "world_size": 1})
+    _new_run(tmp_path, "md5/resnet20-s0", 0.10, md5="bbbb")
+    _new_run(tmp_path, "lr/resnet20-s0", 0.90, recipe={"lr": 0.05})
+    _new_run(tmp_path, "b/resnet20-s0", 0.36, model={"shortcut": "B"})  # another net: not a Table 6 row
+    text = write_report(tmp_path).read_text()
+    rows = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))["table6"]
+    by = {(r["setting"], r["data_md5"], r["recipe"]): r for r in rows}
+    main_row = by["cpu", "aaaa", ""]
+    assert (main_row["n"], main_row["mean"], main_row["diverged"]) == (2, pytest.approx(31.0), 1)
+    assert "| resnet20 (copy, MD5 aaaa) | x0.015 | 960 | fp32 | cpu | TestCPU (2 cores) | 31.00 ± 1.41 (2), " \
+           "1 diverged not counted |" in text
+    assert "a/resnet20-s2 | x0.015 | 480/960 (diverged at 700) |" in text
+    assert by["cpu, precise BN 200", "aaaa", ""]["mean"] == pytest.approx(40.0)
+    assert by["cpu, 4 ranks", "aaaa", ""]["mean"] == pytest.approx(50.0)
+    assert by["cuda", "aaaa", ""]["hardware"] == ["GPU A x1"]
+    assert by["cpu", "bbbb", ""]["mean"] == pytest.approx(10.0)
+    assert by["cpu", "aaaa", "lr=0.05"]["mean"] == pytest.approx(90.0)  # the paper's lr is the unlabelled row
+    assert len(rows) == 6 and "36.00" not in text.split("## Table 6")[1]
+
+
+def test_hardware_is_the_device_a_run_used_in_every_session(tmp_path):
+    """A CPU run on a GPU host is a CPU run; four ranks of an eight-GPU host are x4; a run resumed on other
+    hardware names the earlier sessions' too (env.json was overwritten on every resume)."""
+    from reslab.logs import environment, hardware_line, session_environment
+    host = {"cpu": "EPYC", "cpu_count": 16, "gpus": ["H100"] * 8, "torch": "2.11", "git": "g"}
+    assert hardware_line({**host, "device": "cpu", "world_size": 1}) == "EPYC (16 cores)"
+    assert hardware_line({**host, "device": "cuda", "gpu": "H100", "world_size": 4}) == "H100 x4"
+    assert hardware_line(host) == "H100 x8"  # a record from before the device was kept
+    here = environment(torch.device("cpu"))
+    assert here["device"] == "cpu" and hardware_line(here).endswith("cores)")
+    first = {**host, "device": "cuda", "gpu": "H100", "world_size": 1}
+    again = session_environment(dict(first), torch.device("cpu"), 1)
+    assert again["earlier"] == [first]
+    assert "earlier" not in session_environment(dict(here), torch.device("cpu"), 1)  # same machine: no history
+    d = _new_run(tmp_path, "resnet20-s0", 0.3, env=again)
+    assert summarize(d)["hardware"] == f"{hardware_line(here)} (earlier sessions: H100 x1)"
 
 
 def test_report_says_whether_fig7_observations_hold():

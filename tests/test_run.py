@@ -84,6 +84,25 @@ def test_divergence_between_log_lines_never_reaches_the_checkpoint(data_dir, tmp
         assert f"step {ck['step']}, untouched" in err
     else:
         assert "no checkpoint was written" in err
+    # the log says the run diverged (a report must not take it for a run that was only stopped)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["kind"] == "diverged" and "NaN/Inf" in last["reason"]
+
+
+def test_resume_before_the_first_checkpoint_restarts_the_recorded_run(data_dir, tmp_path, capsys):
+    """A run stopped before its first checkpoint (Ctrl-C, a kill) leaves config.json and no last.pt: --resume
+    restarts the run recorded there, not the command's defaults (64k iterations at batch 128)."""
+    out = tmp_path / "r"
+    assert _train("--iters", 40, "--eval-every", 20, "--log-every", 10, "--lr", 0.05, "--data-dir", data_dir,
+                  "--out", out, "--stop-at", 5) == 0
+    for f in ("last.pt", "best.pt"):
+        (out / f).unlink(missing_ok=True)
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.5", "--data-dir", str(data_dir)]) == 2
+    assert "recipe.lr is 0.05" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    rec = json.loads((out / "config.json").read_text())
+    assert (rec["recipe"]["iters"], rec["recipe"]["lr"], rec["model"]["arch"]) == (40, 0.05, "resnet8")
+    assert ckpt.read_status(out)["step"] == 40
 
 
 def test_resume_refuses_a_different_run_and_extends_by_request(data_dir, tmp_path, capsys):
@@ -205,10 +224,13 @@ def test_sigterm_saves_at_the_next_step_and_resume_is_bitwise_the_uninterrupted_
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_sigterm_to_the_process_group_leaves_the_data_workers_to_the_run(tmp_path):
-    """`timeout`, Slurm and `kill -- -PGID` signal the DataLoader workers too. A worker it ended took the run
-    down with "DataLoader worker is killed by signal" and nothing saved; now the workers leave the signal to
-    the run, which saves, exits 143, shuts them down without a complaint, and resumes bitwise."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_to_the_process_group_leaves_the_data_workers_to_the_run(tmp_path, sig):
+    """`timeout`, Slurm and `kill -- -PGID` signal the DataLoader workers too, and Ctrl-C at a terminal sends
+    SIGINT to the whole foreground group. A worker it ended took the run down with "DataLoader worker is
+    killed by signal" (or "exited unexpectedly") and nothing saved, and Ctrl-C lost every step since the last
+    checkpoint; now the workers leave the signal to the run, which saves, exits 128 + the signal, shuts them
+    down without a complaint, and resumes bitwise."""
     from conftest import make_jpeg_folder
     root = make_jpeg_folder(tmp_path / "imgs", per_class=8)
     args = ["train", "--arch", "resnet18", "--data", "folder", "--data-dir", root, "--recipe", "imagenet-paper",
@@ -222,12 +244,13 @@ def test_sigterm_to_the_process_group_leaves_the_data_workers_to_the_run(tmp_pat
     log = out / "metrics.jsonl"
     while p.poll() is None and not (log.exists() and log.read_text().count("\n") >= 3):
         time.sleep(0.01)
-    os.killpg(p.pid, signal.SIGTERM)  # the main process and both workers
+    os.killpg(p.pid, sig)  # the main process and both workers
     p.wait()
     err = p.stderr.read()
-    assert p.returncode == 128 + signal.SIGTERM and "DataLoader" not in err and "Traceback" not in err, err
+    assert p.returncode == 128 + sig and "DataLoader" not in err and "Traceback" not in err, err
     step = ckpt.read_status(out)["step"]
     assert 3 <= step < 30 and f"at step {step}" in err, err
+    assert ("Ctrl-C: saving at the end of this step" in err) == (sig == signal.SIGINT), err
     rc, err = _run_child([*args, "--out", out, "--resume"], env)
     assert rc == 0 and "DataLoader" not in err, err  # and a run that ends normally shuts its workers down quietly
     a, b = ckpt.load(tmp_path / "ref"), ckpt.load(out)
@@ -255,7 +278,8 @@ def test_sigterm_stops_a_run_set_with_every_run_saved(data_dir, tmp_path):
         mp.setattr(Trainer, "after_step", term_at_7)
         with pytest.raises(Interrupted, match="at step 7"):
             train_set(configs)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are gone with the run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     from reslab import interrupt
     assert not interrupt.requested()  # and the request: a later run in this process is not asked to stop
     assert [ckpt.read_status(c.out)["step"] for c in configs] == [7, 7]

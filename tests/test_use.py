@@ -1,4 +1,5 @@
 """Using trained models: predict, export, convert, torch.hub."""
+import argparse
 import json
 from pathlib import Path
 
@@ -113,6 +114,9 @@ def test_exports_and_hand_edited_sidecars_are_named_errors(trained, tmp_path, ca
     assert main(["predict", str(ts), str(_images(tmp_path / "imgs"))]) == 2
     err = capsys.readouterr().err.strip()
     assert "is a TorchScript export" in err and "weights_only" not in err and "\n" not in err
+    # without its suffix a safetensors file would be read back as a checkpoint: refused before writing
+    assert main(["export", str(trained), "--format", "safetensors", "--out", str(tmp_path / "noext")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err and not (tmp_path / "noext").exists()
     st = tmp_path / "m.safetensors"
     assert main(["export", str(trained), "--format", "safetensors", "--out", str(st)]) == 0
     side = json.loads(st.with_suffix(".json").read_text())
@@ -186,6 +190,63 @@ def test_convert_torchvision_identical_outputs(tmp_path):
     torch.save(tv, tmp_path / "whole.pth")
     assert main(["convert", str(tmp_path / "whole.pth"), "--from", "torchvision", "--arch", "resnet18",
                  "--out", str(tmp_path / "w.pt")]) == 2
+
+
+TIMM = Path(__file__).parent / "fixtures" / "timm-resnet18"
+
+
+def test_convert_timm_hub_folder_and_training_checkpoint(tmp_path):
+    """timm's files as timm 1.0.31 writes them: tests/fixtures/timm-resnet18 holds the config.json its
+    save_for_hf wrote for resnet18 and the names and shapes of that model's tensors (too large to commit
+    whole). The weights are a torchvision ResNet-18's, which must have exactly timm's names and shapes."""
+    torch.manual_seed(2)
+    tv = torchvision.models.resnet18().eval()
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    sd = tv.state_dict()
+    assert {k: list(v.shape) for k, v in sd.items()} == json.loads((TIMM / "tensors.json").read_text())
+    from safetensors.torch import save_file
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    conf = json.loads((TIMM / "config.json").read_text())
+    conf["pretrained_cfg"]["mean"] = [0.5, 0.4, 0.3]  # read from the file, not assumed
+    conf["label_names"] = [f"n{i:08d}" for i in range(1000)]  # as timm writes ImageNet's synsets and words
+    conf["label_descriptions"] = {f"n{i:08d}": f"class {i}" for i in range(1000)}
+    (hub / "config.json").write_text(json.dumps(conf))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(hub / "model.safetensors"))
+    x = torch.randn(2, 3, 64, 64)
+    assert main(["convert", str(hub), "--from", "timm", "--out", str(tmp_path / "a.pt")]) == 0
+    ours = reslab.load(tmp_path / "a.pt")
+    assert ours.cfg.name == "resnet18" and ours.metadata["stride_variant"] == "-"
+    assert ours.reslab["normalizer"].mean.flatten().tolist() == pytest.approx([0.5, 0.4, 0.3])
+    assert ours.reslab["classes"][:2] == ["class 0", "class 1"]
+    with torch.no_grad():
+        assert torch.equal(ours(x), tv(x))
+    # the file names its architecture: another --arch is refused, and timm's other ResNets are other nets
+    assert main(["convert", str(hub), "--from", "timm", "--arch", "resnet34", "--out", str(tmp_path / "b.pt")]) == 2
+    conf["architecture"] = "resnet18d"
+    (hub / "config.json").write_text(json.dumps(conf))
+    assert main(["convert", str(hub / "model.safetensors"), "--from", "timm", "--out", str(tmp_path / "c.pt")]) == 2
+    assert not (tmp_path / "b.pt").exists() and not (tmp_path / "c.pt").exists()
+    # timm's train.py: its options as an argparse.Namespace, the EMA weights beside the raw ones (timm
+    # prefers the EMA, and so does the converter), names behind DDP's and torch.compile's prefixes
+    raw = {"_orig_mod.module." + k: torch.zeros_like(v) for k, v in sd.items()}
+    torch.save({"epoch": 9, "arch": "resnet18", "state_dict": raw, "state_dict_ema": {"module." + k: v for k, v in sd.items()},
+                "args": argparse.Namespace(model="resnet18", lr=0.5, sched="cosine")}, tmp_path / "model_best.pth.tar")
+    assert main(["convert", str(tmp_path / "model_best.pth.tar"), "--from", "timm", "--out", str(tmp_path / "d.pt")]) == 0
+    with torch.no_grad():
+        assert torch.equal(reslab.load(tmp_path / "d.pt")(x), tv(x))
+    # torch.compile's prefix alone, and a .safetensors file given to the torchvision converter
+    save_file({"_orig_mod." + k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "tv.safetensors"))
+    assert main(["convert", str(tmp_path / "tv.safetensors"), "--from", "torchvision", "--arch", "resnet18",
+                 "--out", str(tmp_path / "e.pt")]) == 0
+    with torch.no_grad():
+        assert torch.equal(reslab.load(tmp_path / "e.pt")(x), tv(x))
+    # a backbone saved without its classifier says so
+    save_file({k: v.contiguous() for k, v in sd.items() if not k.startswith("fc.")}, str(tmp_path / "headless.safetensors"))
+    assert main(["convert", str(tmp_path / "headless.safetensors"), "--from", "torchvision", "--arch", "resnet18",
+                 "--out", str(tmp_path / "f.pt")]) == 2
 
 
 class _ReproBlock(nn.Module):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 
 EXIT_USER_ERROR = 2
@@ -202,7 +201,8 @@ def _register_train(sub) -> None:
                    "its recorded config wins, and a flag that contradicts it is an error")
     p.add_argument("--extend-to", type=int, default=None, metavar="N",
                    help="with --resume: lengthen the run to N iterations, keeping every lr milestone where it was")
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this step, resumable (for budgets/tests)")
+    p.add_argument("--stop-at", type=_at_least(1), default=None,
+                   help="stop after this step, resumable (for budgets/tests)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="train one run per seed at once, in one process (folders OUT-sSEED, OUT default "
                         "runs/ARCH-DATA); each equals the run trained alone")
@@ -329,8 +329,9 @@ def cmd_export(a) -> int:
 
 def cmd_convert(a) -> int:
     from .interop import convert
-    out = convert(a.src, getattr(a, "from"), a.arch, a.out)
-    print(f"converted {a.src} -> {out} ({a.arch}); use it with reslab eval/predict/export or reslab.load()")
+    rec = convert(a.src, getattr(a, "from"), a.arch, a.out)
+    print(f"converted {rec['source']} -> {a.out} ({rec['model_config']['name']}); use it with reslab "
+          f"eval/predict/export or reslab.load()")
     return 0
 
 
@@ -352,10 +353,10 @@ def _register_use(sub) -> None:
     p.add_argument("--with-normalizer", action="store_true",
                    help="torchscript/onnx: the graph takes uint8 RGB images and applies the run's normalisation")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("convert", help="import torchvision or CIFAR-reproduction weights")
-    p.add_argument("src")
+    p = sub.add_parser("convert", help="import torchvision, timm or CIFAR-reproduction weights")
+    p.add_argument("src", help="weights file (.pth, .pt, .bin, .safetensors), or a timm hub folder")
     p.add_argument("--from", required=True, choices=list(CONVERTERS))
-    p.add_argument("--arch", required=True)
+    p.add_argument("--arch", help="the reslab architecture; timm's files name their own")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_convert)
 
@@ -404,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     from .interrupt import Interrupted
     try:
         return int(a.func(a) or 0)
-    except Interrupted as e:  # SIGTERM: saved, and the exit status says which signal ended it
+    except Interrupted as e:  # SIGTERM or Ctrl-C: saved, and the exit status says which signal ended it
         print(f"reslab: {e}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return 128 + e.signum
     except (ReslabError, ValueError, FileNotFoundError) as e:
         print(f"reslab: error: {' '.join(_message(e).split())}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -20,6 +20,7 @@ process. `train(cfg)` is the one-call form.
 """
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import sys
@@ -39,7 +40,7 @@ from .data.resident import ResidentLoader
 from .errors import ReslabError
 from .evaluate import evaluate, precise_bn
 from .flags import to_cli_args
-from .logs import MetricsLog, Progress, environment, last_evaluation, truncate_metrics, write_json
+from .logs import MetricsLog, Progress, last_evaluation, session_environment, truncate_metrics, write_json
 from .recipes import after_eval, lr_at, warmup_rule_applies
 from .state import TrainingState
 from .step import (GivenBatch, GraphedStep, TrainStep, autocast_for, graph_fallback, make_ema, make_optimizer,
@@ -95,6 +96,18 @@ class Trainer:
             raise ReslabError(f"{out} holds the log of a run evaluated at step {ev['step']} but not its checkpoint "
                               f"({ckpt.LAST}), so it cannot be continued; choose another --out, or move the folder "
                               "away to train it again")
+        elif resume and (out / "config.json").is_file():
+            # a run stopped before its first checkpoint starts again as its config.json records it (the
+            # command's defaults would silently train another run: 64k iterations at batch 128)
+            try:
+                saved = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ReslabError(f"{out}/config.json cannot be read ({type(e).__name__}: {e}), so --resume cannot "
+                                  "restart the run it records; move the folder away, or train without --resume "
+                                  "into another --out") from None
+            dev = dist.pick_device(cfg.runtime.device if explicit is None or ("runtime", "device") in explicit
+                                   else saved.runtime.device)
+            cfg = resume_config(saved, replace(cfg, runtime=resolve_runtime(cfg.runtime, dev)), explicit)
         if extend_to is not None:
             cfg = extend(cfg, extend_to)
         self.d = d = dist_info or dist.init(cfg.runtime.device)
@@ -136,7 +149,13 @@ class Trainer:
             else:
                 (out / "metrics.jsonl").unlink(missing_ok=True)
             write_json(out / "config.json", self.config_record())
-            write_json(out / "env.json", environment())
+            prev = None
+            if ck is not None and (out / "env.json").is_file():
+                try:
+                    prev = json.loads((out / "env.json").read_text())
+                except (ValueError, OSError):  # damaged: the record of earlier sessions is lost, not the run
+                    prev = None
+            write_json(out / "env.json", session_environment(prev, d.device, d.world_size))
         net = self._net(model, rt, d) if own_step else model
         self.step_fn = TrainStep(net, model, opt, scaler, ema, rt.precision, d.device, r.label_smoothing,
                                  acc=st.counters["log"])
@@ -281,10 +300,20 @@ class Trainer:
         if self.checked_step == st.step:  # a log line and an evaluation at the same step: checked already
             return
         if float(dist.all_reduce_sum(self.nonfinite()).sum()) > 0:
-            raise TrainingDiverged(f"the training loss or the weights became NaN/Inf between steps "
-                                   f"{self.checked_step + 1} and {st.step}; stopped without saving "
-                                   f"({self._on_disk()}); lower the learning rate or use --precision fp32")
+            raise self.diverged(f"the training loss or the weights became NaN/Inf between steps "
+                                f"{self.checked_step + 1} and {st.step}; stopped without saving "
+                                f"({self._on_disk()}); lower the learning rate or use --precision fp32")
         self.checked_step = st.step
+
+    def diverged(self, reason: str) -> TrainingDiverged:
+        """The error to raise, once the log says the run diverged at this step: without that line a diverged
+        run reads as one that was stopped, and a report would leave it out of a mean without saying why. A
+        resume from the last good checkpoint drops the line with the others logged after that checkpoint."""
+        if self.d.is_main:
+            elapsed = time.time() - self._t_start if self._log is not None else self.state.elapsed
+            MetricsLog(self.out).write({"kind": "diverged", "step": self.state.step, "elapsed_s": elapsed,
+                                        "reason": reason})
+        return TrainingDiverged(reason)
 
     def _on_disk(self) -> str:
         return (f"{self.out / ckpt.LAST} is still the checkpoint of step {self.saved_step}, untouched"
@@ -324,12 +353,12 @@ class Trainer:
         self.check_finite()  # before spending an evaluation on a diverged model
         if cfg.runtime.precise_bn:
             # a fork: a separate, seeded pass that leaves the training loader's position untouched
-            precise_bn(self.model, iter(self.data.train.fork(cfg.seed + 7919)), cfg.runtime.precise_bn)
+            precise_bn(self.model, self.data.train.fork(cfg.seed + 7919), cfg.runtime.precise_bn)
         m = evaluate(self.model, self.data.eval, self.ctx)
         if not math.isfinite(m["loss"]):  # finite weights whose outputs overflow: as diverged as a NaN loss
-            raise TrainingDiverged(f"the evaluation at step {step} gave a non-finite loss (the model's outputs "
-                                   f"overflow); stopped without saving ({self._on_disk()}); lower the learning "
-                                   "rate or use --precision fp32")
+            raise self.diverged(f"the evaluation at step {step} gave a non-finite loss (the model's outputs "
+                                f"overflow); stopped without saving ({self._on_disk()}); lower the learning "
+                                "rate or use --precision fp32")
         if st.ema is not None:
             e = evaluate(st.ema.module, self.data.eval, self.ctx)
             m = {**m, **{f"ema_{k}": v for k, v in e.items() if k != "n"}}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dist
+from .errors import ReslabError
 
 
 def _mean_of_probs(logp: torch.Tensor, dim: int) -> torch.Tensor:
@@ -68,13 +69,16 @@ def evaluate(model: nn.Module, loader, autocast=None) -> dict:
 @torch.no_grad()
 def precise_bn(model: nn.Module, batches, num_batches: int) -> int:
     """Recompute every BN layer's running mean/var as the true average over `num_batches` training batches
-    (what the paper's released models did), instead of the exponential moving average. Returns the number
-    of batches used."""
+    (what the paper's released models did), instead of the exponential moving average. `batches` is gone
+    through again (the loader's next epoch) until that many came; a loader that yields fewer (none, when its
+    batch is larger than the split and it drops the last) is an error, with the statistics left as they were.
+    Returns the number of batches used."""
     model = dist.unwrap(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or num_batches <= 0:
         return 0
     saved = [(m.momentum, m.training) for m in bns]
+    stats = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
     was_training = model.training
     model.train()
     for m in bns:
@@ -82,13 +86,23 @@ def precise_bn(model: nn.Module, batches, num_batches: int) -> int:
         m.momentum = None  # cumulative moving average: after k batches, the plain mean of k batch stats
     used = 0
     try:
-        for x, _ in batches:
-            model(x)
-            used += 1
-            if used >= num_batches:
+        while used < num_batches:
+            before = used
+            for x, _ in batches:
+                model(x)
+                used += 1
+                if used >= num_batches:
+                    break
+            if used == before:  # an epoch without a batch: no more will come
                 break
     finally:
         for m, (mom, tr) in zip(bns, saved):
             m.momentum = mom
         model.train(was_training)
+    if used < num_batches:
+        with torch.no_grad():
+            for m, st in zip(bns, stats):
+                m.load_state_dict(st)
+        raise ReslabError(f"precise BN needs {num_batches} training batches and the training data gave none; "
+                          "its batch is larger than the training split (use a smaller batch)")
     return used

@@ -126,7 +126,10 @@ EXPERIMENTS = {
         analysis="test error per block design at equal depth; params and MACs of each"),
     "imagenet-degradation": Experiment(
         "imagenet-degradation", "Fig. 4 / Table 2: plain-18/34 vs ResNet-18/34 on ImageNet", "folder",
-        "imagenet-paper", {"paper": ("plain18", "plain34", "resnet18", "resnet34")},
+        # Table 2's ResNets have option A shortcuts, "no extra parameter compared to the plain counterparts"
+        # (§4.1); the zoo's ImageNet default is option B, the paper's choice for ResNet-50/101/152
+        "imagenet-paper", {"paper": ("plain18", "plain34", ("resnet18", "resnet18", (("shortcut", "A"),)),
+                                     ("resnet34", "resnet34", (("shortcut", "A"),)))},
         needs="an ImageNet-style folder (train/<class>/*.JPEG, val/<class>/*.JPEG) passed as --data-dir",
         analysis="training and validation error curves; 10-crop top-1 with `reslab eval --views 10crop`"),
 }

@@ -79,6 +79,9 @@ def export(path, fmt: str, out, with_normalizer: bool = False) -> dict:
     out = Path(out)
     if out.is_dir():
         raise ReslabError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model' + SUFFIXES[fmt])}")
+    if fmt == "safetensors" and out.suffix != ".safetensors":
+        # reslab.load (and predict, eval) tell a safetensors file from a checkpoint by its suffix
+        raise ReslabError(f"--out {out}: a safetensors file must end in .safetensors, e.g. {out}.safetensors")
     model = load(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     xs = _examples(model)

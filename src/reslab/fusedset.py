@@ -195,10 +195,13 @@ class FusedSet:
         names = ", ".join(Path(t.cfg.out).name for t, b in zip(self.trainers, bad) if b)
         on_disk = (f"every member's last.pt is still its checkpoint of step {t0.saved_step}, untouched"
                    if t0.saved_step is not None else "no member had written a checkpoint")
-        raise TrainingDiverged(f"fused member(s) {names}: the training loss or the weights became NaN/Inf "
-                               f"between steps {t0.checked_step + 1} and {step}; the set stopped without saving "
-                               f"({on_disk}); lower the learning rate or use --precision fp32, or resume the "
-                               "others without it")
+        reason = (f"fused member(s) {names}: the training loss or the weights became NaN/Inf between steps "
+                  f"{t0.checked_step + 1} and {step}; the set stopped without saving ({on_disk}); lower the learning "
+                  "rate or use --precision fp32, or resume the others without it")
+        for t, b in zip(self.trainers, bad):
+            if b:
+                t.diverged(reason)  # each diverged member's log says so; the others only stopped
+        raise TrainingDiverged(reason)
 
     def _evaluate_members(self, step: int) -> None:
         """Every member evaluated before any logs or saves: one whose outputs overflow (a non-finite loss)

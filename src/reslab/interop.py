@@ -9,9 +9,15 @@ Converters (`reslab convert SRC --from torchvision|cifar-repro --arch NAME --out
   cifar-repro  the popular PyTorch CIFAR reproduction's checkpoints: {"state_dict": ...} with DataParallel's
                "module." prefix, the classifier named "linear", option A as a lambda that zero-pads
                channels on both sides; loaded into the reslab CIFAR net with zero_pad="both".
+  timm         timm's resnet18/34/50/101/152 (torchvision's tensor names and v1.5 stride): a Hugging Face hub
+               folder (config.json + model.safetensors or pytorch_model.bin) or a checkpoint of timm's
+               train.py; the architecture, normalisation and class names come from the files.
+A state dict is read from .safetensors or from a PyTorch file; wrapper prefixes ("module." from
+DataParallel/DDP, "_orig_mod." from torch.compile, in either order) are removed.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -97,42 +103,92 @@ def _load_safetensors(p: Path) -> ResNet:
 
 
 # ------------------------------------------------------------------ converters
-def _read_state_dict(src) -> dict:
-    """A state dict from a file as others write them: bare or under "state_dict", zip or legacy (pre-1.6)
-    serialisation, with or without `_metadata`, from PyTorch versions old enough that BatchNorm had no
-    `num_batches_tracked` (the converters fill those in; see checkpoint.load_model_state)."""
+def _load_file(src):
+    """What a weights file holds, read without running code from it."""
+    if Path(src).suffix == ".safetensors":
+        try:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ReslabError(f"{src}: reading .safetensors needs the safetensors package: "
+                              "pip install 'reslab[export]'") from None
+        try:
+            return load_file(str(src))
+        except (SafetensorError, OSError) as e:
+            raise ReslabError(f"{src}: not a readable safetensors file ({e})") from None
+    # timm's train.py keeps its argparse.Namespace of options in every checkpoint; a namespace of plain values
+    # is as safe to rebuild as the dicts around it, and without it the safe loader refuses the whole file
+    allow = getattr(torch.serialization, "safe_globals", None)
     try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
+        if allow is None:  # torch 2.4: only the process-wide list exists
+            torch.serialization.add_safe_globals([argparse.Namespace])
+            return torch.load(src, map_location="cpu", weights_only=True)
+        with allow([argparse.Namespace]):
+            return torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:
         # a whole pickled model is refused by the safe loader: say how to save what can be read safely
         hint = ("; if it holds a whole pickled model, load it where its code lives and save "
                 "model.state_dict() instead" if "weights_only" in str(e) or "Unpickl" in type(e).__name__ else "")
         raise ReslabError(f"{src}: not a readable PyTorch file ({type(e).__name__}){hint}") from None
+
+
+# wrappers that prefix every tensor name: DataParallel/DDP ("module."), torch.compile ("_orig_mod."), nested
+_WRAPPERS = ("module.", "_orig_mod.")
+
+
+def _unwrap_names(sd: dict) -> dict:
+    while sd and any(all(k.startswith(w) for k in sd) for w in _WRAPPERS):
+        w = next(w for w in _WRAPPERS if all(k.startswith(w) for k in sd))
+        sd = {k[len(w):]: v for k, v in sd.items()}
+    return sd
+
+
+def _read_state_dict(src, keys=("state_dict", "model")) -> tuple[dict, object, str | None]:
+    """A state dict from a file as others write them: .safetensors, or a PyTorch file bare or under one of
+    `keys` (the first present wins), zip or legacy (pre-1.6) serialisation, with or without `_metadata`,
+    from PyTorch versions old enough that BatchNorm had no `num_batches_tracked` (the converters fill those
+    in; see checkpoint.load_model_state). Returns (state dict, what the file held, the key it was under)."""
+    whole = _load_file(src)
+    obj, key = whole, None
     # the training scripts of pytorch/examples keep {"state_dict": ...}, torchvision's references {"model": ...}
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+    for k in keys:
+        if isinstance(whole, dict) and isinstance(whole.get(k), dict):
+            obj, key = whole[k], k
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ReslabError(f"{src}: not a state dict (a dict of tensors, {{'state_dict': ...}} or {{'model': ...}})")
-    # DataParallel / DistributedDataParallel wrote every name behind "module."
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
+    return _unwrap_names(dict(obj)), whole, key
 
 
-def convert_torchvision(src, arch: str, num_classes: int | None = None) -> dict:
-    sd = _read_state_dict(src)
-    n = num_classes or (sd["fc.weight"].shape[0] if "fc.weight" in sd else 1000)
-    model = create_model(arch, stride_in_1x1=False, num_classes=n)
+def _has_classifier(sd: dict, src, name: str = "fc") -> None:
+    if f"{name}.weight" not in sd:
+        raise ReslabError(f"{src}: no classifier ({name}.weight): the weights of a backbone without its head; "
+                          "reslab converts whole classifiers")
+
+
+def _torchvision_layout(sd: dict, src, arch: str, source: str) -> ResNet:
+    """A reslab v1.5 net holding a state dict in torchvision's names (torchvision's and timm's ResNets)."""
+    model = create_model(arch, stride_in_1x1=False, num_classes=sd["fc.weight"].shape[0])
     if model.cfg.family != "imagenet" or not model.cfg.residual:
-        raise ReslabError(f"--from torchvision needs an ImageNet-family ResNet (resnet18 ... resnet152), got {arch}")
+        raise ReslabError(f"--from {source} needs an ImageNet-family ResNet (resnet18 ... resnet152), got {arch}")
     ckpt.load_model_state(model, sd, str(src), fill_bn_counters=True)
+    return model
+
+
+def convert_torchvision(src, arch: str | None) -> dict:
+    if arch is None:
+        raise ReslabError("--from torchvision needs --arch (resnet18 ... resnet152): the file does not say")
+    sd, _, _ = _read_state_dict(src)
+    _has_classifier(sd, src)
+    model = _torchvision_layout(sd, src, arch, "torchvision")
+    n = model.cfg.num_classes
     return weights_record(model, _channel_norm(IMAGENET), [str(i) for i in range(n)], f"torchvision:{src}")
 
 
-def convert_cifar_repro(src, arch: str) -> dict:
-    sd = _read_state_dict(src)
+def convert_cifar_repro(src, arch: str | None) -> dict:
+    if arch is None:
+        raise ReslabError("--from cifar-repro needs --arch (resnet20, resnet32, ...): the file does not say")
+    sd, _, _ = _read_state_dict(src)
     renamed = {}
     for k, v in sd.items():
         k = "fc." + k[len("linear."):] if k.startswith("linear.") else k
@@ -150,12 +206,83 @@ def convert_cifar_repro(src, arch: str) -> dict:
                           f"cifar-repro:{src}")
 
 
-CONVERTERS = {"torchvision": convert_torchvision, "cifar-repro": convert_cifar_repro}
+# timm's ResNets that are the paper's nets: the same tensor names as torchvision's, the same v1.5 stride; its
+# other resnet* (…d, …t, …s: deep stems, average-pool shortcuts) are other networks
+TIMM_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+_HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-def convert(src, source: str, arch: str, out) -> Path:
+def _timm_files(src) -> tuple[Path, dict]:
+    """The weights file and timm's config.json (or {}) for a hub folder or a weights file."""
+    p = Path(src)
+    if p.is_dir():
+        weights = next((p / n for n in _HUB_WEIGHTS if (p / n).is_file()), None)
+        if weights is None:
+            raise ReslabError(f"{p}: no {' or '.join(_HUB_WEIGHTS)} in this folder (a timm hub download has one)")
+    elif p.is_file():
+        weights = p
+    else:
+        raise ReslabError(f"{p}: no such file or folder")
+    conf = {}
+    side = weights.parent / "config.json"
+    if weights.name in _HUB_WEIGHTS and side.is_file():  # a config.json beside other files may be anyone's
+        try:
+            conf = json.loads(side.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ReslabError(f"{side}: not a readable JSON file ({type(e).__name__})") from None
+        if not isinstance(conf, dict) or "architecture" not in conf:
+            raise ReslabError(f"{side}: not timm's config.json (no 'architecture'); give the weights file "
+                              f"and --arch, or the folder timm's hub download made")
+    return weights, conf
+
+
+def convert_timm(src, arch: str | None) -> dict:
+    weights, conf = _timm_files(src)
+    # timm's own loader prefers the EMA weights where a training checkpoint holds both; so does this
+    sd, whole, key = _read_state_dict(weights, keys=("state_dict_ema", "model_ema", "state_dict", "model"))
+    said = conf.get("architecture") or (whole.get("arch") if isinstance(whole, dict) else None)
+    said = said.split(".")[0] if isinstance(said, str) else None  # "resnet50.a1_in1k": name.pretrained tag
+    if said is not None and arch is not None and said != arch:
+        raise ReslabError(f"{src} holds timm's {said}, not {arch}; leave --arch out or give --arch {said}")
+    arch = arch or said
+    if arch is None:
+        raise ReslabError(f"{src}: the file does not name its architecture; give --arch ({', '.join(TIMM_ARCHS)})")
+    if arch not in TIMM_ARCHS:
+        raise ReslabError(f"timm's {arch} is not one of the paper's networks (its stem or shortcuts differ); "
+                          f"reslab converts timm's {', '.join(TIMM_ARCHS)}")
+    _has_classifier(sd, src)
+    model = _torchvision_layout(sd, weights, arch, "timm")
+    n = model.cfg.num_classes
+    pre = conf.get("pretrained_cfg", conf)  # timm's older config.json kept it all in one dict
+    mean, std = pre.get("mean", IMAGENET[0]), pre.get("std", IMAGENET[1])
+    if len(mean) != 3 or len(std) != 3:
+        raise ReslabError(f"{weights.parent / 'config.json'}: mean/std are not three channels: {mean}, {std}")
+    source = f"timm:{weights}" + (f" ({key})" if key else "")
+    return weights_record(model, _channel_norm((tuple(mean), tuple(std))), _timm_classes(conf, n), source)
+
+
+def _timm_classes(conf: dict, n: int) -> list[str]:
+    """Class names from timm's config.json: label_names (a list, or a dict by index; "labels" in older
+    files), each put in words by label_descriptions where every one has a description (ImageNet's synsets
+    "n01440764" -> "tench, Tinca tinca"); else the indices."""
+    names = conf.get("label_names", conf.get("labels", (conf.get("pretrained_cfg") or {}).get("label_names")))
+    if isinstance(names, dict):
+        names = [names.get(str(i), names.get(i)) for i in range(n)]
+    if not isinstance(names, list) or len(names) != n or any(c is None for c in names):
+        return [str(i) for i in range(n)]
+    words = conf.get("label_descriptions")
+    if isinstance(words, dict) and all(str(c) in words for c in names):
+        return [str(words[str(c)]) for c in names]
+    return [str(c) for c in names]
+
+
+CONVERTERS = {"torchvision": convert_torchvision, "cifar-repro": convert_cifar_repro, "timm": convert_timm}
+
+
+def convert(src, source: str, arch: str | None, out) -> dict:
+    """Convert and save; returns the record written (its model_config names the architecture)."""
     if source not in CONVERTERS:
         raise ReslabError(f"unknown source {source!r}; valid choices: {', '.join(CONVERTERS)}")
     rec = CONVERTERS[source](src, arch)
     ckpt.save_atomic(rec, out)
-    return Path(out)
+    return rec

@@ -1,10 +1,10 @@
-"""Stopping cleanly on SIGTERM, what job schedulers and `timeout` send before they kill: the run finishes the
-step it is in, saves its exact position (as --stop-at does) and ends with an error that says how to continue.
-Without this, everything since the last evaluation's checkpoint was lost.
+"""Stopping cleanly on SIGTERM, what job schedulers and `timeout` send before they kill, and on Ctrl-C
+(SIGINT): the run finishes the step it is in, saves its exact position (as --stop-at does) and ends with an
+error that says how to continue. Without this, everything since the last evaluation's checkpoint was lost.
 
 Only in a single process's main thread: under torchrun every rank would have to agree on the step to stop at
-(a collective per step), so there the signal keeps its default effect and a run resumes from its last
-checkpoint. A second SIGTERM acts at once.
+(a collective per step), so there the signals keep their default effect and a run resumes from its last
+checkpoint. A second signal of either kind acts at once.
 """
 from __future__ import annotations
 
@@ -18,25 +18,31 @@ import threading
 
 from .errors import ReslabError
 
-_requested = False
+_requested = 0  # the signal asked to stop (0: none)
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _name(signum: int) -> str:
+    return "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
 class Interrupted(ReslabError):
-    """A run stopped on SIGTERM after saving; the message names what holds it and what continues it."""
+    """A run stopped on a signal after saving; the message names what holds it and what continues it.
+    `signum` is the signal (the exit status is 128 + it)."""
 
-    def __init__(self, saved: str, again: str):
-        self.saved = saved
-        super().__init__(f"stopped on SIGTERM and saved ({saved}): {again} continues")
+    def __init__(self, saved: str, again: str, signum: int | None = None):
+        self.saved, self.signum = saved, signum or _requested or signal.SIGTERM
+        super().__init__(f"stopped on {_name(self.signum)} and saved ({saved}): {again} continues")
 
     def continued_by(self, again: str) -> "Interrupted":
         """The same stop, with the command that continues it as the caller knows it (`reslab reproduce`)."""
-        return Interrupted(self.saved, again)
+        return Interrupted(self.saved, again, self.signum)
 
 
 def requested() -> bool:
-    """Whether a SIGTERM arrived since the outermost `stop_on_sigterm` was entered (an inner one
+    """Whether a SIGTERM or SIGINT arrived since the outermost `stop_on_sigterm` was entered (an inner one
     that exits leaves it set: `reslab reproduce` wraps its groups of runs in one and checks between them)."""
-    return _requested
+    return bool(_requested)
 
 
 _depth = 0
@@ -44,8 +50,8 @@ _depth = 0
 
 @contextlib.contextmanager
 def stop_on_sigterm(enabled: bool = True):
-    """Within it a SIGTERM is only noted (see `requested`). Nested uses share the outermost one's handler,
-    so a signal that arrives between two inner ones is not forgotten when the next begins."""
+    """Within it a SIGTERM or a Ctrl-C is only noted (see `requested`). Nested uses share the outermost one's
+    handlers, so a signal that arrives between two inner ones is not forgotten when the next begins."""
     global _requested, _depth
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
@@ -53,20 +59,25 @@ def stop_on_sigterm(enabled: bool = True):
 
     def handler(signum, frame):
         global _requested
-        _requested = True
-        signal.signal(signal.SIGTERM, previous)  # a second one is not asked to wait
+        _requested = signum
+        for s, h in previous.items():  # a second one is not asked to wait
+            signal.signal(s, h)
+        if signum == signal.SIGINT:  # at a terminal: say that it was heard, and how to stop at once
+            os.write(2, b"\nreslab: Ctrl-C: saving at the end of this step; Ctrl-C again stops at once, "
+                        b"losing what the last checkpoint does not hold\n")
 
     if _depth == 0:
-        previous = signal.signal(signal.SIGTERM, handler)
-        _requested = False
+        previous = {s: signal.signal(s, handler) for s in SIGNALS}
+        _requested = 0
     _depth += 1
     try:
         yield
     finally:
         _depth -= 1
         if _depth == 0:  # a later run in this process (a notebook, a torchrun rank) starts unasked to stop
-            signal.signal(signal.SIGTERM, previous)
-            _requested = False
+            for s, h in previous.items():
+                signal.signal(s, h)
+            _requested = 0
 
 
 def worker_options(workers: int) -> dict:
@@ -91,7 +102,9 @@ def shield_worker(_worker_id: int, parent: int) -> None:
     threads, which would take the signal: a spawned one, with numpy's BLAS pool) the worker keeps the default."""
     if sys.platform != "linux" or len(os.listdir("/proc/self/task")) > 1:
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    # threads started later inherit the mask; Ctrl-C at a terminal signals the whole foreground group, the
+    # workers too, and is the run's to act on as well (a worker it ended would take the run down)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
     def wait():
         while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:

@@ -41,7 +41,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment() -> dict:
+def environment(device: torch.device | None = None, world_size: int = 1) -> dict:
+    """Versions and hardware; with `device`, the device the run used and how many ranks it had (the GPUs a
+    host has are not the ones a run used: a CPU run on a GPU host, four ranks on an eight-GPU host)."""
     import numpy
     import torchvision
     from . import __version__
@@ -53,11 +55,36 @@ def environment() -> dict:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available() else [],
     }
+    if device is not None:
+        env.update(device=device.type, world_size=world_size)
+        if device.type == "cuda":
+            env["gpu"] = torch.cuda.get_device_name(device)
     return env
 
 
 def hardware_line(env: dict) -> str:
-    return f"{env['gpus'][0]} x{len(env['gpus'])}" if env.get("gpus") else f"{env['cpu']} ({env['cpu_count']} cores)"
+    """What a run ran on: the GPU it used times its ranks, or the CPU. Records from before the device was
+    kept name the host's GPUs, if it had any."""
+    cpu = f"{env['cpu']} ({env['cpu_count']} cores)"
+    if "device" in env:
+        return f"{env['gpu']} x{env.get('world_size', 1)}" if env["device"] == "cuda" else \
+            cpu + (f" x{env['world_size']} ranks" if env.get("world_size", 1) > 1 else "")
+    return f"{env['gpus'][0]} x{len(env['gpus'])}" if env.get("gpus") else cpu
+
+
+def session_environment(previous: dict | None, device: torch.device, world_size: int) -> dict:
+    """env.json for a session of a run: this session's environment, and under "earlier" those of the
+    sessions before it that differ from it in hardware, torch or code (a run resumed on another machine
+    says so: its numbers are not one machine's)."""
+    env = environment(device, world_size)
+    if previous:
+        seen = previous.pop("earlier", []) + [previous]
+        def what(e):
+            return hardware_line(e), e.get("torch"), e.get("git")
+        earlier = [e for e in seen if what(e) != what(env)]
+        if earlier:
+            env["earlier"] = earlier
+    return env
 
 
 class MetricsLog:

@@ -25,13 +25,16 @@ def evaluate_checkpoint(path, data_dir=None, view: str = "center", device: str =
     # converted weights record no data: an ImageNet net is evaluated on an image folder (--data-dir)
     data_name = info.get("name") or ("cifar10" if model.cfg.family == "cifar" else "folder")
     data_dir = data_dir or (cfg.get("data") or {}).get("dir") or (ck.get("run") or {}).get("data_dir")
-    data = data_build.build(data_name, data_dir, batch_size=batch_size, device=dev,
+    # precise BN averages the statistics of batches of the size the run trained with (the BN statistics of
+    # batches of another size are other numbers); converted weights record none: the evaluation batch
+    train_batch = (cfg.get("recipe") or {}).get("batch_size") or batch_size
+    data = data_build.build(data_name, data_dir, batch_size=train_batch, device=dev,
                             val_split=info.get("eval_split") == "val5k", normalizer=model.reslab["normalizer"],
                             view=view, workers=workers, eval_batch=batch_size, with_train=precise_bn_batches > 0,
                             seed=cfg.get("seed", 0), augment=augment_of(cfg), decode=decode)
     data_build.check_classes(ck.get("classes"), data, f"evaluating {p}")
     if precise_bn_batches:
-        precise_bn(model, iter(data.train), precise_bn_batches)
+        precise_bn(model, data.train, precise_bn_batches)
     m = evaluate(model, data.eval)
     return {"checkpoint": str(p), "arch": ck["model_config"].get("name"), "data": data_name,
             "split": data.eval_split, "view": view, "step": ck.get("step"), **m}

@@ -4,7 +4,8 @@ cifar-paper (paper §4.2): global batch 128, SGD momentum 0.9, weight decay 1e-4
   32k and 48k iterations, stop at 64k (~164 epochs of 50k); single 32x32 test view. Nets of depth >= 110
   warm up by a RULE: lr 0.01 until the training error falls below 80% (about 400 iterations), then 0.1.
 imagenet-paper (paper §3.4): global batch 256, lr 0.1 divided by 10 when the validation error plateaus,
-  up to 600k iterations, weight decay 1e-4, momentum 0.9.
+  up to 600k iterations, weight decay 1e-4, momentum 0.9; the per-pixel mean subtracted, as in AlexNet
+  (its [21]) and the mean image released with the paper's Caffe models.
 
 `scaled(f)` multiplies iterations, milestones, warm-up and evaluation interval by f (the --budget flag):
 budget 0.1 of cifar-paper is 6.4k iterations with steps at 3.2k and 4.8k. A schedule shortened this way
@@ -88,6 +89,18 @@ class Recipe:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid choices: {', '.join(SCHEDULES)}")
         if self.batch_size < 1 or self.iters < 1 or self.lr <= 0:
             raise ValueError("batch_size, iters and lr must be positive")
+        if self.eval_every < 1 or self.log_every < 1:
+            raise ValueError(f"eval_every and log_every must be at least 1 step, got {self.eval_every} and "
+                             f"{self.log_every}")
+        # values SGD or the loss would refuse only at the first step, or take for another experiment
+        for name, low in (("weight_decay", 0.0), ("momentum", 0.0), ("warmup_iters", 0), ("ema_decay", 0.0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0 or self.ema_decay >= 1.0 or self.gamma <= 0:
+            raise ValueError(f"label_smoothing and ema_decay must be in [0, 1) and gamma positive, got "
+                             f"{self.label_smoothing}, {self.ema_decay} and {self.gamma}")
+        if list(self.milestones) != sorted(self.milestones) or any(m < 0 for m in self.milestones):
+            raise ValueError(f"milestones must be steps (0 or more) in increasing order, got {list(self.milestones)}")
         from .data.augment import CROPS
         if self.crop not in CROPS:
             raise ValueError(f"unknown crop {self.crop!r}; valid choices: {', '.join(CROPS)}")
@@ -114,7 +127,7 @@ RECIPES: dict[str, Recipe] = {
         milestones=(32_000, 48_000), warmup_rule=WarmupRule(), eval_every=2_000),
     "imagenet-paper": Recipe(
         name="imagenet-paper", dataset="imagenet", batch_size=256, lr=0.1, iters=600_000, schedule="plateau",
-        eval_every=5_000, normalization="channel"),
+        eval_every=5_000),
 }
 
 

@@ -43,43 +43,95 @@ def _flat_config(cfg: dict) -> dict:
     """config.json as this version writes it (sections: model, recipe, data, runtime), as earlier versions
     and the control script wrote it (arch, seed, precision at the top), in one shape."""
     if "model" in cfg and "runtime" in cfg:
-        info = cfg.get("data_info") or {}
+        info, rt = cfg.get("data_info") or {}, cfg["runtime"]
+        ident = info.get("identity") or {}
         return {"arch": cfg["model"]["arch"], "options": cfg["model"].get("options") or {}, "seed": cfg["seed"],
                 "recipe": cfg["recipe"],
-                "model_config": cfg.get("model_config", {}), "precision": cfg["runtime"]["precision"],
-                "eval_split": info.get("eval_split"), "data": (info.get("identity") or {}).get("description"),
-                "data_name": info.get("name"), "implementation": "reslab"}
-    # earlier versions kept the model's switches (width, shortcut, ...) in model_overrides
+                "model_config": cfg.get("model_config", {}), "precision": rt["precision"],
+                "eval_split": info.get("eval_split"), "data": ident.get("description"),
+                "data_md5": ident.get("pixels_md5") or ident.get("md5"),
+                "data_name": info.get("name"), "data_dir": (cfg.get("data") or {}).get("dir"),
+                "implementation": "reslab", "device": rt.get("device"), "world_size": cfg.get("world_size", 1),
+                "precise_bn": rt.get("precise_bn", 0), "sync_bn": rt.get("sync_bn", False)}
+    # earlier versions kept the model's switches (width, shortcut, ...) in model_overrides; the control script
+    # writes its data's fingerprint as test_pixels_md5
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     return {**cfg, "options": cfg.get("options") or cfg.get("model_overrides") or {},
-            "data": (cfg.get("data") or {}).get("description") if isinstance(cfg.get("data"), dict) else None,
+            "data": data.get("description"), "data_md5": data.get("test_pixels_md5"), "data_dir": data.get("dir"),
             "implementation": cfg.get("implementation", "reslab")}
+
+
+def _variant(cfg: dict) -> bool:
+    """Whether the run's net differs from its architecture's default (a width, a block design, option B on
+    a CIFAR net): options that restate a default (`--shortcut A` on a CIFAR net) leave it the paper's net."""
+    if not cfg.get("options"):
+        return False
+    built = cfg.get("model_config")
+    if not built:  # an earlier record without the built config: its options are all there is
+        return True
+    from .zoo import create_model
+    try:
+        return create_model(cfg["arch"]).metadata != built
+    except (ValueError, KeyError):  # an architecture this version does not know
+        return True
+
+
+def _device_type(cfg: dict, env: dict) -> str:
+    """cpu or cuda: where the run trained (fp32 on CUDA is TF32, another number than the CPU's fp32)."""
+    if env.get("device"):
+        return env["device"]
+    dev = str(cfg.get("device") or "auto")
+    return dev.split(":")[0] if dev != "auto" else "cuda" if env.get("gpus") else "cpu" if env else "?"
 
 
 def summarize(run: Path) -> dict:
     cfg = _flat_config(json.loads((run / "config.json").read_text()))
     env = json.loads((run / "env.json").read_text()) if (run / "env.json").is_file() else {}
     rows = read_metrics(run)
-    train = [r for r in rows if r["kind"] == "train"]
-    evals = [r for r in rows if r["kind"] == "eval"]
+    # in step order (a log merged or copied by hand may not be); of one step's lines the last one written
+    train = sorted((r for r in rows if r["kind"] == "train"), key=lambda r: r["step"])
+    evals = sorted((r for r in rows if r["kind"] == "eval"), key=lambda r: r["step"])
+    # the engine logs a "diverged" line before it stops; a resume from the last good checkpoint drops it
+    diverged = [r["step"] for r in rows if r["kind"] == "diverged"]
     iters = cfg["recipe"]["iters"]
     last_eval = evals[-1] if evals else {}
     tail = train[-5:]  # the training error of the last few logging intervals
+    test_err = 100 * last_eval["top1_err"] if evals else None
+    if test_err is not None and not math.isfinite(test_err) and not diverged:  # a NaN logged (control, earlier logs)
+        diverged = [last_eval["step"]]
     return {
-        "run": run.name, "path": str(run), "arch": cfg["arch"], "options": cfg.get("options") or {}, "seed": cfg["seed"],
+        "run": run.name, "path": str(run), "arch": cfg["arch"], "options": cfg.get("options") or {},
+        "variant": _variant(cfg), "seed": cfg["seed"],
         "shortcut": cfg.get("model_config", {}).get("shortcut"), "residual": cfg.get("model_config", {}).get("residual"),
         "budget": cfg["recipe"].get("budget", 1.0), "iters": iters, "recipe_key": _recipe_key(cfg["recipe"]),
         "step": last_eval.get("step", train[-1]["step"] if train else 0),
-        "complete": bool(evals) and last_eval.get("step") == iters,
-        "test_err": 100 * last_eval["top1_err"] if evals else None,
-        "best_test_err": 100 * min(e["top1_err"] for e in evals) if evals else None,
+        "complete": bool(evals) and last_eval.get("step") == iters and not diverged,
+        "diverged_at": diverged[-1] if diverged else None,
+        "test_err": test_err,
+        # the minimum over evaluations chooses on the test set: a column of the runs table, never a result
+        "min_test_err": 100 * min(e["top1_err"] for e in evals if math.isfinite(e["top1_err"]))
+        if any(math.isfinite(e["top1_err"]) for e in evals) else None,
         "train_err": 100 * sum(r["train_err"] for r in tail) / len(tail) if tail else None,
         "eval_split": cfg.get("eval_split"), "wall_min": (last_eval or (train[-1] if train else {})).get("elapsed_s", 0) / 60,
-        "hardware": hardware_line(env) if env else "?", "torch": env.get("torch"), "git": env.get("git"),
+        "hardware": _hardware(env), "torch": env.get("torch"), "git": env.get("git"),
+        "device": _device_type(cfg, env), "world_size": cfg.get("world_size", 1),
+        "precise_bn": cfg.get("precise_bn", 0), "sync_bn": cfg.get("sync_bn", False),
         "precision": cfg.get("precision"), "implementation": cfg["implementation"], "data": cfg["data"],
-        "data_name": cfg.get("data_name"),
+        "data_md5": cfg.get("data_md5"), "data_dir": cfg.get("data_dir"), "data_name": cfg.get("data_name"),
         "curves": {"train": [(r["step"], 100 * r["train_err"]) for r in train],
                                                       "test": [(r["step"], 100 * r["top1_err"]) for r in evals]},
     }
+
+
+def _hardware(env: dict) -> str:
+    """The hardware line, and that of earlier sessions of a resumed run where they differ."""
+    if not env:
+        return "?"
+    lines = [hardware_line(env)]
+    for e in env.get("earlier", []):
+        if hardware_line(e) not in lines:
+            lines.append(hardware_line(e))
+    return lines[0] + (f" (earlier sessions: {', '.join(lines[1:])})" if len(lines) > 1 else "")
 
 
 def _depth(arch: str) -> int:
@@ -118,7 +170,7 @@ def plot_degradation(runs: list[dict], path: Path) -> bool:
             if r["curves"]["test"]:
                 ex, ey = zip(*r["curves"]["test"])
                 # a variant (width, block design, ...) is named by its run, not passed off as the plain net
-                label = r["run"] if r.get("options") else f"{title.split()[0]}-{_depth(r['arch'])}" + (
+                label = r["run"] if r.get("variant") else f"{title.split()[0]}-{_depth(r['arch'])}" + (
                     f" s{r['seed']}" if r["seed"] else "")
                 ax.plot(ex, ey, "-", color=c, linewidth=2.4, label=label)
         ax.set_title(f"{title} (dashed: training error, bold: test error)", fontsize=10)
@@ -206,8 +258,17 @@ def _recipe_diff(key: str, reference: str) -> str:
 
 
 def _finite(v) -> bool:
-    """A test error that can be averaged: a diverged run's NaN is a row of the runs table, not a sample."""
+    """A test error that can be averaged."""
     return v is not None and math.isfinite(v)
+
+
+def _paper_recipe_key(recipe: dict) -> str | None:
+    """The key of the named recipe as the paper defines it, scaled to this run's budget (None: a recipe this
+    version does not know)."""
+    from .recipes import RECIPES
+    if recipe.get("name") not in RECIPES:
+        return None
+    return _recipe_key(RECIPES[recipe["name"]].scaled(recipe.get("budget", 1.0)).to_dict())
 
 
 def one_per_seed(runs: list[dict]) -> tuple[list[dict], int]:
@@ -219,69 +280,139 @@ def one_per_seed(runs: list[dict]) -> tuple[list[dict], int]:
     return list(kept.values()), len(runs) - len(kept)
 
 
+def _data_key(r: dict):
+    """Which data a run used: its test images' fingerprint where recorded, else its description."""
+    return r.get("data_md5") or r["data"]
+
+
+def _setting(r: dict) -> str:
+    """How a run trained beyond recipe and precision, where that changes its number: the device type (fp32
+    on CUDA is TF32), the ranks (BN sees a rank's share of the batch), synchronised and precise BN."""
+    parts = [r.get("device") or "?"]
+    if (r.get("world_size") or 1) > 1:
+        parts.append(f"{r['world_size']} ranks" + (", sync BN" if r.get("sync_bn") else ""))
+    if r.get("precise_bn"):
+        parts.append(f"precise BN {r['precise_bn']}")
+    return ", ".join(parts)
+
+
+def _sample(runs: list[dict]) -> dict:
+    """The numbers a row reports for its runs: finished runs only (a run stopped mid-schedule has a higher
+    error that would pass for seed spread; a diverged one has none), one per seed."""
+    diverged = [r for r in runs if r.get("diverged_at") is not None]
+    unfinished = [r for r in runs if not r["complete"] and r.get("diverged_at") is None]
+    done, dup = one_per_seed([r for r in runs if r["complete"] and _finite(r["test_err"])])
+    errs = [r["test_err"] for r in done]
+    # a duplicate seed kept out is named; where its result differs from the one kept, the report says so
+    kept = {r["seed"]: r["test_err"] for r in done}
+    disagree = sum(1 for r in runs if r["complete"] and _finite(r["test_err"]) and r not in done
+                   and abs(r["test_err"] - kept[r["seed"]]) > 1e-9)
+    return {"errs": errs, "n": len(errs), "diverged": len(diverged), "unfinished": len(unfinished),
+            "duplicates": dup, "disagree": disagree,
+            "mean": statistics.mean(errs) if errs else None,
+            "std": statistics.stdev(errs) if len(errs) > 1 else None,  # the sample std (n - 1)
+            "best": min(errs) if errs else None}
+
+
+def _sample_notes(t: dict) -> str:
+    notes = []
+    if t["unfinished"]:
+        notes.append(f"{t['unfinished']} unfinished not counted")
+    if t["diverged"]:
+        notes.append(f"{t['diverged']} diverged not counted")
+    if t["duplicates"]:
+        notes.append(f"{t['duplicates']} repeated seed{'s' if t['duplicates'] > 1 else ''} not counted"
+                     + (f" ({t['disagree']} with another result)" if t["disagree"] else ""))
+    return ", ".join(notes)
+
+
 def table6(runs: list[dict]) -> list[dict]:
     """Per residual architecture (option A): our CIFAR-10 test error over seeds next to the paper and others.
     A row is one architecture trained one way: the same iterations, recipe (all but logging fields),
-    precision and data, evaluated on the test set. Runs trained another way are other rows, never averaged
-    together, and a seed trained twice counts once."""
+    precision, data, device type, ranks and BN statistics, evaluated on the test set. Runs trained another
+    way are other rows, never averaged together, and a seed trained twice counts once. A recipe other than
+    the paper's (scaled to the row's budget) is named in the row."""
     out = []
-    runs = [r for r in runs if r["implementation"] == "reslab" and not r.get("options") and r["residual"]
-            and r["arch"] in PAPER_TABLE6 and r["shortcut"] == "A" and _finite(r["test_err"])
+    runs = [r for r in runs if r["implementation"] == "reslab" and not r.get("variant") and r["residual"]
+            and r["arch"] in PAPER_TABLE6 and r["shortcut"] == "A"
             and r.get("eval_split") in (None, "test")]  # Table 6 is test error; a val5k run is not in it
 
     def key(r):
-        return r["arch"], r["budget"], r["iters"], r["recipe_key"], r["precision"], r["data"]
-    # per architecture and schedule, the recipe most of its runs used is the reference the others are
-    # described against
+        return (r["arch"], r["budget"], r["iters"], r["recipe_key"], r["precision"], _data_key(r), _setting(r),
+                r["_paper_key"])
+    # the reference a row's recipe is described against: the paper's, scaled to the row's budget; for a
+    # recipe this version cannot name (an earlier record), the one most runs of that schedule used
     common = {}
-    for group in {key(r)[:3] for r in runs}:
-        keys = [r["recipe_key"] for r in runs if key(r)[:3] == group]
+    for group in {(r["arch"], r["budget"], r["iters"]) for r in runs}:
+        keys = [r["recipe_key"] for r in runs if (r["arch"], r["budget"], r["iters"]) == group]
         common[group] = max(sorted(set(keys)), key=keys.count)
-    for k in sorted({key(r) for r in runs}, key=lambda k: (_depth(k[0]), -k[1], -k[2], k[3], str(k[4]), str(k[5]))):
-        arch, budget, iters, recipe, precision, data = k
+    for r in runs:
+        r["_paper_key"] = (_paper_recipe_key(json.loads(r["recipe_key"]) | {"budget": r["budget"]})
+                           or common[r["arch"], r["budget"], r["iters"]])
+    for k in sorted({key(r) for r in runs}, key=lambda k: (_depth(k[0]), -k[1], -k[2], k[3], str(k[4]), str(k[5]),
+                                                          k[6])):
+        arch, budget, iters, recipe, precision, data, setting, paper_key = k
         rs = [r for r in runs if key(r) == k]
-        done, dup = one_per_seed([r for r in rs if r["complete"]])
-        # finished runs only, where there are any (a mid-schedule error would pass for seed spread);
-        # otherwise the unfinished ones, and the row says "incomplete"
-        unfinished = [r for r in rs if not r["complete"]]
-        errs = [r["test_err"] for r in done or one_per_seed(unfinished)[0]]
-        out.append({"arch": arch, "budget": budget, "iters": iters, "precision": precision, "data": data,
-                    "recipe": _recipe_diff(recipe, common[k[:3]]) if recipe != common[k[:3]] else "",
-                    "n": len(errs), "mean": statistics.mean(errs), "std": statistics.stdev(errs) if len(errs) > 1 else None,
-                    "best": min(errs), "complete": bool(done), "unfinished": len(unfinished) if done else 0,
-                    "duplicates": dup, "paper": PAPER_TABLE6[arch], **{k: v.get(arch) for k, v in OTHERS.items()}})
+        sample = _sample(rs)
+        hardware = sorted({r["hardware"] for r in rs})
+        if sample["n"]:
+            numbers = sample
+        else:
+            # no finished run: the unfinished ones, labelled so (no std: they stopped at different steps)
+            part, _ = one_per_seed([r for r in rs if r.get("diverged_at") is None and _finite(r["test_err"])])
+            steps = sorted({r["step"] for r in part})
+            numbers = {"mean": statistics.mean(r["test_err"] for r in part) if part else None, "std": None,
+                       "best": None, "n": len(part), "steps": steps}
+        out.append({"arch": arch, "budget": budget, "iters": iters, "precision": precision,
+                    "data": rs[0]["data"], "data_md5": rs[0].get("data_md5"), "setting": setting,
+                    "hardware": hardware,
+                    "recipe": _recipe_diff(recipe, paper_key) if recipe != paper_key else "",
+                    "n": numbers["n"], "mean": numbers["mean"], "std": numbers["std"], "best": numbers["best"],
+                    "complete": bool(sample["n"]), "steps": numbers.get("steps"),
+                    "unfinished": sample["unfinished"], "diverged": sample["diverged"],
+                    "duplicates": sample["duplicates"], "disagree": sample["disagree"],
+                    "runs": sorted(r["path"] for r in rs),
+                    "paper": PAPER_TABLE6[arch], **{k: v.get(arch) for k, v in OTHERS.items()}})
+    for r in runs:
+        r.pop("_paper_key", None)
     return out
 
 
 def _mean_std(runs: list[dict]) -> str:
-    """Mean ± std (n) of the finished runs' test errors; unfinished runs are named, never averaged in (a
-    run stopped mid-schedule has a higher error that would pass for seed spread)."""
-    done, dup = one_per_seed([r for r in runs if r["complete"] and _finite(r["test_err"])])
-    errs = [r["test_err"] for r in done]
-    left = sum(not r["complete"] for r in runs)
-    out = f"{statistics.mean(errs):.2f} ± {_fmt(statistics.stdev(errs) if len(errs) > 1 else None)} ({len(errs)})" \
-        if errs else "-"
-    return out + (f", {left} unfinished not counted" if left else "") + (
-        f", {dup} repeated seed{'s' if dup > 1 else ''} not counted" if dup else "")
+    """Mean ± std (n) of the finished runs' test errors; unfinished and diverged runs are named, never
+    averaged in."""
+    t = _sample(runs)
+    out = f"{t['mean']:.2f} ± {_fmt(t['std'])} ({t['n']})" if t["n"] else "-"
+    notes = _sample_notes(t)
+    return out + (f", {notes}" if notes else "")
 
 
 def control_section(runs: list[dict]) -> list[str]:
     """The accuracy control (benchmarks/control_cifar.py, an independent textbook implementation) next to
-    reslab's runs of the same net at the same budget: it fixes the error level the data allows."""
+    reslab's runs of the same net trained the same way: the paper's recipe at the control's iterations and
+    precision, on the same data. It fixes the error level the data allows."""
     ctl = [r for r in runs if r["implementation"] == "control" and r["test_err"] is not None]
     if not ctl:
         return []
-    out = ["", "## Accuracy control (an independent textbook implementation, same data)", "",
-           "| model | budget | control: mean ± std (n) | reslab: mean ± std (n) | control precision | reslab precision |",
-           "|---|---|---|---|---|---|"]
-    for arch, budget in sorted({(r["arch"], r["budget"]) for r in ctl}):
-        c = [r for r in ctl if (r["arch"], r["budget"]) == (arch, budget)]
-        datas = {r["data"] for r in c if r["data"]}  # the control's copy, where it recorded one
-        o = [r for r in runs if r["implementation"] == "reslab" and (r["arch"], r["budget"]) == (arch, budget)
-             and r["test_err"] is not None and not r.get("options") and r.get("eval_split") in (None, "test")
-             and (not datas or r["data"] in datas)]
-        out.append(f"| {arch} | x{budget:g} | {_mean_std(c)} | {_mean_std(o)} | {c[0]['precision']} | "
-                   f"{', '.join(sorted({str(r['precision']) for r in o})) or '-'} |")
+    out = ["", "## Accuracy control (an independent textbook implementation)", "",
+           "| model | budget | iterations | precision | data | control: mean ± std (n) | reslab: mean ± std (n) |",
+           "|---|---|---|---|---|---|---|"]
+    ours = [r for r in runs if r["implementation"] == "reslab" and not r.get("variant")
+            and r.get("eval_split") in (None, "test")
+            and r["recipe_key"] == (_paper_recipe_key(json.loads(r["recipe_key"]) | {"budget": r["budget"]})
+                                    or r["recipe_key"])]  # a recipe this version does not know: as recorded
+    for arch, budget, iters, precision in sorted({(r["arch"], r["budget"], r["iters"], r["precision"]) for r in ctl}):
+        c = [r for r in ctl if (r["arch"], r["budget"], r["iters"], r["precision"]) == (arch, budget, iters, precision)]
+        same = [r for r in ours if (r["arch"], r["budget"], r["iters"], r["precision"]) == (arch, budget, iters, precision)]
+        md5s = {r["data_md5"] for r in c}
+        if None not in md5s:  # the control fingerprinted its data: the reslab runs of that data
+            o, data = [r for r in same if r.get("data_md5") in md5s], "same test images (by MD5)"
+        else:  # earlier control records name only the --data-dir they were given
+            dirs = {r["data_dir"] for r in c}
+            o, data = [r for r in same if r.get("data_dir") in dirs], "same --data-dir (not checked by MD5)"
+        out.append(f"| {arch} | x{budget:g} | {iters} | {precision} | {data} | {_mean_std(c)} | {_mean_std(o)} |")
+    out += ["", "Both sides: finished runs, the final test error, the sample std (n - 1); reslab's runs use the "
+            "paper's recipe at the control's iterations and precision."]
     return out
 
 
@@ -349,6 +480,16 @@ def plot_width_vs_depth(points, path: Path) -> None:
     plt.close(fig)
 
 
+def _no_nan(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return x
+
+
 def write_report(root) -> Path:
     root = Path(root)
     if not root.is_dir():
@@ -356,12 +497,14 @@ def write_report(root) -> Path:
     runs = [summarize(p) for p in find_runs(root)]
     if not runs:
         raise FileNotFoundError(f"no classification run folders (config.json + metrics.jsonl) under {root}")
+    t6 = table6(runs)
     flat = [{k: v for k, v in r.items() if k != "curves"} for r in runs]
-    (root / "results.json").write_text(json.dumps({"runs": flat, "table6": table6(runs)}, indent=2))
+    # strict JSON: a diverged run's NaN is written null (jq, JavaScript and strict parsers refuse NaN)
+    (root / "results.json").write_text(json.dumps(_no_nan({"runs": flat, "table6": t6}), indent=2, allow_nan=False))
     with open(root / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(flat[0]))
         w.writeheader()
-        w.writerows(flat)
+        w.writerows({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in flat)
     datas = sorted({r["data"] for r in runs if r["data"]})
     if any(r["data_name"] == "folder" for r in runs):
         datas.append("image folders (not identified by checksum)")
@@ -374,35 +517,47 @@ def write_report(root) -> Path:
     if plot_degradation(runs, root / "degradation.png"):
         lines += ["## Training and test error (paper Fig. 1 / Fig. 6)", "", "![degradation](degradation.png)", ""]
     lines += ["## Runs", "",
-              "| run | budget | steps | train err % (last 5 logs) | test err % (final) | best test % | wall min | hardware | torch | precision |",
+              "| run | budget | steps | train err % (last 5 logs) | test err % (final) | min test % over evaluations "
+              "(chosen on the test set) | wall min | hardware | torch | precision |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (not r["residual"], _depth(r["arch"]), r["run"])):
-        steps = f"{r['step']}/{r['iters']}" + ("" if r["complete"] else " (incomplete)")
-        name = r["run"] + ("" if r["implementation"] == "reslab" else f" ({r['implementation']})")
+    for r in sorted(runs, key=lambda r: (not r["residual"], _depth(r["arch"]), r["path"])):
+        steps = f"{r['step']}/{r['iters']}" + (
+            f" (diverged at {r['diverged_at']})" if r["diverged_at"] is not None else
+            "" if r["complete"] else " (incomplete)")
+        name = Path(r["path"]).relative_to(root).as_posix() if Path(r["path"]).is_relative_to(root) else r["run"]
+        name += "" if r["implementation"] == "reslab" else f" ({r['implementation']})"
         split = "" if r["eval_split"] in (None, "test") else f" ({r['eval_split']})"  # the split it evaluated
         lines.append(f"| {name} | x{r['budget']:g} | {steps} | {_fmt(r['train_err'])} | {_fmt(r['test_err'])}{split} | "
-                     f"{_fmt(r['best_test_err'])}{split} | {r['wall_min']:.1f} | {r['hardware']} | {r['torch']} | "
+                     f"{_fmt(r['min_test_err'])}{split} | {r['wall_min']:.1f} | {r['hardware']} | {r['torch']} | "
                      f"{r['precision']} |")
-    t6 = table6(runs)
     if t6:
         # runs on more than one copy of the data: each row names its copy
-        several = len({t["data"] for t in t6}) > 1
+        several = len({(t["data_md5"] or t["data"]) for t in t6}) > 1
         lines += ["", "## Table 6: CIFAR-10 test error (%)", "",
-                  "| model | budget | iterations | precision | ours: mean ± std (n) | ours: best | paper | "
-                  + " | ".join(OTHERS) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(OTHERS)]
+                  "| model | budget | iterations | precision | device | hardware | ours: mean ± std (n) | "
+                  "ours: best of n | paper | " + " | ".join(f"{o}, best checkpoint" for o in OTHERS) + " |",
+                  "|---|---|---|---|---|---|---|---|---|" + "---|" * len(OTHERS)]
         for t in t6:
-            ours = f"{_fmt(t['mean'])} ± {_fmt(t['std'])} ({t['n']})" + (
-                " incomplete" if not t["complete"] else
-                f", {t['unfinished']} unfinished not counted" if t["unfinished"] else "")
-            ours += f", {t['duplicates']} repeated seed{'s' if t['duplicates'] > 1 else ''} not counted" \
-                if t["duplicates"] else ""
-            notes = [n for n in (t["data"] or "data not recorded" if several else "", t["recipe"]) if n]
+            if t["complete"]:
+                ours = f"{_fmt(t['mean'])} ± {_fmt(t['std'])} ({t['n']})"
+                notes = _sample_notes(t)
+                ours += f", {notes}" if notes else ""
+            else:
+                st = t["steps"] or ["?"]
+                at = f"{st[0]}" if st[0] == st[-1] else f"{st[0]}–{st[-1]}"
+                ours = (f"incomplete: {_fmt(t['mean'])} ({t['n']}) at step {at} of {t['iters']}" if t["n"] else "-") \
+                    + (f", {t['diverged']} diverged" if t["diverged"] else "")
+            data = (t["data"] or "data not recorded") + (f", MD5 {t['data_md5'][:8]}" if t["data_md5"] else "")
+            notes = [n for n in (data if several else "", t["recipe"]) if n]
             model = t["arch"] + (f" ({'; '.join(notes)})" if notes else "")
-            lines.append(f"| {model} | x{t['budget']:g} | {t['iters']} | {t['precision']} | {ours} | {_fmt(t['best'])} | "
+            lines.append(f"| {model} | x{t['budget']:g} | {t['iters']} | {t['precision']} | {t['setting']} | "
+                         f"{'; '.join(t['hardware'])} | {ours} | {_fmt(t['best'])} | "
                          f"{PAPER_TABLE6_NOTE.get(t['arch'], t['paper'])} | " + " | ".join(_fmt(t[k]) for k in OTHERS) + " |")
-        lines += ["", "Paper and other reproductions: trained and tested on the original CIFAR-10 files, full "
-                  "schedules (x1, docs/paper.md). A row is one way of training (iterations, recipe, precision, data copy; "
-                  "a recipe other than the net's most common one is named in the row) on the test set; a seed "
+        lines += ["", "Paper: trained and tested on the original CIFAR-10 files, full schedule (x1, docs/paper.md), "
+                  "its final error; the other reproductions report their best checkpoint, chosen on the test set. "
+                  "Ours: the final test error of finished runs, mean ± sample std (n - 1) over seeds. A row is one "
+                  "way of training (iterations, recipe, precision, data copy, device type, ranks, BN statistics); "
+                  "a recipe other than the paper's, scaled to the row's budget, is named in the row; a seed "
                   "trained twice counts once."]
     lines += control_section(runs)
     resp_files = sorted(root.rglob("layer_responses.json"))

@@ -66,7 +66,7 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     if rounds is not None and rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {rounds}")
     dev = pick_device(device)
-    env = environment()
+    env = environment(dev)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else env["cpu"]
     gpu = dev.type == "cuda"
     kind = "quick" if quick else dev.type if dev.type in PLANS else "cpu"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import islice
-
+from pathlib import Path
 
 import torch
 
@@ -151,6 +151,9 @@ def _build_folder(root, *, batch_size: int, device, seed: int, rank: int, world_
     on_gpu = torch.device(device).type == "cuda"
     encoded = decode == "device" or (decode == "auto" and on_gpu and images.device_decoding())
     train_ds = folder.ImageFolderSplit(root, "train", augment=augment, encoded=encoded, on_corrupt=on_corrupt)
+    if len(train_ds.classes) < 2:  # a one-output classifier is always right: likely a --data-dir a level too deep
+        raise ReslabError(f"{Path(root) / 'train'} holds one class folder ({train_ds.classes[0]}); a classifier needs "
+                          "at least 2 (is --data-dir the folder that holds train/ and val/?)")
     if normalizer is None:
         normalizer = (folder.imagenet_normalizer() if normalization == "channel"
                       else folder.fit_normalizer(train_ds, "pixel", size=augment.size, seed=seed))

@@ -230,7 +230,7 @@ def train(run: DetectRun) -> dict:
                 "run": asdict(run), "recipe": asdict(state.recipe), "detector": state.model.config.to_dict(),
                 "categories": state.categories.to_list(), "world_size": d.world_size,
                 "train_images": len(state.stream.loader.dataset), "val_images": len(val_ds)})
-            write_json(out / "env.json", environment())
+            write_json(out / "env.json", environment(d.device, d.world_size))
         net = state.model
         if d.enabled:
             net = nn.parallel.DistributedDataParallel(
