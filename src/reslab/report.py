@@ -249,7 +249,9 @@ def _recipe_key(recipe: dict) -> str:
         recipe = Recipe.from_dict(recipe).to_dict()
     except (TypeError, ValueError):  # a field this version does not know: compared as written
         pass
-    return json.dumps({k: v for k, v in recipe.items() if k not in _LOGGING}, sort_keys=True, default=str)
+    # the plateau schedule divides the lr after evaluations: there the evaluation interval is training
+    logging = _LOGGING - {"eval_every"} if recipe.get("schedule") == "plateau" else _LOGGING
+    return json.dumps({k: v for k, v in recipe.items() if k not in logging}, sort_keys=True, default=str)
 
 
 def _recipe_diff(key: str, reference: str) -> str:
