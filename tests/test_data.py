@@ -345,6 +345,9 @@ def test_a_named_folder_without_the_data_says_what_is_missing_instead_of_downloa
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="it holds neither cifar-10-python.tar.gz nor cifar-10-batches-py/"):
         cifar.locate("cifar10", tmp_path / "empty")
+    (tmp_path / "tree" / "train" / "cat").mkdir(parents=True)  # an image folder tree without --data folder
+    with pytest.raises(FileNotFoundError, match="looks like an image folder tree .train/<class>/.: add --data folder"):
+        cifar.locate("cifar10", tmp_path / "tree")
     part = tmp_path / "part" / "cifar-10-batches-py"
     make_cifar_batches(part, n_train=50, n_test=10)
     (part / "test_batch").unlink()

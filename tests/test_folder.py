@@ -375,6 +375,11 @@ def test_an_empty_class_folder_is_a_missing_class_in_val_and_an_error_in_train(t
         p.unlink()
     with pytest.raises(ReslabError, match="class folder.s. dog hold no images"):
         fold.ImageFolderSplit(root, "train")
+    # a --data-dir that does not exist, or is a file, says so (it named the train/ inside it)
+    for bad, says in ((tmp_path / "nowhere", "does not exist"), (root / "train" / "cat" / sorted(
+            p.name for p in (root / "train" / "cat").iterdir())[0], "is a file")):
+        with pytest.raises(FileNotFoundError, match=f"--data-dir .* {says}: --data folder needs a folder"):
+            fold.ImageFolderSplit(bad, "train")
     # one class: a one-output classifier is always right (0% error), so it is refused
     from reslab.data import build as data_build
     one = make_jpeg_folder(tmp_path / "one", classes=("cat",), per_class=2, size=(40, 56))

@@ -260,8 +260,11 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, allow_download:
             missing = [name for name, _ in spec.train_files + spec.test_files if not (partial / name).is_file()]
             raise FileNotFoundError(f"{partial}: an incomplete {spec.name} folder, {', '.join(missing)} missing; "
                                     f"pass the folder with all of its batch files, or the official {spec.archive}")
+        # an image folder tree given without --data folder: say so rather than only what is missing
+        hint = "; it looks like an image folder tree (train/<class>/): add --data folder" \
+            if (root / "train").is_dir() else ""
         raise FileNotFoundError(f"no {spec.name} in {root}: it holds neither {spec.archive} nor {spec.folder}/; "
-                                f"pass the folder that does, or no --data-dir (and no RESLAB_DATA) to download it")
+                                f"pass the folder that does, or no --data-dir (and no RESLAB_DATA) to download it{hint}")
     elif not allow_download:
         raise FileNotFoundError(f"no data folder given for {spec.name}: pass --data-dir or set RESLAB_DATA")
     archive = download(spec)

@@ -149,8 +149,12 @@ class ImageFolderSplit(Dataset):
         folder = Path(root) / split
         if split == "val" and not folder.is_dir() and (Path(root) / "test").is_dir():
             folder = Path(root) / "test"   # e.g. the CIFAR-10 JPEG tree: train/ and test/
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"--data-dir {root} {'is a file' if Path(root).exists() else 'does not exist'}: "
+                                    "--data folder needs a folder holding train/<class>/ and val/<class>/")
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} not found: an ImageNet-style folder has train/<class>/ and val/<class>/")
+            raise FileNotFoundError(f"{folder} not found: an ImageNet-style folder has train/<class>/ and val/<class>/"
+                                    + (" (or test/<class>/)" if split == "val" else ""))
         try:  # empty class folders are let through here and judged below (a missing one is fine in val/)
             # not kept: its lambdas would not pickle, and spawned workers (macOS, Windows) get the dataset pickled
             found = Classes(str(folder), loader=lambda p: p, allow_empty=True,  # we decode
