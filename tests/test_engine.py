@@ -1,6 +1,7 @@
 """The training engine: recipes, schedule, resume, distributed equivalence, failure handling, CLI."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -132,6 +133,28 @@ def test_a_kill_around_the_first_save_leaves_a_run_that_continues(data_dir, tmp_
     keep = ("kind", "step", "loss", "train_err", "top1_err")
     got, want = ([{k: m[k] for k in keep if k in m} for m in read_metrics(o)] for o in (out, tmp_path / "ref"))
     assert got == want and [m["step"] for m in got if m["kind"] == "eval"] == [20, 40]
+
+
+def test_ctrl_c_saves_only_where_the_command_line_asked_and_was_not_ignored():
+    """Ctrl-C is the run's to act on under `reslab ...` (ctrl_c_saves); a Python caller (a notebook, pytest)
+    keeps its KeyboardInterrupt, and a process started to ignore Ctrl-C (a shell's background job) keeps
+    ignoring it."""
+    from reslab import interrupt
+    default = signal.getsignal(signal.SIGINT)
+    with interrupt.stop_on_sigterm():
+        assert signal.getsignal(signal.SIGINT) is default
+    with interrupt.ctrl_c_saves(), interrupt.stop_on_sigterm():
+        assert signal.getsignal(signal.SIGINT) is not default
+        signal.raise_signal(signal.SIGINT)
+        assert interrupt.requested() and interrupt.Interrupted("x", "y").signum == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is default  # a second Ctrl-C acts at once
+    assert not interrupt.requested() and signal.getsignal(signal.SIGINT) is default
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupt.ctrl_c_saves(), interrupt.stop_on_sigterm():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, default)
 
 
 def test_a_sigterm_at_the_last_step_lets_the_run_finish(data_dir, tmp_path, monkeypatch):

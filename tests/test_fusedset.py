@@ -1,5 +1,6 @@
 """Design (b) in the engine: seeds trained as one fused model, each still an ordinary run (fusedset.py)."""
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,13 @@ def test_one_member_diverging_stops_the_set_with_all_checkpoints_at_one_step(dat
     with pytest.raises(TrainingDiverged, match="s1: the training loss or the weights became NaN"):
         fs.fit()
     assert [ckpt.read_status(c.out)["step"] for c in cs] == [6, 6]
+    # member 1's log says it diverged, at the step it was found (after its checkpoint: a resume drops the
+    # line); member 0 only stopped
+    import json
+    last = [json.loads((Path(c.out) / "metrics.jsonl").read_text().splitlines()[-1]) for c in cs]
+    assert last[0]["kind"] != "diverged" and (last[1]["kind"], last[1]["step"]) == ("diverged", 9)
+    from reslab.reproduce import run_status
+    assert run_status(Path(cs[1].out)) == "diverged@9" and run_status(Path(cs[0].out)) == "resume@6"
 
 
 def test_resumed_members_are_judged_by_their_own_configs(data_dir, tmp_path, capsys):

@@ -103,6 +103,15 @@ def test_resume_before_the_first_checkpoint_restarts_the_recorded_run(data_dir, 
     rec = json.loads((out / "config.json").read_text())
     assert (rec["recipe"]["iters"], rec["recipe"]["lr"], rec["model"]["arch"]) == (40, 0.05, "resnet8")
     assert ckpt.read_status(out)["step"] == 40
+    # a caller that gives the whole config (reslab reproduce, Python) trains that config there, as before
+    from reslab.engine import train
+    from reslab.flags import parse_train_args
+    again = tmp_path / "again"
+    assert _train("--iters", 40, "--lr", 0.05, "--data-dir", data_dir, "--out", again, "--stop-at", 5) == 0
+    (again / "last.pt").unlink()
+    train(parse_train_args(["--arch", "resnet8", "--batch-size", "32", "--iters", "8", "--data-dir", str(data_dir),
+                            "--out", str(again), "--no-progress"]), resume=True)
+    assert json.loads((again / "config.json").read_text())["recipe"]["iters"] == 8
 
 
 def test_resume_refuses_a_different_run_and_extends_by_request(data_dir, tmp_path, capsys):
@@ -147,7 +156,7 @@ def slow_save(obj, f, *a, **k):  # writes the checkpoint slowly, so a kill can l
     return real(obj, f, *a, **k)
 torch.save = slow_save
 from reslab.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(main())  # as the `reslab` program: its arguments from sys.argv
 """
 
 

@@ -237,6 +237,10 @@ def test_convert_timm_hub_folder_and_training_checkpoint(tmp_path):
     assert main(["convert", str(tmp_path / "model_best.pth.tar"), "--from", "timm", "--out", str(tmp_path / "d.pt")]) == 0
     with torch.no_grad():
         assert torch.equal(reslab.load(tmp_path / "d.pt")(x), tv(x))
+    # saved without its args, a train.py checkpoint's "arch" is the model's class name: --arch decides
+    torch.save({"epoch": 1, "arch": "resnet", "state_dict": sd}, tmp_path / "noargs.pth.tar")
+    assert main(["convert", str(tmp_path / "noargs.pth.tar"), "--from", "timm", "--arch", "resnet18",
+                 "--out", str(tmp_path / "g.pt")]) == 0
     # torch.compile's prefix alone, and a .safetensors file given to the torchvision converter
     save_file({"_orig_mod." + k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "tv.safetensors"))
     assert main(["convert", str(tmp_path / "tv.safetensors"), "--from", "torchvision", "--arch", "resnet18",

@@ -3,6 +3,7 @@ functions; a user error is printed as one line (`reslab: error: ...`) with exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -402,9 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         a = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
-    from .interrupt import Interrupted
+    from .interrupt import Interrupted, ctrl_c_saves
     try:
-        return int(a.func(a) or 0)
+        # as a program (arguments from sys.argv) Ctrl-C saves the run like SIGTERM; called from Python, the
+        # caller's Ctrl-C stays a KeyboardInterrupt
+        with ctrl_c_saves() if argv is None else contextlib.nullcontext():
+            return int(a.func(a) or 0)
     except Interrupted as e:  # SIGTERM or Ctrl-C: saved, and the exit status says which signal ended it
         print(f"reslab: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -36,6 +36,7 @@ from . import dist, interrupt
 from .config import RunConfig, extend, resume_config
 from .data import build as data_build
 from .data.augment import Augment
+from .data.normalize import Normalizer
 from .data.resident import ResidentLoader
 from .errors import ReslabError
 from .evaluate import evaluate, precise_bn
@@ -96,9 +97,10 @@ class Trainer:
             raise ReslabError(f"{out} holds the log of a run evaluated at step {ev['step']} but not its checkpoint "
                               f"({ckpt.LAST}), so it cannot be continued; choose another --out, or move the folder "
                               "away to train it again")
-        elif resume and (out / "config.json").is_file():
-            # a run stopped before its first checkpoint starts again as its config.json records it (the
-            # command's defaults would silently train another run: 64k iterations at batch 128)
+        elif resume and explicit is not None and (out / "config.json").is_file():
+            # `reslab train --resume` on a run stopped before its first checkpoint starts it again as its
+            # config.json records it (the command's defaults would silently train another run: 64k iterations
+            # at batch 128). A caller that gives the whole config (reproduce, Python) trains that config.
             try:
                 saved = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
             except (OSError, ValueError, KeyError, TypeError) as e:
@@ -121,7 +123,10 @@ class Trainer:
             cfg.data.name, cfg.data.dir, batch_size=r.batch_size, device=d.device, seed=cfg.seed, rank=d.rank,
             world_size=d.world_size, val_split=r.val_split, normalization=r.normalization,
             channels_last=rt.channels_last, workers=cfg.data.workers, augment=Augment.for_size(r.crop, r.crop_size),
-            decode=cfg.data.decode, on_corrupt=cfg.data.on_corrupt)
+            decode=cfg.data.decode, on_corrupt=cfg.data.on_corrupt,
+            # a resumed run keeps the normaliser it trained with (an image folder's per-pixel mean is not
+            # fitted again from 10,000 decoded images)
+            normalizer=Normalizer.from_state_dict(ck["normalizer"]) if ck is not None and ck.get("normalizer") else None)
         if r.batch_size > data.train_size:  # no full batch in an epoch: the loader would never yield one
             raise ReslabError(f"the batch ({r.batch_size}) is larger than the training split ({data.train_size:,} "
                               f"images); use --batch-size {data.train_size} or less")
@@ -305,13 +310,13 @@ class Trainer:
                                 f"({self._on_disk()}); lower the learning rate or use --precision fp32")
         self.checked_step = st.step
 
-    def diverged(self, reason: str) -> TrainingDiverged:
+    def diverged(self, reason: str, step: int | None = None) -> TrainingDiverged:
         """The error to raise, once the log says the run diverged at this step: without that line a diverged
         run reads as one that was stopped, and a report would leave it out of a mean without saying why. A
         resume from the last good checkpoint drops the line with the others logged after that checkpoint."""
         if self.d.is_main:
             elapsed = time.time() - self._t_start if self._log is not None else self.state.elapsed
-            MetricsLog(self.out).write({"kind": "diverged", "step": self.state.step, "elapsed_s": elapsed,
+            MetricsLog(self.out).write({"kind": "diverged", "step": step or self.state.step, "elapsed_s": elapsed,
                                         "reason": reason})
         return TrainingDiverged(reason)
 

@@ -200,7 +200,7 @@ class FusedSet:
                   "rate or use --precision fp32, or resume the others without it")
         for t, b in zip(self.trainers, bad):
             if b:
-                t.diverged(reason)  # each diverged member's log says so; the others only stopped
+                t.diverged(reason, step)  # each diverged member's log says so; the others only stopped
         raise TrainingDiverged(reason)
 
     def _evaluate_members(self, step: int) -> None:

@@ -240,7 +240,9 @@ def convert_timm(src, arch: str | None) -> dict:
     weights, conf = _timm_files(src)
     # timm's own loader prefers the EMA weights where a training checkpoint holds both; so does this
     sd, whole, key = _read_state_dict(weights, keys=("state_dict_ema", "model_ema", "state_dict", "model"))
-    said = conf.get("architecture") or (whole.get("arch") if isinstance(whole, dict) else None)
+    # a train.py checkpoint names the model it was asked for (args.model) only where it kept its args; without
+    # them its "arch" is the model's class name ("resnet"), which names no depth
+    said = conf.get("architecture") or (whole.get("arch") if isinstance(whole, dict) and "args" in whole else None)
     said = said.split(".")[0] if isinstance(said, str) else None  # "resnet50.a1_in1k": name.pretrained tag
     if said is not None and arch is not None and said != arch:
         raise ReslabError(f"{src} holds timm's {said}, not {arch}; leave --arch out or give --arch {said}")

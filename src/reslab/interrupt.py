@@ -19,7 +19,19 @@ import threading
 from .errors import ReslabError
 
 _requested = 0  # the signal asked to stop (0: none)
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_ctrl_c = False  # whether Ctrl-C saves too: only where reslab is the program (`reslab ...`, `python -m reslab`)
+
+
+@contextlib.contextmanager
+def ctrl_c_saves():
+    """Within it, `stop_on_sigterm` treats Ctrl-C (SIGINT) as it treats SIGTERM. The command line enters it;
+    a notebook or a test calling reslab keeps its own Ctrl-C (a KeyboardInterrupt)."""
+    global _ctrl_c
+    before, _ctrl_c = _ctrl_c, True
+    try:
+        yield
+    finally:
+        _ctrl_c = before
 
 
 def _name(signum: int) -> str:
@@ -63,11 +75,18 @@ def stop_on_sigterm(enabled: bool = True):
         for s, h in previous.items():  # a second one is not asked to wait
             signal.signal(s, h)
         if signum == signal.SIGINT:  # at a terminal: say that it was heard, and how to stop at once
-            os.write(2, b"\nreslab: Ctrl-C: saving at the end of this step; Ctrl-C again stops at once, "
-                        b"losing what the last checkpoint does not hold\n")
+            try:
+                os.write(2, b"\nreslab: Ctrl-C: saving at the end of this step; Ctrl-C again stops at once, "
+                            b"losing what the last checkpoint does not hold\n")
+            except OSError:  # stderr's reader is gone (`| tee`, which the same Ctrl-C ended): save all the same
+                pass
 
     if _depth == 0:
-        previous = {s: signal.signal(s, handler) for s in SIGNALS}
+        # Ctrl-C where the command line asked for it, and not where the process was started to ignore it (a
+        # background job of a shell)
+        sigs = [signal.SIGTERM] + ([signal.SIGINT] if _ctrl_c and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+                                   else [])
+        previous = {s: signal.signal(s, handler) for s in sigs}
         _requested = 0
     _depth += 1
     try:

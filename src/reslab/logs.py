@@ -77,7 +77,7 @@ def session_environment(previous: dict | None, device: torch.device, world_size:
     sessions before it that differ from it in hardware, torch or code (a run resumed on another machine
     says so: its numbers are not one machine's)."""
     env = environment(device, world_size)
-    if previous:
+    if isinstance(previous, dict) and all(isinstance(e, dict) for e in previous.get("earlier", [])):
         seen = previous.pop("earlier", []) + [previous]
         def what(e):
             return hardware_line(e), e.get("torch"), e.get("git")

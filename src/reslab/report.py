@@ -87,6 +87,7 @@ def _device_type(cfg: dict, env: dict) -> str:
 def summarize(run: Path) -> dict:
     cfg = _flat_config(json.loads((run / "config.json").read_text()))
     env = json.loads((run / "env.json").read_text()) if (run / "env.json").is_file() else {}
+    env = env if isinstance(env, dict) else {}
     rows = read_metrics(run)
     # in step order (a log merged or copied by hand may not be); of one step's lines the last one written
     train = sorted((r for r in rows if r["kind"] == "train"), key=lambda r: r["step"])
@@ -125,12 +126,13 @@ def summarize(run: Path) -> dict:
 
 def _hardware(env: dict) -> str:
     """The hardware line, and that of earlier sessions of a resumed run where they differ."""
-    if not env:
+    try:
+        lines = [hardware_line(env)]
+        for e in env.get("earlier", []):
+            if hardware_line(e) not in lines:
+                lines.append(hardware_line(e))
+    except (KeyError, TypeError, AttributeError, IndexError):  # an env.json edited or written by something else
         return "?"
-    lines = [hardware_line(env)]
-    for e in env.get("earlier", []):
-        if hardware_line(e) not in lines:
-            lines.append(hardware_line(e))
     return lines[0] + (f" (earlier sessions: {', '.join(lines[1:])})" if len(lines) > 1 else "")
 
 

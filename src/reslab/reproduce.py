@@ -21,7 +21,7 @@ from .complexity import count_macs
 from .config import ConfigConflict, RunConfig, resume_config
 from .errors import ReslabError
 from .experiments import BUDGETS, get_experiment
-from .logs import last_evaluation, truncate_metrics
+from .logs import last_evaluation, read_metrics, truncate_metrics
 from .flags import to_cli_args
 from .fusedset import fusion_key, train_fused
 from .runset import train_set
@@ -36,9 +36,13 @@ EFFECTIVE_FLOPS = {"cpu": 0.08e12, "cuda": 2.7e12}
 
 
 def run_status(run_dir: Path) -> str:
-    """new | done | resume@STEP | unusable, read from the run's last checkpoint without loading its tensors;
+    """new | done | resume@STEP | diverged@STEP | unusable, read from the run's last checkpoint without loading
+    its tensors (diverged: its log's last line says so, and its last good checkpoint is kept);
     without one, from its log: logged (finished, only its record is here: the report needs no more) or
     lost@STEP (evaluated up to STEP, checkpoint missing: it cannot be continued)."""
+    rows = read_metrics(run_dir)
+    if rows and rows[-1].get("kind") == "diverged":  # it would diverge again, the same way: not retrained
+        return f"diverged@{rows[-1]['step']}"
     if not (Path(run_dir) / ckpt.LAST).is_file():
         ev = last_evaluation(run_dir)
         if ev is None:  # nothing, or an attempt killed before its first checkpoint: trained from the start
@@ -119,7 +123,7 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
     print(f"{name} ({exp.paper}) at budget {budget}: {BUDGETS[budget].description}; {len(configs)} runs on {dev.type}")
     for cfg in configs:
         status = run_status(Path(cfg.out))
-        est = 0.0 if status in ("done", "logged") else estimate_seconds(cfg, dev.type)
+        est = 0.0 if status in ("done", "logged") or status.startswith("diverged@") else estimate_seconds(cfg, dev.type)
         total += est
         print(f"  {Path(cfg.out).name:<16} {status:<12} ~{est / 60:5.1f} min   {command(cfg)}")
     print(f"  estimated total: ~{total / 60:.0f} min (at {EFFECTIVE_FLOPS.get(dev.type, 0) / 1e12:.2f} effective "
@@ -154,7 +158,10 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
             raise ReslabError(f"{name} reads each run's weights, and {cfg.out} holds only the record of its "
                               f"finished run (no {ckpt.LAST}); bring that checkpoint back, or move the folder away "
                               "to train the run again")
-        if status not in ("done", "logged"):
+        if status.startswith("diverged@"):  # deterministic: trained again it diverges again; the report names it
+            print(f"reslab: {cfg.out} diverged at step {status[9:]} (its log says so) and is not trained again; "
+                  "move the folder away to train it afresh", file=sys.stderr)
+        elif status not in ("done", "logged"):
             pending.append(cfg)
     groups, finished = groups_of(pending, concurrent, fused), []
     with interrupt.stop_on_sigterm():  # one that lands in a group's last step stops the sweep before the next

@@ -22,22 +22,29 @@ class Normalizer:
     std: torch.Tensor       # (C, 1, 1)
 
     @classmethod
-    def fit(cls, images_uint8: torch.Tensor, mode: str = "pixel") -> "Normalizer":
-        """Statistics of (N, C, H, W) uint8 training images, accumulated in float64 chunks."""
+    def fit(cls, images_uint8, mode: str = "pixel") -> "Normalizer":
+        """Statistics of (N, C, H, W) uint8 training images, or of an iterable of such batches (all of one
+        size), accumulated in float64 a chunk at a time: the memory is one chunk's, whatever N is."""
         if mode not in MODES:
             raise ValueError(f"unknown normalisation {mode!r}; valid choices: {', '.join(MODES)}")
-        n, c = images_uint8.shape[:2]
-        total = torch.zeros(images_uint8.shape[1:], dtype=torch.float64)
-        sq = torch.zeros(c, dtype=torch.float64)
-        for chunk in images_uint8.split(4096):
+        chunks = images_uint8.split(256) if isinstance(images_uint8, torch.Tensor) else images_uint8
+        total = sq = None
+        n = 0
+        for chunk in chunks:
             f = chunk.to(torch.float64) / 255
+            if total is None:
+                total, sq = torch.zeros(f.shape[1:], dtype=torch.float64), torch.zeros(f.shape[1], dtype=torch.float64)
             total += f.sum(0)
             sq += f.square().sum((0, 2, 3))
+            n += len(f)
+        if not n:
+            raise ValueError("no images to fit the normalisation on")
+        c, h, w = total.shape
         mean_img = total / n
         if mode == "pixel":
             return cls(mode, mean_img.float(), torch.ones(c, 1, 1))
         mean_c = mean_img.mean((1, 2))
-        var_c = sq / (n * images_uint8.shape[2] * images_uint8.shape[3]) - mean_c.square()
+        var_c = sq / (n * h * w) - mean_c.square()
         return cls(mode, mean_c.float().view(c, 1, 1), var_c.clamp_min(1e-12).sqrt().float().view(c, 1, 1))
 
     def mean_at(self, h: int, w: int) -> torch.Tensor:
