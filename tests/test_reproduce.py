@@ -311,6 +311,20 @@ def test_table6_rows_are_one_way_of_training_and_name_what_left_a_mean(tmp_path)
     assert len(rows) == 6 and "36.00" not in text.split("## Table 6")[1]
 
 
+def test_the_control_is_compared_with_reslab_runs_of_its_own_test_images(tmp_path):
+    """The control script records the MD5 of its test pixels as the batch file stores them; reslab's runs
+    of those images (and only those) are its comparison."""
+    _new_run(tmp_path, "reslab/resnet20-s0", 0.30, md5="aaaa")
+    _new_run(tmp_path, "reslab-other/resnet20-s0", 0.10, md5="bbbb")
+    ctl = _fake_run(tmp_path / "control", "resnet20-s0", "resnet20", True, [(0.4, 0.45), (0.1, 0.35)], iters=960)
+    cfg = json.loads((ctl / "config.json").read_text())
+    (ctl / "config.json").write_text(json.dumps({**cfg, "implementation": "control", "recipe": {
+        "name": "cifar-paper", "iters": 960, "budget": 0.015}, "data": {"test_pixels_md5": "aaaa"}}))
+    text = write_report(tmp_path).read_text()
+    assert ("| resnet20 | x0.015 | 960 | fp32 | same test images (by MD5) | 35.00 ± - (1) | 30.00 ± - (1) |"
+            in text), text.split("## Accuracy control")[1]
+
+
 def test_hardware_is_the_device_a_run_used_in_every_session(tmp_path):
     """A CPU run on a GPU host is a CPU run; four ranks of an eight-GPU host are x4; a run resumed on other
     hardware names the earlier sessions' too (env.json was overwritten on every resume)."""

@@ -404,7 +404,9 @@ def fit_normalizer(dataset: ImageFolderSplit, mode: str = "channel", size: int =
             yield torch.stack(imgs)
     try:
         return Normalizer.fit(batches(), mode)
-    except ValueError:  # no images
+    except ReslabError:  # an image that stops the fit (on_corrupt="stop"), named
+        raise
+    except ValueError:  # none decoded
         raise ReslabError(f"none of the {len(idx)} images sampled to fit the normalisation could be decoded") from None
 
 
