@@ -107,8 +107,7 @@ class Trainer:
                 raise ReslabError(f"{out}/config.json cannot be read ({type(e).__name__}: {e}), so --resume cannot "
                                   "restart the run it records; move the folder away, or train without --resume "
                                   "into another --out") from None
-            dev = dist.pick_device(cfg.runtime.device if explicit is None or ("runtime", "device") in explicit
-                                   else saved.runtime.device)
+            dev = dist.pick_device(cfg.runtime.device if ("runtime", "device") in explicit else saved.runtime.device)
             cfg = resume_config(saved, replace(cfg, runtime=resolve_runtime(cfg.runtime, dev)), explicit)
         if extend_to is not None:
             cfg = extend(cfg, extend_to)

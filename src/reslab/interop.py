@@ -160,14 +160,11 @@ def _read_state_dict(src, keys=("state_dict", "model")) -> tuple[dict, object, s
     return _unwrap_names(dict(obj)), whole, key
 
 
-def _has_classifier(sd: dict, src, name: str = "fc") -> None:
-    if f"{name}.weight" not in sd:
-        raise ReslabError(f"{src}: no classifier ({name}.weight): the weights of a backbone without its head; "
-                          "reslab converts whole classifiers")
-
-
 def _torchvision_layout(sd: dict, src, arch: str, source: str) -> ResNet:
     """A reslab v1.5 net holding a state dict in torchvision's names (torchvision's and timm's ResNets)."""
+    if "fc.weight" not in sd:
+        raise ReslabError(f"{src}: no classifier (fc.weight): the weights of a backbone without its head; "
+                          "reslab converts whole classifiers")
     model = create_model(arch, stride_in_1x1=False, num_classes=sd["fc.weight"].shape[0])
     if model.cfg.family != "imagenet" or not model.cfg.residual:
         raise ReslabError(f"--from {source} needs an ImageNet-family ResNet (resnet18 ... resnet152), got {arch}")
@@ -179,7 +176,6 @@ def convert_torchvision(src, arch: str | None) -> dict:
     if arch is None:
         raise ReslabError("--from torchvision needs --arch (resnet18 ... resnet152): the file does not say")
     sd, _, _ = _read_state_dict(src)
-    _has_classifier(sd, src)
     model = _torchvision_layout(sd, src, arch, "torchvision")
     n = model.cfg.num_classes
     return weights_record(model, _channel_norm(IMAGENET), [str(i) for i in range(n)], f"torchvision:{src}")
@@ -252,7 +248,6 @@ def convert_timm(src, arch: str | None) -> dict:
     if arch not in TIMM_ARCHS:
         raise ReslabError(f"timm's {arch} is not one of the paper's networks (its stem or shortcuts differ); "
                           f"reslab converts timm's {', '.join(TIMM_ARCHS)}")
-    _has_classifier(sd, src)
     model = _torchvision_layout(sd, weights, arch, "timm")
     n = model.cfg.num_classes
     pre = conf.get("pretrained_cfg", conf)  # timm's older config.json kept it all in one dict

@@ -284,6 +284,12 @@ def one_per_seed(runs: list[dict]) -> tuple[list[dict], int]:
     return list(kept.values()), len(runs) - len(kept)
 
 
+def _paper_key_of(r: dict) -> str | None:
+    """The paper's recipe at run r's budget, as a key comparable to r's (None: r's recipe is not one this
+    version names)."""
+    return _paper_recipe_key(json.loads(r["recipe_key"]) | {"budget": r["budget"]})
+
+
 def _data_key(r: dict):
     """Which data a run used: its test images' fingerprint where recorded, else its description."""
     return r.get("data_md5") or r["data"]
@@ -311,7 +317,7 @@ def _sample(runs: list[dict]) -> dict:
     kept = {r["seed"]: r["test_err"] for r in done}
     disagree = sum(1 for r in runs if r["complete"] and _finite(r["test_err"]) and r not in done
                    and abs(r["test_err"] - kept[r["seed"]]) > 1e-9)
-    return {"errs": errs, "n": len(errs), "diverged": len(diverged), "unfinished": len(unfinished),
+    return {"n": len(errs), "diverged": len(diverged), "unfinished": len(unfinished),
             "duplicates": dup, "disagree": disagree,
             "mean": statistics.mean(errs) if errs else None,
             "std": statistics.stdev(errs) if len(errs) > 1 else None,  # the sample std (n - 1)
@@ -343,16 +349,14 @@ def table6(runs: list[dict]) -> list[dict]:
 
     def key(r):
         return (r["arch"], r["budget"], r["iters"], r["recipe_key"], r["precision"], _data_key(r), _setting(r),
-                r["_paper_key"])
+                reference[id(r)])
     # the reference a row's recipe is described against: the paper's, scaled to the row's budget; for a
     # recipe this version cannot name (an earlier record), the one most runs of that schedule used
     common = {}
     for group in {(r["arch"], r["budget"], r["iters"]) for r in runs}:
         keys = [r["recipe_key"] for r in runs if (r["arch"], r["budget"], r["iters"]) == group]
         common[group] = max(sorted(set(keys)), key=keys.count)
-    for r in runs:
-        r["_paper_key"] = (_paper_recipe_key(json.loads(r["recipe_key"]) | {"budget": r["budget"]})
-                           or common[r["arch"], r["budget"], r["iters"]])
+    reference = {id(r): _paper_key_of(r) or common[r["arch"], r["budget"], r["iters"]] for r in runs}
     for k in sorted({key(r) for r in runs}, key=lambda k: (_depth(k[0]), -k[1], -k[2], k[3], str(k[4]), str(k[5]),
                                                           k[6])):
         arch, budget, iters, recipe, precision, data, setting, paper_key = k
@@ -377,8 +381,6 @@ def table6(runs: list[dict]) -> list[dict]:
                     "duplicates": sample["duplicates"], "disagree": sample["disagree"],
                     "runs": sorted(r["path"] for r in rs),
                     "paper": PAPER_TABLE6[arch], **{k: v.get(arch) for k, v in OTHERS.items()}})
-    for r in runs:
-        r.pop("_paper_key", None)
     return out
 
 
@@ -403,8 +405,7 @@ def control_section(runs: list[dict]) -> list[str]:
            "|---|---|---|---|---|---|---|"]
     ours = [r for r in runs if r["implementation"] == "reslab" and not r.get("variant")
             and r.get("eval_split") in (None, "test")
-            and r["recipe_key"] == (_paper_recipe_key(json.loads(r["recipe_key"]) | {"budget": r["budget"]})
-                                    or r["recipe_key"])]  # a recipe this version does not know: as recorded
+            and r["recipe_key"] == (_paper_key_of(r) or r["recipe_key"])]  # a recipe not named here: as recorded
     for arch, budget, iters, precision in sorted({(r["arch"], r["budget"], r["iters"], r["precision"]) for r in ctl}):
         c = [r for r in ctl if (r["arch"], r["budget"], r["iters"], r["precision"]) == (arch, budget, iters, precision)]
         same = [r for r in ours if (r["arch"], r["budget"], r["iters"], r["precision"]) == (arch, budget, iters, precision)]
