@@ -265,6 +265,48 @@ def test_a_run_stopped_by_a_corrupt_training_image_resumes_with_on_corrupt_skip(
     assert json.loads((run / "config.json").read_text())["data"]["on_corrupt"] == "skip"
 
 
+@pytest.mark.parametrize("precise_bn", [0, 2])
+def test_a_corrupt_validation_image_saves_the_step_and_the_resume_evaluates_it(jpeg_dir, tmp_path, capsys,
+                                                                               precise_bn):
+    """The evaluation is the first to read the validation images: a bad one used to stop the run with every
+    step since the last checkpoint lost. The step is saved first, marked; once the file is fixed, --resume
+    evaluates that step and trains on, bitwise the run that never stopped (with precise BN too: the resume
+    computes the statistics of that step again)."""
+    import shutil
+    from reslab.cli import main
+    good = tmp_path / "good"
+    shutil.copytree(jpeg_dir, good)
+    args = ["train", "--arch", "resnet18", "--width", "0.125", "--data", "folder", "--crop-size", "32",
+            "--batch-size", "2", "--iters", "6", "--eval-every", "3", "--log-every", "3", "--workers", "0",
+            "--normalization", "channel", "--precise-bn", str(precise_bn), "--no-progress"]
+    assert main([*args, "--data-dir", str(good), "--out", str(tmp_path / "ref")]) == 0
+    bad = jpeg_dir / "val" / "dog" / "1.JPEG"
+    original = bad.read_bytes()
+    bad.write_bytes(b"\xff\xd8\xff this is not a jpeg")
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main([*args, "--data-dir", str(jpeg_dir), "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot decode" in err and "saved before that evaluation" in err, err
+    st = ckpt.read_status(run)
+    assert st["step"] == 3 and not st["finished"] and ckpt.load(run / "last.pt")["eval_pending"]
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [] and rows[-1]["step"] == 3
+    from reslab.reproduce import run_status
+    assert run_status(run) == "resume@3"
+    bad.write_bytes(original)
+    assert main([*args, "--data-dir", str(jpeg_dir), "--out", str(run), "--resume"]) == 0
+    a, b = ckpt.load(run / "last.pt"), ckpt.load(tmp_path / "ref" / "last.pt")
+    assert a["finished"] and not a["eval_pending"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    evals = [{k: v for k, v in json.loads(ln).items() if k != "elapsed_s"}
+             for p in (run, tmp_path / "ref") for ln in (p / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["kind"] == "eval"]
+    assert len(evals) == 4 and evals[:2] == evals[2:]
+    assert torch.equal(ckpt.load(run / "best.pt")["model"]["fc.weight"],
+                       ckpt.load(tmp_path / "ref" / "best.pt")["model"]["fc.weight"])
+
+
 def test_on_corrupt_skip_covers_the_normalisation_fitted_from_the_images(jpeg_dir, tmp_path, capsys):
     """--normalization pixel reads training images before the first step: a corrupt one stops the run with
     its name, or under --on-corrupt skip is reported once and left out of the mean (it was a traceback-free

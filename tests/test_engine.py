@@ -208,7 +208,7 @@ def test_checkpoint_contents_load_with_weights_only(data_dir, tmp_path):
     train(settings(data_dir, tmp_path / "r"))
     ck = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
     assert {"format", "config", "model", "model_config", "normalizer", "classes", "data", "step", "finished",
-            "best_err", "metrics", "train"} == set(ck)
+            "best_err", "metrics", "eval_pending", "world_size", "train"} == set(ck)
     assert {"optimizer", "scaler", "ema", "ema_n", "schedule", "loader", "elapsed", "counters"} == set(ck["train"])
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
     assert ck["config"]["recipe"]["name"] == "cifar-paper" and ck["model_config"]["name"] == "resnet8"
@@ -339,10 +339,51 @@ def test_two_process_ddp_equals_one_process_at_the_same_global_batch(data_dir, t
         assert torch.equal(got[k], ref[k]), k
     ev = [m for m in read_metrics(out) if m["kind"] == "eval"][-1]
     assert ev["n"] == 101  # 101 test images over 2 ranks: 50 + 51, none dropped or repeated
+    assert ckpt.load(out)["world_size"] == 2  # what eval --precise-bn divides the batch by
     single = subprocess.run([sys.executable, "-m", "reslab", "eval", str(out), "--json"], capture_output=True,
                             text=True, timeout=300)
     one = json.loads(single.stdout)
     assert one["n"] == 101 and one["top1_err"] == pytest.approx(ev["top1_err"])
+
+
+@pytest.mark.slow
+def test_two_ranks_fit_the_per_pixel_mean_of_one_process(tmp_path):
+    """Under torchrun each rank decodes half of the images the per-pixel mean is fitted from (10,000 full-size
+    JPEGs each, before) and the ranks add their sums: integer sums, so the mean is bitwise one process's."""
+    from conftest import make_jpeg_folder
+    from reslab.data import folder as fold
+    from reslab.data.augment import Augment
+    root = make_jpeg_folder(tmp_path / "imgs", per_class=5)
+    out = tmp_path / "ddp"
+    r = _torchrun(2, "train", "--arch", "resnet18", "--width", "0.125", "--data", "folder", "--data-dir", str(root),
+                  "--crop-size", "32", "--batch-size", "4", "--iters", "1", "--workers", "0", "--normalization",
+                  "pixel", "--out", str(out), "--no-progress", "--no-compile")
+    assert r.returncode == 0, _why(r.stderr)
+    ds = fold.ImageFolderSplit(root, "train", augment=Augment.for_size("scale", 32))
+    want = fold.fit_normalizer(ds, "pixel", size=32)
+    assert torch.equal(ckpt.load(out)["normalizer"]["mean"], want.mean)
+    # each rank decoded its half: two processes in a gloo group, counting the images they decode
+    import torch.multiprocessing as mp
+    mp.spawn(_fit_on_rank, args=(str(root), str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [g["decoded"] for g in got] == [5, 5] and all(torch.equal(g["mean"], want.mean) for g in got)
+
+
+def _fit_on_rank(rank: int, root: str, out: str) -> None:
+    import torch.distributed as tdist
+    from reslab.data import folder as fold
+    tdist.init_process_group("gloo", init_method=f"file://{out}/pg", rank=rank, world_size=2)
+    n, real = [0], fold.decode
+
+    def counted(path):
+        n[0] += 1
+        return real(path)
+    fold.decode = counted
+    try:
+        norm = fold.fit_normalizer(fold.ImageFolderSplit(root, "train"), "pixel", size=32, rank=rank, world_size=2)
+    finally:
+        tdist.destroy_process_group()
+    torch.save({"decoded": n[0], "mean": norm.mean}, f"{out}/rank{rank}.pt")
 
 
 def test_cli_train_and_eval_end_to_end(data_dir, tmp_path, capsys):
@@ -363,6 +404,35 @@ def test_cli_train_and_eval_end_to_end(data_dir, tmp_path, capsys):
     assert len(err) == 1 and "not a readable" in err[0]
 
 
+def test_eval_precise_bn_uses_the_batch_each_rank_normalised(data_dir, tmp_path, monkeypatch):
+    """A run's BN layers saw batch / world_size images per step (the whole batch under sync BN): eval
+    --precise-bn averages batches of that size. The world size comes from the checkpoint, or for checkpoints
+    before it was saved there, from the run's config.json."""
+    import reslab.predict as predict
+    out = tmp_path / "r"
+    assert main(["train", "--arch", "resnet8", "--data-dir", str(data_dir), "--iters", "2", "--batch-size", "32",
+                 "--out", str(out), "--no-progress"]) == 0
+    seen = []
+    monkeypatch.setattr(predict, "precise_bn", lambda model, batches, n: seen.append(len(next(iter(batches))[1])))
+
+    def batch_with(world_size=None, sync_bn=False, config_ws=None):
+        ck = ckpt.load(out / "last.pt")
+        ck.pop("world_size")
+        if world_size:
+            ck["world_size"] = world_size
+        ck["config"]["runtime"]["sync_bn"] = sync_bn
+        d = tmp_path / f"c{len(seen)}"
+        d.mkdir()
+        torch.save(ck, d / "last.pt")
+        if config_ws:
+            (d / "config.json").write_text(json.dumps({"world_size": config_ws}))
+        predict.evaluate_checkpoint(d, precise_bn_batches=1, workers=0)
+        return seen[-1]
+    assert ckpt.load(out / "last.pt")["world_size"] == 1
+    assert batch_with() == 32 and batch_with(world_size=2) == 16 and batch_with(config_ws=4) == 8
+    assert batch_with(world_size=2, sync_bn=True) == 32
+
+
 def test_precise_bn_is_a_true_average():
     from reslab.evaluate import precise_bn
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
@@ -381,6 +451,16 @@ def test_precise_bn_is_a_true_average():
     with pytest.raises(ReslabError, match="gave none"):
         precise_bn(m, [], 2)
     assert all(torch.equal(v, before[k]) for k, v in m[1].state_dict().items())
+
+    # nor does a loader that fails on the way (a corrupt image): a run saves before the failed evaluation,
+    # and its checkpoint must not hold statistics reset and half averaged
+    def failing():
+        yield batches[0]
+        raise ReslabError("x.jpg: cannot decode image")
+    with pytest.raises(ReslabError, match="cannot decode"):
+        precise_bn(m, failing(), 3)
+    assert all(torch.equal(v, before[k]) for k, v in m[1].state_dict().items())
+    assert m[1].momentum == 0.1 and m.training
 
 
 def test_eval_loss_of_confidently_wrong_views_is_not_floored():

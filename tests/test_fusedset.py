@@ -221,3 +221,35 @@ def test_a_member_whose_evaluation_overflows_stops_the_set_before_any_saves(data
     with pytest.raises(TrainingDiverged, match="fused member s1: the evaluation at step 6 gave a non-finite loss"):
         fs.fit()
     assert [ckpt.read_status(c.out)["step"] for c in cs] == [3, 3]
+
+
+def test_a_member_whose_evaluation_fails_saves_with_the_others_and_the_set_resumes(data_dir, tmp_path, monkeypatch):
+    """An evaluation that raises (not a divergence) in member 1 at step 6: every member saves step 6 (member 1
+    marked to evaluate it on resume), and the resumed set ends bitwise the set that never stopped."""
+    from reslab.engine import EvaluationFailed
+    import reslab.engine as engine
+    kw = {"seeds": (0, 1), "iters": 12, "eval_every": 3, "log_every": 3}
+    ref = _configs(tmp_path / "ref", data_dir, **kw)
+    FusedSet(ref).fit()
+    cs = _configs(tmp_path / "f", data_dir, **kw)
+    fs = FusedSet(cs)
+    real, calls = engine.evaluate, []
+
+    def failing(model, *a, **k):  # calls 1, 2: step 3 (members 0, 1); call 4: member 1 at step 6
+        calls.append(model)
+        if model is fs.trainers[1].model and len(calls) == 4:
+            raise OSError("[Errno 5] Input/output error")
+        return real(model, *a, **k)
+    monkeypatch.setattr(engine, "evaluate", failing)
+    with pytest.raises(EvaluationFailed, match="1 of 2 fused members could not be evaluated at step 6 .*s1: the "
+                                               "evaluation at step 6 failed: OSError"):
+        fs.fit()
+    monkeypatch.setattr(engine, "evaluate", real)
+    loaded = [ckpt.load(c.out) for c in cs]
+    assert [x["step"] for x in loaded] == [6, 6] and [x["eval_pending"] for x in loaded] == [False, True]
+    train_fused(cs, resume=True)
+    for a, b in zip(ref, cs):
+        x, y = ckpt.load(a.out), ckpt.load(b.out)
+        assert y["finished"] and _max_diff(x["model"], y["model"]) == 0 and x["best_err"] == y["best_err"]
+        assert [m["top1_err"] for m in read_metrics(a.out) if m["kind"] == "eval"] == \
+               [m["top1_err"] for m in read_metrics(b.out) if m["kind"] == "eval"]

@@ -9,6 +9,7 @@ import torch
 from reslab import checkpoint as ckpt
 from reslab import create_model
 from reslab.cli import main
+from reslab.errors import ReslabError
 from reslab.experiments import BUDGETS, EXPERIMENTS, get_experiment
 from reslab.flags import parse_train_args
 from reslab.reproduce import command
@@ -178,6 +179,29 @@ def test_report_keeps_the_control_apart_and_tables_comparisons(tmp_path):
     assert "| resnet20 | resnet20  | 0.270M | 40.6M | 12.00 ± - (1) |" in text
     assert "| wide | resnet20 width=2.0 | 1.069M | 156.2M | - |" in text  # no run of it yet
     assert (tmp_path / "width_vs_depth_quick.png").is_file()
+
+
+def test_a_damaged_run_folder_is_named_and_left_out_of_the_report(tmp_path, capsys):
+    """A log line cut in the middle of a log, or a config.json of another shape, leaves that run out of the
+    report with the reason; the other runs are still reported (it stopped the whole report)."""
+    _fake_run(tmp_path, "resnet20-s0", "resnet20", True, [(0.4, 0.45), (0.1, 0.09)])
+    cut = _fake_run(tmp_path, "resnet20-s1", "resnet20", True, [(0.4, 0.45), (0.1, 0.11)], seed=1)
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join([lines[0][:20], *lines[1:]]) + "\n")
+    odd = _fake_run(tmp_path, "odd", "resnet20", True, [(0.4, 0.45)], seed=2)
+    (odd / "config.json").write_text(json.dumps(["not", "a", "config"]))
+    text = write_report(tmp_path).read_text()
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["run"] for r in res["runs"]] == ["resnet20-s0"] and res["table6"][0]["n"] == 1
+    assert [u["path"] for u in res["left_out"]] == ["odd", "resnet20-s1"]
+    assert "line 1: not a JSON line" in res["left_out"][1]["reason"]
+    assert "Left out, unreadable (2): `odd`: " in text and "`resnet20-s1`: " in text
+    err = capsys.readouterr().err
+    assert "reslab report: resnet20-s1 left out: " in err and "reslab report: odd left out: " in err
+    import shutil
+    shutil.rmtree(tmp_path / "resnet20-s0")  # nothing readable: an error that says why, not an empty report
+    with pytest.raises(ReslabError, match="no run under .* could be read \\(2 left out: first, odd: "):
+        write_report(tmp_path)
 
 
 def test_table6_averages_finished_runs_and_names_the_others(tmp_path):

@@ -352,6 +352,41 @@ def test_a_run_set_equals_its_runs_trained_alone(data_dir, tmp_path, capsys):
     assert _train("--seeds", 0, "--seed", 1, "--data-dir", data_dir) == 2
 
 
+def test_a_failed_evaluation_stops_its_run_alone_saved_and_the_set_resumes(data_dir, tmp_path, monkeypatch):
+    """An evaluation that raises (an unreadable file, say) stops that run alone, saved at the step before
+    the evaluation; the others train to the end, the set reports it, and the resume evaluates that step first:
+    both runs end bitwise as trained alone."""
+    from dataclasses import replace
+    from reslab import engine
+    from reslab.engine import EvaluationFailed
+    from reslab.runset import train_set
+    r = get_recipe("cifar-paper").with_overrides(batch_size=32, iters=24, eval_every=12, log_every=6)
+    base = RunConfig.build(tmp_path / "alone" / "a", "resnet8", r, data_dir=data_dir, progress=False)
+    configs = [base, replace(base, seed=1, out=str(tmp_path / "alone" / "b"))]
+    for c in configs:
+        train(c)
+    together = [replace(c, out=c.out.replace("alone", "set")) for c in configs]
+    real, calls = engine.evaluate, []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # run b's evaluation at step 12
+            raise OSError("[Errno 5] Input/output error: 'test_batch'")
+        return real(*a, **k)
+    monkeypatch.setattr(engine, "evaluate", second_fails)
+    with pytest.raises(EvaluationFailed, match=r"1 of 2 runs stopped .*set/b.*Input/output error"):
+        train_set(together)
+    a, b = (ckpt.load(c.out) for c in together)
+    assert a["finished"] and b["step"] == 12 and b["eval_pending"] and not b["finished"]
+    assert [x["step"] for x in read_metrics(together[1].out) if x["kind"] == "eval"] == []
+    train_set(together, resume=True)
+    for x, y in zip(configs, together):
+        x, y = ckpt.load(x.out), ckpt.load(y.out)
+        assert y["finished"] and all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
+        assert x["metrics"]["top1_err"] == y["metrics"]["top1_err"] and x["best_err"] == y["best_err"]
+    assert [x["step"] for x in read_metrics(together[1].out) if x["kind"] == "eval"] == [12, 24]
+
+
 def test_loader_plans_rebuild_its_batches():
     """The graphed step gathers batches itself from (indices, variants): the same batches as iteration."""
     from reslab.data import Normalizer, ResidentLoader

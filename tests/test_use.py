@@ -126,6 +126,13 @@ def test_exports_and_hand_edited_sidecars_are_named_errors(trained, tmp_path, ca
     st.with_suffix(".json").write_text("{}")
     with pytest.raises(ReslabError, match="lacks model_config, normalization"):
         reslab.load(st)
+    # files that exist are replaced only on request: the sidecar alone is enough to refuse
+    st.unlink()
+    assert main(["export", str(trained), "--format", "safetensors", "--out", str(st)]) == 2
+    assert "m.json already exists; choose another --out, or pass --force" in capsys.readouterr().err
+    assert not st.exists() and st.with_suffix(".json").read_text() == "{}"
+    assert main(["export", str(trained), "--format", "safetensors", "--out", str(st), "--force"]) == 0
+    assert reslab.load(st).reslab["classes"] == side["classes"]
 
 
 def test_onnx_export_takes_the_view_a_folder_run_was_tested_at(tmp_path, capsys):
@@ -149,7 +156,7 @@ def test_onnx_export_takes_the_view_a_folder_run_was_tested_at(tmp_path, capsys)
         torch.testing.assert_close(torch.from_numpy(sess.run(None, {"images": x.numpy()})[0]), ref(x),
                                    rtol=1e-4, atol=1e-4)
     # with the run's per-channel normalisation inside: uint8 pixels in
-    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--with-normalizer"]) == 0
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--with-normalizer", "--force"]) == 0
     u8 = torch.randint(0, 256, (2, 3, 36, 44), dtype=torch.uint8)
     assert ref.reslab["normalizer"].mode == "channel"
     with torch.no_grad():
@@ -311,6 +318,15 @@ def test_convert_cifar_reproduction_layout(tmp_path):
     assert main(["convert", str(tmp_path / "resnet20.th"), "--from", "cifar-repro", "--arch", "plain20",
                  "--out", str(tmp_path / "p20.pt")]) == 2
     assert not (tmp_path / "p20.pt").exists()
+    # an --out that names a file already there (a run's last.pt, mistyped) is left alone without --force
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"months of training")
+    args = ["convert", str(tmp_path / "resnet20.th"), "--from", "cifar-repro", "--arch", "resnet20", "--out",
+            str(run / "last.pt")]
+    assert main(args) == 2 and (run / "last.pt").read_bytes() == b"months of training"
+    assert main(args[:-2] + ["--out", str(run)]) == 2  # a folder: say so, not IsADirectoryError
+    assert main(args + ["--force"]) == 0 and reslab.load(run / "last.pt").reslab["classes"][3] == "cat"
 
 
 def test_torch_hub_local():

@@ -9,6 +9,9 @@ it. The layout (FORMAT) is `TrainingState.state_dict()` (state.py):
   model_config      ResNetConfig metadata: `build_model` rebuilds the network from it
   normalizer, classes, data     what evaluation and prediction need (data: name, split, sizes, identity)
   step, finished, best_err, metrics      the run's status, read by `read_status` without the rest
+  world_size        the number of ranks it trained on (from 2026-12; earlier runs say it in config.json)
+  eval_pending      saved before an evaluation that failed: the resume evaluates `step` first (finished is
+                    false until it has)
   train             what only resuming needs: optimizer, scaler, ema, schedule, loader position, elapsed,
                     counters (the sums behind the next log line and warm-up rule check)
 

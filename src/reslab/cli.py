@@ -321,7 +321,7 @@ def cmd_predict(a) -> int:
 
 def cmd_export(a) -> int:
     from .export import export
-    r = export(a.path, a.format, a.out, with_normalizer=a.with_normalizer)
+    r = export(a.path, a.format, a.out, with_normalizer=a.with_normalizer, force=a.force)
     size = r["view_size"]
     print(f"exported {a.format}: {', '.join(r['files'])} (checked: max |diff| {r['max_abs_diff']:.2e} "
           f"against the PyTorch model; input: {r['input']}; its test view is {size}x{size}, any size is accepted)")
@@ -330,7 +330,7 @@ def cmd_export(a) -> int:
 
 def cmd_convert(a) -> int:
     from .interop import convert
-    rec = convert(a.src, getattr(a, "from"), a.arch, a.out)
+    rec = convert(a.src, getattr(a, "from"), a.arch, a.out, force=a.force)
     print(f"converted {rec['source']} -> {a.out} ({rec['model_config']['name']}); use it with reslab "
           f"eval/predict/export or reslab.load()")
     return 0
@@ -353,12 +353,14 @@ def _register_use(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--with-normalizer", action="store_true",
                    help="torchscript/onnx: the graph takes uint8 RGB images and applies the run's normalisation")
+    p.add_argument("--force", action="store_true", help="replace --out (and its sidecar) if it exists")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("convert", help="import torchvision, timm or CIFAR-reproduction weights")
     p.add_argument("src", help="weights file (.pth, .pt, .bin, .safetensors), or a timm hub folder")
     p.add_argument("--from", required=True, choices=list(CONVERTERS))
     p.add_argument("--arch", help="the reslab architecture; timm's files name their own")
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_convert)
 
 

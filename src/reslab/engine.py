@@ -12,7 +12,8 @@
   at that step.
 
   Nothing is saved unless every step since the last check had a finite loss and the weights are finite; a
-  run that diverges stops with an error that says which checkpoint on disk is intact. On the CPU a resumed
+  run that diverges stops with an error that says which checkpoint on disk is intact. An evaluation that
+  raises (a corrupt validation image) has its step saved first, marked pending; the resume evaluates it. On the CPU a resumed
   run is bitwise the uninterrupted one, however often it was killed (SIGKILL included).
 
 A Trainer owns no global state (its randomness is its seed's), so several can run side by side in one
@@ -51,6 +52,11 @@ from .zoo import create_model
 
 class TrainingDiverged(ReslabError):
     pass
+
+
+class EvaluationFailed(ReslabError):
+    """An evaluation raised (a corrupt validation image, a vanished file): the run was saved at that step
+    first, marked to evaluate it again on resume."""
 
 
 def configure_backends(deterministic: bool) -> None:
@@ -227,6 +233,8 @@ class Trainer:
         self._bar = Progress(r.iters, st.step, enabled=self.cfg.runtime.progress and self.d.is_main,
                              label=self.label)
         self._t_log, self._imgs, self._t_start = time.time(), 0, time.time() - st.elapsed
+        if st.eval_pending:  # saved before an evaluation that failed: that evaluation comes first
+            self.evaluate_and_save()
         return min(r.iters, stop_at or r.iters)
 
     def end(self, stop: int) -> None:
@@ -352,13 +360,19 @@ class Trainer:
         evaluates every member before any saves. A non-finite loss stops the run here, before anything is
         logged or saved."""
         if self._evaluated is not None and self._evaluated[0] == step:
+            if isinstance(self._evaluated[1], Exception):  # failed when a fused set evaluated ahead
+                raise self._evaluated[1]
             return self._evaluated[1]
         st, cfg = self.state, self.cfg
         self.check_finite()  # before spending an evaluation on a diverged model
-        if cfg.runtime.precise_bn:
-            # a fork: a separate, seeded pass that leaves the training loader's position untouched
-            precise_bn(self.model, self.data.train.fork(cfg.seed + 7919), cfg.runtime.precise_bn)
-        m = evaluate(self.model, self.data.eval, self.ctx)
+        try:
+            if cfg.runtime.precise_bn:
+                # a fork: a separate, seeded pass that leaves the training loader's position untouched
+                precise_bn(self.model, self.data.train.fork(cfg.seed + 7919), cfg.runtime.precise_bn)
+            m = evaluate(self.model, self.data.eval, self.ctx)
+        except Exception as e:
+            self._evaluated = (step, e)
+            raise
         if not math.isfinite(m["loss"]):  # finite weights whose outputs overflow: as diverged as a NaN loss
             raise self.diverged(f"the evaluation at step {step} gave a non-finite loss (the model's outputs "
                                 f"overflow); stopped without saving ({self._on_disk()}); lower the learning "
@@ -371,18 +385,37 @@ class Trainer:
 
     def evaluate_and_save(self) -> dict:
         st, cfg = self.state, self.cfg
-        m = self.evaluation(st.step)
+        try:
+            m = self.evaluation(st.step)
+        except TrainingDiverged:
+            raise
+        except Exception as e:
+            raise self._saved_before(e) from e
         rec = {"kind": "eval", "step": st.step, "epoch": st.step / max(1, len(self.data.train)),
                "split": self.data.eval_split, **m, "elapsed_s": time.time() - self._t_start}
         after_eval(cfg.recipe, st.schedule, m["top1_err"])
         improved = m["top1_err"] < st.best_err
         st.best_err = min(st.best_err, m["top1_err"])
-        st.metrics = rec
+        st.metrics, st.eval_pending = rec, False
         self.save(best=improved)
         if self._log:  # after the save: a log never shows an evaluation whose checkpoint a kill lost
             self._log.write(rec)
         self._t_log, self._imgs = time.time(), 0  # throughput counts training only, not this evaluation
         return rec
+
+    def _saved_before(self, e: Exception) -> EvaluationFailed:
+        """The error for an evaluation that raised, once the step it came after is saved: the training up to
+        it is not lost for a bad validation file. Under torchrun a failure on one rank would leave the
+        others waiting in the save's collectives, so nothing is saved there."""
+        st = self.state
+        why = str(e) if isinstance(e, ReslabError) else f"{type(e).__name__}: {e}"
+        if self.d.enabled:
+            return EvaluationFailed(f"the evaluation at step {st.step} failed: {why}; {self._on_disk()}")
+        st.eval_pending = True
+        self.save(best=False)
+        return EvaluationFailed(f"the evaluation at step {st.step} failed: {why}; {self.out / ckpt.LAST} now holds "
+                                f"step {st.step}, saved before that evaluation: fix the cause, then --resume "
+                                "evaluates that step first and trains on")
 
     def save(self, best: bool) -> None:
         """best.pt before last.pt: killed in between, the run resumes from the older last.pt and writes the

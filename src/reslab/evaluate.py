@@ -71,7 +71,8 @@ def precise_bn(model: nn.Module, batches, num_batches: int) -> int:
     """Recompute every BN layer's running mean/var as the true average over `num_batches` training batches
     (what the paper's released models did), instead of the exponential moving average. `batches` is gone
     through again (the loader's next epoch) until that many came; a loader that yields fewer (none, when its
-    batch is larger than the split and it drops the last) is an error, with the statistics left as they were.
+    batch is larger than the split and it drops the last) is an error, and so is a failure
+    on the way (a corrupt image), with the statistics left as they were in both cases.
     Returns the number of batches used."""
     model = dist.unwrap(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -99,10 +100,11 @@ def precise_bn(model: nn.Module, batches, num_batches: int) -> int:
         for m, (mom, tr) in zip(bns, saved):
             m.momentum = mom
         model.train(was_training)
+        if used < num_batches:  # too few batches, or a failure (a corrupt image) on the way: a run saved after
+            with torch.no_grad():  # it must not keep statistics half reset
+                for m, st in zip(bns, stats):
+                    m.load_state_dict(st)
     if used < num_batches:
-        with torch.no_grad():
-            for m, st in zip(bns, stats):
-                m.load_state_dict(st)
         raise ReslabError(f"precise BN needs {num_batches} training batches and the training data gave none; "
                           "its batch is larger than the training split (use a smaller batch)")
     return used

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .errors import ReslabError
-from .interop import load, save_safetensors
+from .interop import load, refuse_to_overwrite, save_safetensors
 
 FORMATS = ("torchscript", "onnx", "safetensors")
 SUFFIXES = {"torchscript": ".ts.pt", "onnx": ".onnx", "safetensors": ".safetensors"}
@@ -70,7 +70,9 @@ def _check(name: str, run, reference, xs: list[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def export(path, fmt: str, out, with_normalizer: bool = False) -> dict:
+def export(path, fmt: str, out, with_normalizer: bool = False, force: bool = False) -> dict:
+    """Write the model at `path` (a checkpoint, run folder, or converted file) as `fmt` to `out`, then check
+    the file against the PyTorch model. Existing output files are replaced only with `force`."""
     if fmt not in FORMATS:
         raise ReslabError(f"unknown format {fmt!r}; valid choices: {', '.join(FORMATS)}")
     if with_normalizer and fmt == "safetensors":
@@ -82,6 +84,7 @@ def export(path, fmt: str, out, with_normalizer: bool = False) -> dict:
     if fmt == "safetensors" and out.suffix != ".safetensors":
         # reslab.load (and predict, eval) tell a safetensors file from a checkpoint by its suffix
         raise ReslabError(f"--out {out}: a safetensors file must end in .safetensors, e.g. {out}.safetensors")
+    refuse_to_overwrite([out, out.with_suffix(".json")] if fmt == "safetensors" else [out], force)
     model = load(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     xs = _examples(model)

@@ -34,7 +34,7 @@ import torch
 
 from . import dist, interrupt
 from .config import RunConfig
-from .engine import Trainer, TrainingDiverged
+from .engine import EvaluationFailed, Trainer, TrainingDiverged
 from .errors import ReslabError
 from .fused import FusedBatches, FusedResNet, fused_train_step
 from .logs import write_json
@@ -212,6 +212,8 @@ class FusedSet:
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"fused member {Path(t.cfg.out).name}: {e}; no member saved at step {step}, "
                                        "resume the others without it") from None
+            except Exception:  # kept by the member: its own evaluate_and_save saves the step, then raises it
+                pass
 
     # ------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> list[dict]:
@@ -244,8 +246,16 @@ class FusedSet:
                     self._check_members(t0.state.step + 1)
                     if t0.evaluates_at(t0.state.step + 1, stop):
                         self._evaluate_members(t0.state.step + 1)
-                for t, w in zip(ts, wrong):
-                    t.after_step(w, n, lr, stop)
+                failed = []
+                for t, w in zip(ts, wrong):  # every member saves its step before a failed evaluation stops the set
+                    try:
+                        t.after_step(w, n, lr, stop)
+                    except EvaluationFailed as e:
+                        failed.append(f"{Path(t.cfg.out).name}: {e}")
+                if failed:
+                    raise EvaluationFailed(f"{len(failed)} of {len(ts)} fused members could not be evaluated at step "
+                                           f"{t0.state.step} ({'; '.join(failed)}); every member is saved at that "
+                                           "step, --resume goes on")
             self.to_members(lr_at(max(t0.state.step - 1, 0), r, t0.state.schedule))  # the last step's lr
             for t in ts:
                 t.end(stop)

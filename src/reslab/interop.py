@@ -276,10 +276,23 @@ def _timm_classes(conf: dict, n: int) -> list[str]:
 CONVERTERS = {"torchvision": convert_torchvision, "cifar-repro": convert_cifar_repro, "timm": convert_timm}
 
 
-def convert(src, source: str, arch: str | None, out) -> dict:
-    """Convert and save; returns the record written (its model_config names the architecture)."""
+def refuse_to_overwrite(paths, force: bool) -> None:
+    """Output files that exist already are a one-line error unless `force`: an --out mistyped as a run's
+    last.pt would otherwise replace months of training with converted weights, silently."""
+    taken = [str(p) for p in paths if Path(p).exists()]
+    if taken and not force:
+        raise ReslabError(f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}; choose another --out, "
+                          "or pass --force to replace it")
+
+
+def convert(src, source: str, arch: str | None, out, force: bool = False) -> dict:
+    """Convert and save; returns the record written (its model_config names the architecture). An existing
+    `out` is replaced only with `force`."""
     if source not in CONVERTERS:
         raise ReslabError(f"unknown source {source!r}; valid choices: {', '.join(CONVERTERS)}")
+    if Path(out).is_dir():
+        raise ReslabError(f"--out {out} is a folder; give the file to write, e.g. {Path(out) / 'model.pt'}")
+    refuse_to_overwrite([out], force)
     rec = CONVERTERS[source](src, arch)
     ckpt.save_atomic(rec, out)
     return rec

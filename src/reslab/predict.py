@@ -1,6 +1,7 @@
 """Using trained checkpoints: rebuild the model they hold and evaluate it with the paper's protocols."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -25,9 +26,11 @@ def evaluate_checkpoint(path, data_dir=None, view: str = "center", device: str =
     # converted weights record no data: an ImageNet net is evaluated on an image folder (--data-dir)
     data_name = info.get("name") or ("cifar10" if model.cfg.family == "cifar" else "folder")
     data_dir = data_dir or (cfg.get("data") or {}).get("dir") or (ck.get("run") or {}).get("data_dir")
-    # precise BN averages the statistics of batches of the size the run trained with (the BN statistics of
+    # precise BN averages the statistics of batches of the size the run's BN layers saw (the statistics of
     # batches of another size are other numbers); converted weights record none: the evaluation batch
     train_batch = (cfg.get("recipe") or {}).get("batch_size") or batch_size
+    if not (cfg.get("runtime") or {}).get("sync_bn"):  # without sync BN each rank normalised its own share
+        train_batch = max(1, train_batch // _world_size(ck, p))
     data = data_build.build(data_name, data_dir, batch_size=train_batch, device=dev,
                             val_split=info.get("eval_split") == "val5k", normalizer=model.reslab["normalizer"],
                             view=view, workers=workers, eval_batch=batch_size, with_train=precise_bn_batches > 0,
@@ -38,6 +41,17 @@ def evaluate_checkpoint(path, data_dir=None, view: str = "center", device: str =
     m = evaluate(model, data.eval)
     return {"checkpoint": str(p), "arch": ck["model_config"].get("name"), "data": data_name,
             "split": data.eval_split, "view": view, "step": ck.get("step"), **m}
+
+
+def _world_size(ck: dict, path: Path) -> int:
+    """The ranks a run trained on: its checkpoint says so (from 2026-12), earlier ones the config.json beside
+    them; otherwise one."""
+    if ck.get("world_size"):
+        return int(ck["world_size"])
+    try:
+        return int(json.loads((path.parent / "config.json").read_text()).get("world_size") or 1)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
 
 
 def augment_of(cfg: dict) -> Augment:

@@ -11,8 +11,10 @@ import csv
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
+from .errors import ReslabError
 from .logs import hardware_line, read_metrics
 
 # docs/paper.md: Table 6 (CIFAR-10 test error %) and other reproductions' numbers.
@@ -495,17 +497,34 @@ def _no_nan(x):
     return x
 
 
+def _name(run: Path, root: Path) -> str:
+    """A run as the report names it: its path under the report's folder."""
+    return run.relative_to(root).as_posix() if run.is_relative_to(root) else run.name
+
+
 def write_report(root) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder")
-    runs = [summarize(p) for p in find_runs(root)]
+    runs, unread = [], []
+    for p in find_runs(root):
+        try:
+            runs.append(summarize(p))
+        except (ReslabError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            # one damaged folder (a log line cut by hand, a config.json of another shape) is named and left
+            # out; the others are still reported
+            why = str(e) if isinstance(e, ReslabError) else f"{type(e).__name__}: {e}"
+            unread.append({"path": _name(p, root), "reason": why})
+            print(f"reslab report: {_name(p, root)} left out: {why}", file=sys.stderr)
     if not runs:
-        raise FileNotFoundError(f"no classification run folders (config.json + metrics.jsonl) under {root}")
+        raise (ReslabError(f"no run under {root} could be read ({len(unread)} left out: first, {unread[0]['path']}: "
+                           f"{unread[0]['reason']})") if unread else
+               FileNotFoundError(f"no classification run folders (config.json + metrics.jsonl) under {root}"))
     t6 = table6(runs)
     flat = [{k: v for k, v in r.items() if k != "curves"} for r in runs]
     # strict JSON: a diverged run's NaN is written null (jq, JavaScript and strict parsers refuse NaN)
-    (root / "results.json").write_text(json.dumps(_no_nan({"runs": flat, "table6": t6}), indent=2, allow_nan=False))
+    (root / "results.json").write_text(json.dumps(_no_nan({"runs": flat, "table6": t6, "left_out": unread}), indent=2,
+                                                  allow_nan=False))
     with open(root / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(flat[0]))
         w.writeheader()
@@ -529,12 +548,15 @@ def write_report(root) -> Path:
         steps = f"{r['step']}/{r['iters']}" + (
             f" (diverged at {r['diverged_at']})" if r["diverged_at"] is not None else
             "" if r["complete"] else " (incomplete)")
-        name = Path(r["path"]).relative_to(root).as_posix() if Path(r["path"]).is_relative_to(root) else r["run"]
+        name = _name(Path(r["path"]), root)
         name += "" if r["implementation"] == "reslab" else f" ({r['implementation']})"
         split = "" if r["eval_split"] in (None, "test") else f" ({r['eval_split']})"  # the split it evaluated
         lines.append(f"| {name} | x{r['budget']:g} | {steps} | {_fmt(r['train_err'])} | {_fmt(r['test_err'])}{split} | "
                      f"{_fmt(r['min_test_err'])}{split} | {r['wall_min']:.1f} | {r['hardware']} | {r['torch']} | "
                      f"{r['precision']} |")
+    if unread:
+        lines += ["", f"Left out, unreadable ({len(unread)}): "
+                  + "; ".join(f"`{u['path']}`: {u['reason']}" for u in unread) + "."]
     if t6:
         # runs on more than one copy of the data: each row names its copy
         several = len({(t["data_md5"] or t["data"]) for t in t6}) > 1

@@ -5,8 +5,8 @@ trained alone (same seed: same initial weights, batch order and augmentation; bi
 The set advances its runs in turn, one step each. On a GPU each run issues its work on its own CUDA stream,
 so one run's kernels can fill the gaps another leaves while the host prepares its next step.
 
-A run that diverges stops alone, keeping its last good checkpoint; the others go on, and the set reports
-every failure at the end.
+A run that diverges stops alone, keeping its last good checkpoint, and so does one whose evaluation fails
+(saved first, at the step before it); the others go on, and the set reports every failure at the end.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from . import dist, interrupt
 from .config import RunConfig
-from .engine import Trainer, TrainingDiverged
+from .engine import EvaluationFailed, Trainer, TrainingDiverged
 from .errors import ReslabError
 
 
@@ -45,31 +45,37 @@ class RunSet:
             return self._fit(stop_at)
 
     def _fit(self, stop_at: int | None) -> list[dict]:
-        stops = [t.begin(stop_at) for t in self.trainers]
-        active = [i for i, t in enumerate(self.trainers) if t.state.step < stops[i]]
-        failed = {}
+        failed: dict[str, Exception] = {}
+
+        def attempt(i: int, what) -> bool:
+            """Run i does `what`; a divergence or a failed evaluation stops that run alone (it keeps its last
+            good checkpoint, or saved before the evaluation) and is reported at the end."""
+            t = self.trainers[i]
+            try:
+                with _on(self.streams[i]):
+                    what()
+                return True
+            except (TrainingDiverged, EvaluationFailed) as e:
+                failed[t.cfg.out] = e
+                print(f"reslab: {t.cfg.out}: {e}", file=sys.stderr, flush=True)
+                return False
+
+        stops = [0] * len(self.trainers)
         try:
+            for i, t in enumerate(self.trainers):  # begin() evaluates a step a failed evaluation left pending
+                attempt(i, lambda: stops.__setitem__(i, t.begin(stop_at)))
+            active = [i for i, t in enumerate(self.trainers) if t.cfg.out not in failed and t.state.step < stops[i]]
             while active:
                 if interrupt.requested():  # every run saves where it is, each at its own step
                     for i in list(active):
                         t = self.trainers[i]
-                        try:
-                            with _on(self.streams[i]):
-                                t.end(t.state.step)
-                        except TrainingDiverged as e:  # it keeps its last good checkpoint; the others save
-                            failed[t.cfg.out] = str(e)
-                            print(f"reslab: {t.cfg.out}: {e}", file=sys.stderr, flush=True)
+                        if not attempt(i, lambda: t.end(t.state.step)):
                             active.remove(i)
                     raise interrupt.stopped([self.trainers[i].out for i in active],
                                             [self.trainers[i].state.step for i in active], failed=list(failed))
                 for i in list(active):
                     t = self.trainers[i]
-                    try:
-                        with _on(self.streams[i]):
-                            t.advance(stops[i])
-                    except TrainingDiverged as e:
-                        failed[t.cfg.out] = str(e)
-                        print(f"reslab: {t.cfg.out}: {e}", file=sys.stderr, flush=True)
+                    if not attempt(i, lambda: t.advance(stops[i])):
                         active.remove(i)
                         continue
                     if t.state.step >= stops[i]:
@@ -82,8 +88,12 @@ class RunSet:
             if any(s is not None for s in self.streams):
                 torch.cuda.synchronize()
         if failed:
-            raise TrainingDiverged(f"{len(failed)} of {len(self.trainers)} runs diverged and stopped "
-                                   f"({', '.join(failed)}); the others finished")
+            n = len(self.trainers)
+            if all(isinstance(e, TrainingDiverged) for e in failed.values()):
+                raise TrainingDiverged(f"{len(failed)} of {n} runs diverged and stopped ({', '.join(failed)}); "
+                                       "the others finished")
+            raise EvaluationFailed(f"{len(failed)} of {n} runs stopped ({', '.join(failed)}; each said why above, "
+                                   f"first: {next(iter(failed.values()))}); the others finished")
         return [t.state.metrics for t in self.trainers]
 
 

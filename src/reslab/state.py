@@ -25,6 +25,9 @@ class TrainingState:
         self.best_err = math.inf
         self.elapsed = 0.0              # training seconds spent by earlier processes of this run
         self.metrics: dict = {}         # the last evaluation
+        # saved at an evaluation step whose evaluation failed (a corrupt validation image): the resume
+        # evaluates this step before it trains on
+        self.eval_pending = False
         # Running sums on the device, between the points that read and clear them: the log line's (loss, wrong,
         # seen, non-finite steps) and the warm-up rule's window (wrong, seen). Saved, so a run stopped by SIGTERM
         # between two log lines logs on resume as it would have (--stop-at writes a line where it stops), and
@@ -37,7 +40,8 @@ class TrainingState:
 
     @property
     def finished(self) -> bool:
-        return self.step >= self.cfg.recipe.iters
+        """Trained to the end and evaluated there."""
+        return self.step >= self.cfg.recipe.iters and not self.eval_pending
 
     def state_dict(self) -> dict:
         """The checkpoint. Under torchrun every rank calls it: the counters are summed over the ranks."""
@@ -48,6 +52,9 @@ class TrainingState:
             "model": m.state_dict(), "model_config": m.metadata,
             "normalizer": self.data.normalizer.state_dict(), "classes": self.data.classes, "data": self.data_info,
             "step": self.step, "finished": self.finished, "best_err": self.best_err, "metrics": self.metrics,
+            "eval_pending": self.eval_pending,
+            # the ranks it trained on: each rank's BN saw batch / world_size images (reslab eval --precise-bn)
+            "world_size": dist.world_size(),
             "train": {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                       "ema": self.ema.module.state_dict() if self.ema is not None else None,
                       # how many updates the EMA has seen: at 0 the next update copies the weights over it
@@ -75,6 +82,7 @@ class TrainingState:
         for k, v in t.get("counters", {}).items():  # the sums, on rank 0 (checkpoints before 2026-12 had none)
             self.counters[k].copy_(torch.tensor(v, dtype=torch.float64) * (dist.rank() == 0))
         self.metrics = ck.get("metrics") or {}
+        self.eval_pending = bool(ck.get("eval_pending", False))
 
 
 def _check_same_data(saved: dict, now: dict, source: str) -> None:

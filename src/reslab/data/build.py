@@ -156,7 +156,8 @@ def _build_folder(root, *, batch_size: int, device, seed: int, rank: int, world_
                           "at least 2 (is --data-dir the folder that holds train/ and val/?)")
     if normalizer is None:
         normalizer = (folder.imagenet_normalizer() if normalization == "channel"
-                      else folder.fit_normalizer(train_ds, "pixel", size=augment.size, seed=seed))
+                      else folder.fit_normalizer(train_ds, "pixel", size=augment.size, seed=seed, rank=rank,
+                                                 world_size=world_size, device=device))
     train = None
     if with_train:
         loader = folder.make_loader(train_ds, batch_size // world_size, train=True, workers=workers, seed=seed,

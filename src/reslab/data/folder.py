@@ -379,17 +379,20 @@ def _to(x, device):
 
 
 def fit_normalizer(dataset: ImageFolderSplit, mode: str = "channel", size: int = 224, max_images: int = 10_000,
-                   seed: int = 0) -> Normalizer:
+                   seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu") -> Normalizer:
     """Mean (and std) from up to `max_images` training images at the centre view. For "channel" without
     a dataset pass, use imagenet_normalizer() instead. An undecodable image stops it with its name, or
-    under on_corrupt="skip" is reported (once, as the loader would) and left out."""
+    under on_corrupt="skip" is reported (once, as the loader would) and left out. Under torchrun each of
+    the `world_size` ranks decodes its share and the sums are added up (on `device`, as the backend wants):
+    exact integer sums, so every rank gets the statistics one process would fit, for 1/world_size of the
+    decoding."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset), generator=g)[:max_images]
     view = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
     def batches(n=256):  # decoded a batch at a time: 10,000 images at 224x224 would hold 1.5 GB at once
         imgs = []
-        for i in idx.tolist():
+        for i in idx[rank::world_size].tolist():
             path = dataset.samples[i][0]
             try:
                 imgs.append(view(decode(path)))
@@ -402,12 +405,15 @@ def fit_normalizer(dataset: ImageFolderSplit, mode: str = "channel", size: int =
                 imgs = []
         if imgs:
             yield torch.stack(imgs)
-    try:
-        return Normalizer.fit(batches(), mode)
-    except ReslabError:  # an image that stops the fit (on_corrupt="stop"), named
-        raise
-    except ValueError:  # none decoded
-        raise ReslabError(f"none of the {len(idx)} images sampled to fit the normalisation could be decoded") from None
+    total, sq, n = Normalizer.sums(batches(), shape=(3, size, size))
+    if world_size > 1:
+        from .. import dist
+        packed = dist.all_reduce_sum(torch.cat([total.flatten(), sq, torch.tensor([float(n)], dtype=torch.float64)])
+                                     .to(device)).cpu()
+        total, sq, n = packed[:total.numel()].view_as(total), packed[total.numel():-1], int(packed[-1])
+    if not n:
+        raise ReslabError(f"none of the {len(idx)} images sampled to fit the normalisation could be decoded")
+    return Normalizer.from_sums(total, sq, n, mode)
 
 
 def imagenet_normalizer() -> Normalizer:

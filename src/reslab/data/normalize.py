@@ -24,27 +24,39 @@ class Normalizer:
     @classmethod
     def fit(cls, images_uint8, mode: str = "pixel") -> "Normalizer":
         """Statistics of (N, C, H, W) uint8 training images, or of an iterable of such batches (all of one
-        size), accumulated in float64 a chunk at a time: the memory is one chunk's, whatever N is."""
-        if mode not in MODES:
-            raise ValueError(f"unknown normalisation {mode!r}; valid choices: {', '.join(MODES)}")
+        size), accumulated a chunk at a time: the memory is one chunk's, whatever N is."""
+        return cls.from_sums(*cls.sums(images_uint8), mode)
+
+    @staticmethod
+    def sums(images_uint8, shape: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(per-pixel sum (C, H, W), per-channel sum of squares (C,), N) of uint8 images, in float64. The
+        values are integers, so the sums are exact in any order: shares summed on several ranks (or in other
+        chunks) give the very same statistics. `shape` (C, H, W): the zeros returned for no images."""
         chunks = images_uint8.split(256) if isinstance(images_uint8, torch.Tensor) else images_uint8
-        total = sq = None
+        total = torch.zeros(shape, dtype=torch.float64) if shape else None
+        sq = torch.zeros(shape[0], dtype=torch.float64) if shape else None
         n = 0
         for chunk in chunks:
-            f = chunk.to(torch.float64) / 255
+            f = chunk.to(torch.float64)
             if total is None:
                 total, sq = torch.zeros(f.shape[1:], dtype=torch.float64), torch.zeros(f.shape[1], dtype=torch.float64)
             total += f.sum(0)
             sq += f.square().sum((0, 2, 3))
             n += len(f)
+        return total, sq, n
+
+    @classmethod
+    def from_sums(cls, total: torch.Tensor, sq: torch.Tensor, n: int, mode: str = "pixel") -> "Normalizer":
+        if mode not in MODES:
+            raise ValueError(f"unknown normalisation {mode!r}; valid choices: {', '.join(MODES)}")
         if not n:
             raise ValueError("no images to fit the normalisation on")
         c, h, w = total.shape
-        mean_img = total / n
+        mean_img = total / (255 * n)
         if mode == "pixel":
             return cls(mode, mean_img.float(), torch.ones(c, 1, 1))
         mean_c = mean_img.mean((1, 2))
-        var_c = sq / (n * h * w) - mean_c.square()
+        var_c = sq / (255 ** 2 * n * h * w) - mean_c.square()
         return cls(mode, mean_c.float().view(c, 1, 1), var_c.clamp_min(1e-12).sqrt().float().view(c, 1, 1))
 
     def mean_at(self, h: int, w: int) -> torch.Tensor:
