@@ -79,7 +79,7 @@ def test_smoke_run_writes_a_run_folder_report_can_read(tmp_path):
     assert evals[1]["elapsed_s"] >= evals[0]["elapsed_s"] > 0
 
     # the report's reader sees a complete run
-    from reslab.report import summarize
+    from reslab.runrecord import summarize
     row = summarize(run)
     assert row["complete"] and row["test_err"] == pytest.approx(100 * evals[-1]["top1_err"])
 
