@@ -13,8 +13,8 @@
 
   Nothing is saved unless every step since the last check had a finite loss and the weights are finite; a
   run that diverges stops with an error that says which checkpoint on disk is intact. An evaluation that
-  raises (a corrupt validation image) has its step saved first, marked pending; the resume evaluates it. On the CPU a resumed
-  run is bitwise the uninterrupted one, however often it was killed (SIGKILL included).
+  raises (a corrupt validation image) has its step saved first, marked pending; the resume evaluates it.
+  On the CPU a resumed run is bitwise the uninterrupted one, however often it was killed (SIGKILL included).
 
 A Trainer owns no global state (its randomness is its seed's), so several can run side by side in one
 process. `train(cfg)` is the one-call form.
@@ -214,8 +214,8 @@ class Trainer:
         """Train until the recipe's end (or `stop_at`, or a SIGTERM: saved at the step it ends, then
         interrupt.Interrupted); returns the last evaluation's metrics."""
         with interrupt.stop_on_sigterm(not self.d.enabled):
-            stop = self.begin(stop_at)
             try:
+                stop = self.begin(stop_at)
                 while self.state.step < stop:
                     self.advance(stop)
                     if interrupt.requested() and self.state.step < stop:  # at the last step: it just ends

@@ -47,35 +47,35 @@ class RunSet:
     def _fit(self, stop_at: int | None) -> list[dict]:
         failed: dict[str, Exception] = {}
 
-        def attempt(i: int, what) -> bool:
-            """Run i does `what`; a divergence or a failed evaluation stops that run alone (it keeps its last
-            good checkpoint, or saved before the evaluation) and is reported at the end."""
+        def attempt(i: int, method, *args):
+            """Run i's `method(*args)`; a divergence or a failed evaluation stops that run alone (it keeps its
+            last good checkpoint, or saved the step before the evaluation) and is reported at the end."""
             t = self.trainers[i]
             try:
                 with _on(self.streams[i]):
-                    what()
-                return True
+                    return method(*args)
             except (TrainingDiverged, EvaluationFailed) as e:
                 failed[t.cfg.out] = e
                 print(f"reslab: {t.cfg.out}: {e}", file=sys.stderr, flush=True)
-                return False
 
-        stops = [0] * len(self.trainers)
+        def ok(i: int) -> bool:
+            return self.trainers[i].cfg.out not in failed
+
         try:
-            for i, t in enumerate(self.trainers):  # begin() evaluates a step a failed evaluation left pending
-                attempt(i, lambda: stops.__setitem__(i, t.begin(stop_at)))
-            active = [i for i, t in enumerate(self.trainers) if t.cfg.out not in failed and t.state.step < stops[i]]
+            # begin() evaluates first the step a failed evaluation left pending
+            stops = [attempt(i, t.begin, stop_at) for i, t in enumerate(self.trainers)]
+            active = [i for i, t in enumerate(self.trainers) if ok(i) and t.state.step < stops[i]]
             while active:
                 if interrupt.requested():  # every run saves where it is, each at its own step
                     for i in list(active):
-                        t = self.trainers[i]
-                        if not attempt(i, lambda: t.end(t.state.step)):
-                            active.remove(i)
+                        attempt(i, self.trainers[i].end, self.trainers[i].state.step)
+                    active = [i for i in active if ok(i)]
                     raise interrupt.stopped([self.trainers[i].out for i in active],
                                             [self.trainers[i].state.step for i in active], failed=list(failed))
                 for i in list(active):
                     t = self.trainers[i]
-                    if not attempt(i, lambda: t.advance(stops[i])):
+                    attempt(i, t.advance, stops[i])
+                    if not ok(i):
                         active.remove(i)
                         continue
                     if t.state.step >= stops[i]:
