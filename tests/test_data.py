@@ -246,23 +246,30 @@ def test_corrupt_jpeg_stops_with_its_name_or_is_skipped(jpeg_dir, capsys):
 
 
 def test_a_run_stopped_by_a_corrupt_training_image_resumes_with_on_corrupt_skip(jpeg_dir, tmp_path, capsys):
-    """The first undecodable training image stops `reslab train` with its name; the same run resumes with
-    --on-corrupt skip (a free field), which reports the file once and trains to the end."""
+    """The first undecodable training image stops `reslab train` with its name, the step it reached saved
+    first (the steps since the last checkpoint were lost); the same run resumes with --on-corrupt skip (a
+    free field), which reports the file once and trains to the end: bitwise the run that skipped from the
+    start."""
     from reslab.cli import main
     bad = jpeg_dir / "train" / "dog" / "1.JPEG"
     bad.write_bytes(b"\xff\xd8\xff this is not a jpeg")
     run = tmp_path / "run"
     args = ["train", "--arch", "resnet18", "--width", "0.125", "--data", "folder", "--data-dir", str(jpeg_dir),
-            "--crop-size", "32", "--batch-size", "2", "--iters", "6", "--eval-every", "3", "--workers", "0",
-            "--normalization", "channel", "--out", str(run), "--no-progress"]
-    assert main(args) == 2
+            "--crop-size", "32", "--batch-size", "2", "--iters", "12", "--eval-every", "10", "--workers", "0",
+            "--normalization", "channel", "--no-progress"]
+    assert main([*args, "--out", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: cannot decode" in err and len(err.strip().splitlines()) == 1
-    assert main([*args, "--resume", "--on-corrupt", "skip"]) == 0
+    step = ckpt.read_status(run)["step"]  # the file is met in the first epoch (3 batches), after step 0
+    assert 0 < step < 3 and f"now holds step {step}, saved before that batch" in err
+    assert main([*args, "--out", str(run), "--resume", "--on-corrupt", "skip"]) == 0
     err = capsys.readouterr().err
     assert err.count(f"skipping corrupt image: {bad}") == 1
-    assert ckpt.read_status(run)["step"] == 6
+    assert ckpt.read_status(run)["step"] == 12
     assert json.loads((run / "config.json").read_text())["data"]["on_corrupt"] == "skip"
+    assert main([*args, "--out", str(tmp_path / "skip"), "--on-corrupt", "skip"]) == 0
+    a, b = ckpt.load(run / "last.pt")["model"], ckpt.load(tmp_path / "skip" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("precise_bn", [0, 2])

@@ -369,12 +369,39 @@ def test_resume_equals_uninterrupted(coco_small, tmp_path, capsys):
     # a conflicting resume, or a second run into the same folder, is a one-line error
     base = ["detect", "train", "--data-dir", str(coco_small), "--out", str(tmp_path / "part")]
     capsys.readouterr()
-    assert main([*base, "--resume", "--arch", "resnet34", "--iters", "6"]) == 2
+    assert main([*base, "--resume", "--arch", "resnet34"]) == 2
     err = capsys.readouterr().err
     assert "arch='resnet34' (the run has 'resnet18')" in err and err.strip().count("\n") == 0
     assert main([*base, "--resume", "--head", "fpn", "--min-size", "200"]) == 2
     assert "head='fpn'" in (err := capsys.readouterr().err) and "min_size=200" in err
     assert main(base) == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_a_resume_keeps_its_recipe_and_seed_and_extends_by_request(coco_small, tmp_path, capsys):
+    """A resume that gives another lr, seed or length is refused (it trained on silently, a larger --iters
+    moving the lr drop so the lr went back up 10x); --extend-to lengthens the run with the drop kept at its
+    step; the logging fields are free; config.json keeps the request that started the run."""
+    out = tmp_path / "r"
+    train(_run(coco_small, out, recipe={"iters": 4, "lr_steps": [0.5], "save_every": 100}, seed=3))
+    base = ["detect", "train", "--data-dir", str(coco_small), "--out", str(out), "--resume", "--workers", "0",
+            "--quiet"]
+    capsys.readouterr()
+    for flags, said in ((["--lr", "0.5"], "--lr 0.5 (the run has 0.02)"), (["--seed", "7"], "--seed 7 (the run has 3)"),
+                        (["--iters", "8"], "--iters 8 (the run has 4)")):
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and "--extend-to N lengthens the run" in err and "\n" not in err, err
+    assert main([*base, "--extend-to", "3"]) == 2 and "shorter than" in capsys.readouterr().err
+    assert main([*base, "--extend-to", "8", "--log-every", "2"]) == 0
+    lrs = {r["step"]: r["lr"] for r in read_metrics(out) if r["kind"] == "train"}
+    assert lrs[2] == 0.02 and lrs[4] == pytest.approx(0.002) and lrs[6] == lrs[8] == pytest.approx(0.002)
+    assert 5 not in lrs  # --log-every 2 took effect
+    rec = json.loads((out / "config.json").read_text())
+    assert rec["recipe"]["iters"] == 8 and rec["recipe"]["lr_steps"] == [0.25]
+    assert rec["run"]["seed"] == 3 and rec["run"]["extend_to"] is None and rec["resumed_with"]["extend_to"] == 8
+    assert main(["detect", "train", "--data-dir", str(coco_small), "--out", str(tmp_path / "new"),
+                 "--extend-to", "8"]) == 2
+    assert "needs a run to extend" in capsys.readouterr().err
 
 
 def test_nonfinite_loss_stops_before_saving(coco_small, tmp_path, monkeypatch):
@@ -411,6 +438,33 @@ def test_a_failing_evaluation_keeps_the_training(coco_small, tmp_path, monkeypat
     assert final["step"] == 3 and ckpt.load(tmp_path / "r")["metrics"]["step"] == 3
     assert [m["step"] for m in read_metrics(tmp_path / "r") if m["kind"] == "eval"] == [3]
     assert train(_run(coco_small, tmp_path / "r", recipe={"iters": 3}, resume=True)) == final  # done: no rerun
+
+
+def test_a_corrupt_training_image_saves_the_step_and_resumes_with_skip(coco_small, tmp_path, capsys):
+    """A training image that cannot be decoded, met at step 3: the run saves step 2 before it stops (with
+    --save-every 2000 every step since the start was lost), and resumes with --on-corrupt skip, which puts
+    the next image in its place: bitwise the run that skipped from the start."""
+    import shutil
+    from reslab.detection.data import FlipSampler
+    data = tmp_path / "coco"
+    shutil.copytree(coco_small, data)
+    ds = CocoDetection(data, "train2017", train=True)
+    third_batch = [i for i, _ in FlipSampler(len(ds), seed=0)][4]
+    bad = data / "train2017" / ds.images[third_batch]["file_name"]
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    args = ["detect", "train", "--data-dir", str(data), "--arch", "resnet18", "--width", "0.125", "--no-frozen-bn",
+            "--min-size", "64", "--max-size", "96", "--batch-size", "2", "--lr", "0.02", "--iters", "5",
+            "--save-every", "2000", "--workers", "0", "--quiet"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and "now holds step 2, saved before that batch" in err and "\n" not in err, err
+    assert ckpt.load(tmp_path / "r")["step"] == 2
+    assert main([*args, "--out", str(tmp_path / "r"), "--resume", "--on-corrupt", "skip"]) == 0
+    assert capsys.readouterr().err.count(f"skipping corrupt image: {bad}") == 1
+    assert main([*args, "--out", str(tmp_path / "s"), "--on-corrupt", "skip"]) == 0
+    a, b = ckpt.load(tmp_path / "r"), ckpt.load(tmp_path / "s")
+    assert a["step"] == b["step"] == 5 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_a_kill_between_the_evaluation_save_and_its_log_line(coco_small, tmp_path, monkeypatch):

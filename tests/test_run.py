@@ -358,7 +358,7 @@ def test_a_failed_evaluation_stops_its_run_alone_saved_and_the_set_resumes(data_
     both runs end bitwise as trained alone."""
     from dataclasses import replace
     from reslab import engine
-    from reslab.engine import EvaluationFailed
+    from reslab.engine import StoppedAfterSaving
     from reslab.runset import train_set
     r = get_recipe("cifar-paper").with_overrides(batch_size=32, iters=24, eval_every=12, log_every=6)
     base = RunConfig.build(tmp_path / "alone" / "a", "resnet8", r, data_dir=data_dir, progress=False)
@@ -374,7 +374,7 @@ def test_a_failed_evaluation_stops_its_run_alone_saved_and_the_set_resumes(data_
             raise OSError("[Errno 5] Input/output error: 'test_batch'")
         return real(*a, **k)
     monkeypatch.setattr(engine, "evaluate", second_fails)
-    with pytest.raises(EvaluationFailed, match=r"1 of 2 runs stopped .*set/b.*Input/output error"):
+    with pytest.raises(StoppedAfterSaving, match=r"1 of 2 runs stopped .*set/b.*Input/output error"):
         train_set(together)
     a, b = (ckpt.load(c.out) for c in together)
     assert a["finished"] and b["step"] == 12 and b["eval_pending"] and not b["finished"]

@@ -54,9 +54,17 @@ class TrainingDiverged(ReslabError):
     pass
 
 
-class EvaluationFailed(ReslabError):
-    """An evaluation raised (a corrupt validation image, a vanished file): the run was saved at that step
-    first, marked to evaluate it again on resume."""
+class StoppedAfterSaving(ReslabError):
+    """Reading data failed (a corrupt image, a vanished file) where the run could save its step first; the
+    message says what is on disk and how to go on."""
+
+
+class EvaluationFailed(StoppedAfterSaving):
+    """An evaluation raised: the run was saved at that step first, marked to evaluate it again on resume."""
+
+
+class TrainingDataFailed(StoppedAfterSaving):
+    """Reading a training batch raised: the run was saved at the step before it (the batch unused)."""
 
 
 def configure_backends(deterministic: bool) -> None:
@@ -255,12 +263,15 @@ class Trainer:
         if self._batches is None:
             self._batches = self._endless()
         lr = lr_at(st.step, r, st.schedule)
-        if self.graphed is not None:  # from the plan's indices the graph gathers the batch itself
-            a, b = next(self._batches)                     # (indices, variants), or a folder's (images, labels)
+        try:  # (indices, variants) for a graph, which gathers the batch itself; else (images, labels)
+            a, b = next(self._batches)
+        except Exception as e:
+            self._batches = None  # a generator that raised is finished; a resume starts another
+            raise self._saved_before_batch(e) from e
+        if self.graphed is not None:
             wrong, n = self.graphed(a, b, lr), len(a)
         else:
-            x, y = next(self._batches)
-            wrong, n = self.step_fn(x, y, lr), len(y)
+            wrong, n = self.step_fn(a, b, lr), len(b)
         self.after_step(wrong, n, lr, stop)
 
     def _due(self, step: int, stop: int) -> tuple[bool, bool]:
@@ -416,6 +427,19 @@ class Trainer:
         return EvaluationFailed(f"the evaluation at step {st.step} failed: {why}; {self.out / ckpt.LAST} now holds "
                                 f"step {st.step}, saved before that evaluation: fix the cause, then --resume "
                                 "evaluates that step first and trains on")
+
+    def _saved_before_batch(self, e: Exception) -> TrainingDataFailed:
+        """The error for a training batch that could not be read (a corrupt image under --on-corrupt stop),
+        once the step reached is saved: the loader's position still points at that batch, so the resume reads
+        it again, and the steps since the last checkpoint are not lost. Not under torchrun (the other ranks
+        would wait in the save's collectives), and not at step 0 (nothing to keep)."""
+        st = self.state
+        why = str(e) if isinstance(e, ReslabError) else f"{type(e).__name__}: {e}"
+        if self.d.enabled or st.step == 0 or self.saved_step == st.step:
+            return TrainingDataFailed(f"{why}; {self._on_disk()}")
+        self.save(best=False)
+        return TrainingDataFailed(f"{why}; {self.out / ckpt.LAST} now holds step {st.step}, saved before that batch: "
+                                  "fix or replace the file (or resume with --on-corrupt skip), then --resume")
 
     def save(self, best: bool) -> None:
         """best.pt before last.pt: killed in between, the run resumes from the older last.pt and writes the

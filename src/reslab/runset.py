@@ -5,8 +5,9 @@ trained alone (same seed: same initial weights, batch order and augmentation; bi
 The set advances its runs in turn, one step each. On a GPU each run issues its work on its own CUDA stream,
 so one run's kernels can fill the gaps another leaves while the host prepares its next step.
 
-A run that diverges stops alone, keeping its last good checkpoint, and so does one whose evaluation fails
-(saved first, at the step before it); the others go on, and the set reports every failure at the end.
+A run that diverges stops alone, keeping its last good checkpoint, and so does one that cannot read its data
+(a corrupt image: saved first, at the step it reached); the others go on, and the set reports every failure
+at the end.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from . import dist, interrupt
 from .config import RunConfig
-from .engine import EvaluationFailed, Trainer, TrainingDiverged
+from .engine import StoppedAfterSaving, Trainer, TrainingDiverged
 from .errors import ReslabError
 
 
@@ -48,13 +49,13 @@ class RunSet:
         failed: dict[str, Exception] = {}
 
         def attempt(i: int, method, *args):
-            """Run i's `method(*args)`; a divergence or a failed evaluation stops that run alone (it keeps its
-            last good checkpoint, or saved the step before the evaluation) and is reported at the end."""
+            """Run i's `method(*args)`; a divergence or a failure to read data stops that run alone (it keeps
+            its last good checkpoint, or saved the step it reached first) and is reported at the end."""
             t = self.trainers[i]
             try:
                 with _on(self.streams[i]):
                     return method(*args)
-            except (TrainingDiverged, EvaluationFailed) as e:
+            except (TrainingDiverged, StoppedAfterSaving) as e:
                 failed[t.cfg.out] = e
                 print(f"reslab: {t.cfg.out}: {e}", file=sys.stderr, flush=True)
 
@@ -92,7 +93,7 @@ class RunSet:
             if all(isinstance(e, TrainingDiverged) for e in failed.values()):
                 raise TrainingDiverged(f"{len(failed)} of {n} runs diverged and stopped ({', '.join(failed)}); "
                                        "the others finished")
-            raise EvaluationFailed(f"{len(failed)} of {n} runs stopped ({', '.join(failed)}; each said why above, "
+            raise StoppedAfterSaving(f"{len(failed)} of {n} runs stopped ({', '.join(failed)}; each said why above, "
                                    f"first: {next(iter(failed.values()))}); the others finished")
         return [t.state.metrics for t in self.trainers]
 

@@ -50,7 +50,7 @@ def cmd_train(a) -> int:
     run = DetectRun(data_dir=a.data_dir, out=a.out, arch=a.arch, head=a.head, weights=a.weights,
                     recipe=_collect(a, "recipe"), model=model, seed=a.seed, resume=a.resume, device=a.device,
                     workers=a.workers, train_split=a.train_split, val_split=a.val_split, eval_batch=a.eval_batch,
-                    stop_at=a.stop_at, progress=not a.quiet)
+                    stop_at=a.stop_at, progress=not a.quiet, extend_to=a.extend_to, on_corrupt=a.on_corrupt)
     final = train(run)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -122,6 +122,11 @@ def _register_train(dsub) -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     p.add_argument("--eval-batch", type=int, default=8, help="images per evaluation batch, per process")
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step, resumable")
+    p.add_argument("--on-corrupt", choices=("stop", "skip"), default="stop",
+                   help="an undecodable training image: stop (the step reached is saved first), or report it once "
+                        "and use the next image in its place; evaluation always stops")
+    p.add_argument("--extend-to", type=int, default=None, metavar="N",
+                   help="with --resume: lengthen the run to N steps, its lr steps kept at the steps they were")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     _add_field_flags(p, DetectRecipe, [f.name for f in fields(DetectRecipe)], "recipe")
     _add_field_flags(p, DetectorConfig, MODEL_FLAGS, "model")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -142,7 +143,14 @@ def _target(anns: list[dict], cats: Categories, image_id: int, keep_crowd: bool)
 class CocoDetection(Dataset):
     """One split of a COCO-format folder. `train=True` drops crowd boxes and images without a box."""
 
-    def __init__(self, root, split: str, train: bool, categories: Categories | None = None):
+    def __init__(self, root, split: str, train: bool, categories: Categories | None = None,
+                 on_corrupt: str = "stop"):
+        """on_corrupt="skip" (training only): an undecodable image is reported once on stderr and the next
+        decodable one in id order (with its own boxes) takes its place, so an epoch keeps its length and a
+        run its batches; evaluation always stops, as a skipped image would change what is measured."""
+        if on_corrupt not in ("stop", "skip"):
+            raise ReslabError(f"on_corrupt must be 'stop' or 'skip', got {on_corrupt!r}")
+        self.on_corrupt, self.skipped = on_corrupt if train else "stop", []
         self.ann_file, self.folder = split_paths(root, split)
         d = read_annotations(self.ann_file, for_eval=not train)
         found = Categories.from_coco(d["categories"])
@@ -176,8 +184,20 @@ class CocoDetection(Dataset):
     def __getitem__(self, key):
         """key: an index, or (index, flip) as the training sampler draws it."""
         i, flip = key if isinstance(key, tuple) else (key, False)
-        im = self.images[i]
-        img = read_rgb(self.folder / im["file_name"])
+        for k in range(len(self.images)):
+            im = self.images[(i + k) % len(self.images)]
+            path = self.folder / im["file_name"]
+            try:
+                img = read_rgb(path)
+                break
+            except ReslabError as e:
+                if self.on_corrupt == "stop":
+                    raise
+                if str(path) not in self.skipped:  # once per process (a worker's copy, with workers)
+                    self.skipped.append(str(path))
+                    print(f"reslab: skipping corrupt image: {e}", file=sys.stderr)
+        else:
+            raise ReslabError(f"none of the {len(self.images)} images in {self.folder} could be decoded")
         target = {k: v.clone() if torch.is_tensor(v) else v for k, v in self.targets[im["id"]].items()}
         if flip:
             img, target["boxes"] = hflip(img, target["boxes"])

@@ -16,7 +16,7 @@ One process, or several under torchrun (DistributedDataParallel; the batch is th
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +73,8 @@ class DetectRun:
     eval_batch: int = 8
     stop_at: int | None = None               # stop (resumable) after this step: budgets and tests
     progress: bool = True
+    extend_to: int | None = None             # a resumed run's new length; its lr steps stay where they were
+    on_corrupt: str = "stop"                 # an undecodable training image: stop, or skip it (data.py)
 
 
 class TrainState:
@@ -188,20 +190,49 @@ def _resume_checkpoint(run: DetectRun, out: Path) -> dict | None:
     return ck
 
 
+# recipe fields a resumed run may change: when it logs, saves and evaluates, not what it trains
+FREE_ON_RESUME = ("log_every", "save_every", "eval_every")
+
+
+def _resumed_recipe(base: DetectRecipe, seed: int, run: DetectRun, path: Path) -> DetectRecipe:
+    """The checkpoint's recipe, with the free fields given again; a training field given with another value
+    is an error (the run would go on under a schedule its record and its first steps do not share), and
+    --extend-to lengthens the run with its lr steps kept at the same steps."""
+    wrong = [f"--{k.replace('_', '-')} {_listless(v)!r} (the run has {_listless(getattr(base, k))!r})"
+             for k, v in run.recipe.items() if k not in FREE_ON_RESUME and _listless(v) != _listless(getattr(base, k))]
+    if run.seed is not None and run.seed != seed:
+        wrong.append(f"--seed {run.seed} (the run has {seed})")
+    if wrong:
+        raise ReslabError(f"{path}: a resumed run keeps its recipe and seed, and this command gives "
+                          f"{'; '.join(wrong)}; leave them out (--extend-to N lengthens the run), or start a new "
+                          "run with another --out")
+    recipe = base.with_overrides(**{k: v for k, v in run.recipe.items() if k in FREE_ON_RESUME})
+    if run.extend_to is None:
+        return recipe
+    if run.extend_to < base.iters:
+        raise ReslabError(f"--extend-to {run.extend_to} is shorter than the run's {base.iters} iterations")
+    # lr steps are fractions of iters: rescaled so that each still falls at the step it did
+    steps = [round(f * base.iters) for f in base.lr_steps]
+    fractions = tuple(st / run.extend_to for st in steps)
+    if [round(f * run.extend_to) for f in fractions] != steps or not all(0 < f < 1 for f in fractions):
+        raise ReslabError(f"--extend-to {run.extend_to} cannot keep the lr steps at {steps}; choose a longer run")
+    return replace(recipe, iters=run.extend_to, lr_steps=fractions)
+
+
 def build_state(run: DetectRun, d: dist.DistInfo) -> tuple[TrainState, CocoDetection, dict | None]:
     """(state, validation set, checkpoint resumed from or None), everything on d.device."""
     out = Path(run.out)
     ck = _resume_checkpoint(run, out)
-    seed = run.seed if run.seed is not None else (ck["seed"] if ck else 0)
+    if run.extend_to is not None and ck is None:
+        raise ReslabError(f"--extend-to needs a run to extend, and {out} holds none ({ckpt.LAST} is missing; "
+                          "--resume continues the run there)")
+    base = DetectRecipe(**{k: _listless(v) for k, v in ck["recipe"].items()}) if ck else DetectRecipe()
+    recipe = _resumed_recipe(base, ck["seed"], run, out / ckpt.LAST) if ck else base.with_overrides(**run.recipe)
+    seed = ck["seed"] if ck else run.seed if run.seed is not None else 0
     seed_everything(seed + d.rank)
-    train_ds = CocoDetection(run.data_dir, run.train_split, train=True)
+    train_ds = CocoDetection(run.data_dir, run.train_split, train=True, on_corrupt=run.on_corrupt)
     cats = train_ds.categories
     val_ds = CocoDetection(run.data_dir, run.val_split, train=False, categories=cats)
-    base = DetectRecipe(**{k: _listless(v) for k, v in ck["recipe"].items()}) if ck else DetectRecipe()
-    recipe = base.with_overrides(**run.recipe)
-    if ck and recipe.batch_size != base.batch_size:  # the loader position counts batches of the run's size
-        raise ReslabError(f"{out / ckpt.LAST} was trained with --batch-size {base.batch_size}; a resumed run keeps "
-                          "its batch size (the number of processes may change)")
     if recipe.batch_size % d.world_size:
         raise ReslabError(f"the global batch ({recipe.batch_size}) must be a multiple of the number of processes "
                           f"({d.world_size})")
@@ -226,8 +257,11 @@ def train(run: DetectRun) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             if ck:
                 truncate_metrics(out, state.step, state.metrics)
+            # the request that started the run stays its record; a resume adds the latest session's
+            first = _recorded_request(out) if ck else None
             write_json(out / "config.json", {
-                "run": asdict(run), "recipe": asdict(state.recipe), "detector": state.model.config.to_dict(),
+                "run": first or asdict(run), **({"resumed_with": asdict(run)} if ck else {}),
+                "recipe": asdict(state.recipe), "detector": state.model.config.to_dict(),
                 "categories": state.categories.to_list(), "world_size": d.world_size,
                 "train_images": len(state.stream.loader.dataset), "val_images": len(val_ds)})
             write_json(out / "env.json", environment(d.device, d.world_size))
@@ -238,6 +272,16 @@ def train(run: DetectRun) -> dict:
         return _loop(state, net, val_ds, run, d, out, saved_step=state.step if ck else None)
     finally:
         dist.shutdown()
+
+
+def _recorded_request(out: Path) -> dict | None:
+    """The "run" record of the command that started the run in `out` (None: unreadable or absent)."""
+    import json
+    try:
+        rec = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return rec.get("run") if isinstance(rec, dict) and isinstance(rec.get("run"), dict) else None
 
 
 # ------------------------------------------------------------------ the loop
@@ -253,7 +297,14 @@ def _loop(state: TrainState, net: nn.Module, val_ds: CocoDetection, run: DetectR
     if saved_step is not None and _eval_due(state.step, r) and state.metrics.get("step") != state.step:
         _evaluate_and_save(state, val_ds, run, d, log, t_start, out)  # one a failure ended after the save
     while state.step < stop:
-        for images, targets in state.stream:
+        batches = iter(state.stream)
+        while True:
+            try:
+                images, targets = next(batches)
+            except StopIteration:
+                break
+            except Exception as e:  # a training image that cannot be read: the step reached is kept
+                raise _saved_before_batch(e, state, window, d, out, saved_step) from e
             lr = lr_at(state.step, r)
             for g in state.opt.param_groups:
                 g["lr"] = lr
@@ -291,6 +342,21 @@ def _loop(state: TrainState, net: nn.Module, val_ds: CocoDetection, run: DetectR
                 break
     bar.close()
     return state.metrics if state.metrics.get("step") == state.step else {}
+
+
+def _saved_before_batch(e: Exception, state: TrainState, window: LossWindow, d, out: Path,
+                        saved_step: int | None) -> ReslabError:
+    """The error for a training batch that could not be read, once the step reached is saved (the loader's
+    position still points at that batch): the steps since the last checkpoint, up to --save-every of them,
+    are not lost. Not under torchrun (the other ranks would wait in collectives), not after a non-finite
+    step (that is a divergence), and not at step 0."""
+    why = str(e) if isinstance(e, ReslabError) else f"{type(e).__name__}: {e}"
+    if d.enabled or state.step == 0 or saved_step == state.step or window.any_bad():
+        kept = f"{out / ckpt.LAST} holds step {saved_step}" if saved_step is not None else "no checkpoint was written"
+        return ReslabError(f"{why}; {kept}")
+    ckpt.save_atomic(state.state_dict(), out / ckpt.LAST)
+    return ReslabError(f"{why}; {out / ckpt.LAST} now holds step {state.step}, saved before that batch: fix or "
+                       "replace the file (or resume with --on-corrupt skip), then --resume")
 
 
 def _eval_due(step: int, r: DetectRecipe) -> bool:
