@@ -191,17 +191,22 @@ def test_a_damaged_run_folder_is_named_and_left_out_of_the_report(tmp_path, caps
     (cut / "metrics.jsonl").write_text("\n".join([lines[0][:20], *lines[1:]]) + "\n")
     odd = _fake_run(tmp_path, "odd", "resnet20", True, [(0.4, 0.45)], seed=2)
     (odd / "config.json").write_text(json.dumps(["not", "a", "config"]))
+    # a run whose log was lost (reproduce counts it done from its checkpoint): named, not passed over
+    (tmp_path / "seeds" / "resnet20-s3").mkdir(parents=True)
+    (tmp_path / "seeds" / "resnet20-s3" / "last.pt").write_bytes(b"a checkpoint")
+    (tmp_path / "seeds" / "resnet20-s3" / "config.json").write_text("{}")
     text = write_report(tmp_path).read_text()
     res = json.loads((tmp_path / "results.json").read_text())
     assert [r["run"] for r in res["runs"]] == ["resnet20-s0"] and res["table6"][0]["n"] == 1
-    assert [u["path"] for u in res["left_out"]] == ["odd", "resnet20-s1"]
+    assert [u["path"] for u in res["left_out"]] == ["odd", "resnet20-s1", "seeds/resnet20-s3"]
+    assert res["left_out"][2]["reason"].startswith("holds a checkpoint but no metrics.jsonl")
     assert "line 1: not a JSON line" in res["left_out"][1]["reason"]
-    assert "Left out, unreadable (2): `odd`: " in text and "`resnet20-s1`: " in text
+    assert "Left out, unreadable (3): `odd`: " in text and "`resnet20-s1`: " in text
     err = capsys.readouterr().err
     assert "reslab report: resnet20-s1 left out: " in err and "reslab report: odd left out: " in err
     import shutil
     shutil.rmtree(tmp_path / "resnet20-s0")  # nothing readable: an error that says why, not an empty report
-    with pytest.raises(ReslabError, match="no run under .* could be read \\(2 left out: first, odd: "):
+    with pytest.raises(ReslabError, match="no run under .* could be read \\(3 left out: first, odd: "):
         write_report(tmp_path)
 
 
@@ -437,9 +442,10 @@ def test_report_leaves_detection_runs_out_and_names_other_splits(tmp_path):
         write_report(tmp_path / "missing")
 
 
-def test_reproduce_checks_every_run_on_disk_before_training(tmp_path):
+def test_reproduce_checks_every_run_on_disk_before_training(tmp_path, capsys):
     """A stranger's unfinished run in the sweep's last folder is an error before the first run trains (it
-    used to surface when that run's turn came, with advice to drop a flag nobody gave)."""
+    used to surface when that run's turn came, with advice to drop a flag nobody gave); --dry-run shows that
+    folder as refused, with the reason (it said "resume@1", or "done" for a finished stranger)."""
     from dataclasses import replace
     from reslab.engine import train
     from reslab.errors import ReslabError
@@ -451,6 +457,11 @@ def test_reproduce_checks_every_run_on_disk_before_training(tmp_path):
     configs = get_experiment("cifar-table6").configs("smoke", out, d, 1)
     last = configs[-1]
     train(replace(last, recipe=replace(last.recipe, lr=0.05)), stop_at=1)
+    reproduce("cifar-table6", d, out, budget="smoke", seeds=1, dry_run=True)
+    said = capsys.readouterr().out
+    name = Path(last.out).name
+    assert f"  {name:<16} refused " in said and "its recipe.lr is 0.05" in said
+    assert "1 run folder would stop the run before it trains anything" in said
     with pytest.raises(ReslabError, match=r"holds another run than cifar-table6's: its recipe.lr is 0.05"):
         reproduce("cifar-table6", d, out, budget="smoke", seeds=1, report=False)
     assert not any((Path(c.out) / "last.pt").exists() for c in configs[:-1])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import ReslabError
 from .figures import plot_degradation, plot_responses, response_claims
-from .runrecord import depth, find_runs, summarize
+from .runrecord import depth, find_runs, summarize, without_record
 from .tables import control_section, experiment_section, fmt, table6, table6_section
 
 
@@ -41,7 +41,8 @@ def write_report(root) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder")
     runs, unread = [], []
-    for p in find_runs(root):
+    found = find_runs(root)
+    for p in found:
         try:
             runs.append(summarize(p))
         except (ReslabError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -49,7 +50,9 @@ def write_report(root) -> Path:
             # out; the others are still reported
             why = str(e) if isinstance(e, ReslabError) else f"{type(e).__name__}: {e}"
             unread.append({"path": _name(p, root), "reason": why})
-            print(f"reslab report: {_name(p, root)} left out: {why}", file=sys.stderr)
+    unread += [{"path": _name(p, root), "reason": why} for p, why in without_record(root, found)]
+    for u in unread:
+        print(f"reslab report: {u['path']} left out: {u['reason']}", file=sys.stderr)
     if not runs:
         raise (ReslabError(f"no run under {root} could be read ({len(unread)} left out: first, {unread[0]['path']}: "
                            f"{unread[0]['reason']})") if unread else

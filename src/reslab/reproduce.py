@@ -103,6 +103,29 @@ def _check_is_ours(cfg: RunConfig, experiment: str) -> None:
                           "--out") from None
 
 
+def _obstacle(cfg: RunConfig, name: str, status: str, post: str | None) -> str | None:
+    """Why the run folder of `cfg` would stop `reproduce name` before anything trains (None: it would not):
+    shown by --dry-run, raised by the real run."""
+    if status == "unusable":
+        try:
+            ckpt.read_status(cfg.out)
+        except ReslabError as e:  # unreadable, or from an earlier reslab: say which, and what to do
+            return f"{e}; move {Path(cfg.out) / ckpt.LAST} away to restart that run"
+    if status != "new":  # a run found on disk, finished or to resume, must be this experiment's run
+        try:
+            _check_is_ours(cfg, name)
+        except ReslabError as e:
+            return str(e)
+    if status.startswith("lost@"):
+        return (f"{cfg.out} holds the log of a run evaluated up to step {status[5:]} of {cfg.recipe.iters} but not "
+                f"its checkpoint ({ckpt.LAST}), so it cannot be continued; bring that checkpoint back, or move the "
+                "folder away to train the run again")
+    if status == "logged" and post == "layer_responses":
+        return (f"{name} reads each run's weights, and {cfg.out} holds only the record of its finished run (no "
+                f"{ckpt.LAST}); bring that checkpoint back, or move the folder away to train the run again")
+    return None
+
+
 def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None = None, dry_run: bool = False,
               device: str = "auto", report: bool = True, concurrent: int = 1, fused: bool = False) -> list[Path]:
     """Train what is missing of experiment `name` at `budget` (`concurrent` runs at a time in one process, as a
@@ -121,15 +144,24 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
     dev = pick_device(device)
     total = 0.0
     print(f"{name} ({exp.paper}) at budget {budget}: {BUDGETS[budget].description}; {len(configs)} runs on {dev.type}")
+    refused = 0
     for cfg in configs:
         status = run_status(Path(cfg.out))
-        est = 0.0 if status in ("done", "logged") or status.startswith("diverged@") else estimate_seconds(cfg, dev.type)
+        why = _obstacle(cfg, name, status, exp.post)
+        refused += why is not None
+        est = 0.0 if why or status in ("done", "logged") or status.startswith("diverged@") \
+            else estimate_seconds(cfg, dev.type)
         total += est
-        print(f"  {Path(cfg.out).name:<16} {status:<12} ~{est / 60:5.1f} min   {command(cfg)}")
+        print(f"  {Path(cfg.out).name:<16} {'refused' if why else status:<12} ~{est / 60:5.1f} min   {command(cfg)}")
+        if why:  # what the real run would stop on, before it trains anything
+            print(f"    {why}")
     print(f"  estimated total: ~{total / 60:.0f} min (at {EFFECTIVE_FLOPS.get(dev.type, 0) / 1e12:.2f} effective "
           f"TFLOP/s for {dev.type})")
     dirs = [Path(c.out) for c in configs]
     if dry_run:
+        if refused:
+            print(f"  {refused} run folder{'s' if refused > 1 else ''} would stop the run before it trains anything "
+                  "(the reason is under each)")
         return dirs
     root.mkdir(parents=True, exist_ok=True)
     manifest = {"experiment": name, "paper": exp.paper, "budget": budget,
@@ -139,25 +171,12 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
     pending = []
     for cfg in configs:
         status = run_status(Path(cfg.out))
-        if status == "unusable":
-            try:
-                ckpt.read_status(cfg.out)
-            except ReslabError as e:  # unreadable, or from an earlier reslab: say which, and what to do
-                raise ReslabError(f"{e}; move {Path(cfg.out) / ckpt.LAST} away to restart that run") from None
-        if status != "new":  # a run found on disk, finished or to resume, must be this experiment's run:
-            # all checked before any trains, or a stranger in the last folder would stop the sweep hours in
-            _check_is_ours(cfg, name)
+        # every folder checked before any run trains: a stranger in the last one would stop the sweep hours in
+        if why := _obstacle(cfg, name, status, exp.post):
+            raise ReslabError(why)
         if status == "done":  # a kill between its final save and log write lost the line the report reads
             st = ckpt.read_status(cfg.out)
             truncate_metrics(cfg.out, st["step"], st["metrics"])
-        if status.startswith("lost@"):
-            raise ReslabError(f"{cfg.out} holds the log of a run evaluated up to step {status[5:]} of "
-                              f"{cfg.recipe.iters} but not its checkpoint ({ckpt.LAST}), so it cannot be continued; "
-                              "bring that checkpoint back, or move the folder away to train the run again")
-        if status == "logged" and exp.post == "layer_responses":
-            raise ReslabError(f"{name} reads each run's weights, and {cfg.out} holds only the record of its "
-                              f"finished run (no {ckpt.LAST}); bring that checkpoint back, or move the folder away "
-                              "to train the run again")
         if status.startswith("diverged@"):  # deterministic: trained again it diverges again; the report names it
             print(f"reslab: {cfg.out} diverged at step {status[9:]} (its log says so) and is not trained again; "
                   "move the folder away to train it afresh", file=sys.stderr)

@@ -17,6 +17,28 @@ def find_runs(root: Path) -> list[Path]:
                    if (p.parent / "config.json").is_file() and not _is_detection(p.parent)})
 
 
+def without_record(root: Path, runs: list[Path]) -> list[tuple[Path, str]]:
+    """Folders under root holding a classification checkpoint (last.pt, best.pt) but not the record a report
+    reads: (folder, what is missing). `reslab reproduce` counts such a run done from its checkpoint, so a
+    report that passed it over in silence would average fewer seeds without a word."""
+    from . import checkpoint as ckpt
+    found = set(runs)
+    out = []
+    for folder in sorted({p.parent for name in (ckpt.LAST, ckpt.BEST) for p in Path(root).rglob(name)} - found):
+        if _is_detection(folder):
+            continue
+        try:
+            if "detector" in ckpt.load(next(folder / n for n in (ckpt.LAST, ckpt.BEST) if (folder / n).is_file()),
+                                       mmap=True):
+                continue
+        except Exception:  # noqa: BLE001 - unreadable: still a folder whose run the report cannot show
+            pass
+        missing = [n for n in ("config.json", "metrics.jsonl") if not (folder / n).is_file()]
+        out.append((folder, f"holds a checkpoint but no {' or '.join(missing)}, so its run cannot be reported "
+                            "(`reslab train --out FOLDER --resume` writes config.json again; the log is lost)"))
+    return out
+
+
 def _is_detection(run: Path) -> bool:
     try:
         return "detector" in json.loads((run / "config.json").read_text())
