@@ -60,9 +60,13 @@ def test_a_failing_group_is_reported_and_the_others_still_run(tmp_path, monkeypa
         main(["bench", "--quick", "--only", "data", "--out", str(tmp_path / "s.json")])
 
 
-def test_bench_rejects_zero_rounds(capsys):
+def test_bench_rejects_zero_rounds_and_a_folder_out_before_measuring(tmp_path, capsys, monkeypatch):
     assert main(["bench", "--quick", "--rounds", "0"]) != 0
     assert "--rounds must be at least 1" in capsys.readouterr().err
+    import reslab.bench.plans as plans
+    monkeypatch.setattr(plans, "bench_data", lambda *a, **k: pytest.fail("measured before checking --out"))
+    assert main(["bench", "--quick", "--only", "data", "--out", str(tmp_path)]) == 2
+    assert "is a folder; give the JSON file to write" in capsys.readouterr().err
 
 
 def test_jpeg_folder_rows_have_their_baselines_and_the_step_alone():

@@ -58,7 +58,9 @@ def test_an_unusable_device_or_count_is_a_one_line_error(tmp_path, capsys):
                        (["train", "--label-smoothing", "2", "--out", str(tmp_path / "d")], "label_smoothing and ema_decay must be in [0, 1)"),
                        (["train", "--weight-decay", "-1", "--out", str(tmp_path / "e")], "weight_decay must not be negative"),
                        (["train", "--milestones", "10", "5", "--out", str(tmp_path / "f")], "increasing order"),
-                       (["train", "--stop-at", "0", "--out", str(tmp_path / "g")], "--stop-at: must be at least 1")):
+                       (["train", "--stop-at", "0", "--out", str(tmp_path / "g")], "--stop-at: must be at least 1"),
+                       (["reproduce", "cifar-table6", "--seeds", "0", "--dry-run"], "--seeds: must be at least 1"),
+                       (["bench", "--quick", "--out", str(tmp_path)], "is a folder; give the JSON file")):
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

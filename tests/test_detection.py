@@ -541,7 +541,8 @@ def _edited(src: Path, dest: Path, split: str, edit) -> Path:
     (lambda d: d.update(categories=["square", "disc"]), "category #0 is a str, not an object"),
     (lambda d: d.update(annotations=None), "'annotations' must be a list, got NoneType"),
     (lambda d: d["annotations"][0].update(image_id=999), "refer to an image_id the file does not list (999)"),
-    (lambda d: d["annotations"][0]["bbox"].__setitem__(0, float("nan")), "'bbox' has a non-finite value"),
+    (lambda d: d["annotations"][0]["bbox"].__setitem__(0, float("nan")),
+     "instances_train2017.json: annotation 1 of image 1: 'bbox' has a non-finite value"),
 ])
 def test_a_malformed_annotation_file_is_named_before_training(coco_small, tmp_path, edit, needle):
     """Checked when the data is read, each with what is wrong where: found later they were KeyErrors and
@@ -585,6 +586,8 @@ def test_predict_turns_photos_upright_and_names_an_image_it_cannot_scale(tmp_pat
     assert read_rgb(tmp_path / "deep.png").unique().tolist() == [40000 >> 8]
     with pytest.raises(ReslabError, match="nothing.jpg: no such image file"):
         read_rgb(tmp_path / "nothing.jpg")
+    with pytest.raises(ReslabError, match="a folder, not an image file"):
+        read_rgb(tmp_path)
     model = create_detector("resnet18", num_classes=4, **{**TINY, "min_size": 128, "max_size": 192}).eval()
     with pytest.raises(ReslabError, match="a 4000x20 image is too elongated"):
         detect(model, torch.zeros(3, 20, 4000, dtype=torch.uint8), 0.5, Categories.from_coco(CATEGORIES))
@@ -602,3 +605,11 @@ def test_no_detections_score_zero(coco_small):
     ann = coco_small / "annotations" / "instances_val2017.json"
     m = coco_metrics(ann, [], [1, 2, 3, 4])
     assert m["map"] == 0.0 and m["map50"] == 0.0 and m["n_images"] == 4 and m["map_large"] is None
+
+
+def test_data_with_other_categories_says_which_differs(coco_small):
+    """The same number of categories under other names was "(3 vs 3)": now the first that differs."""
+    renamed = Categories.from_coco([{**c, "name": "kite"} if c["id"] == CATEGORIES[1]["id"] else c for c in CATEGORIES])
+    with pytest.raises(ReslabError, match=f"category id {CATEGORIES[1]['id']} is '{CATEGORIES[1]['name']}' here "
+                                          "and 'kite' in the detector"):
+        CocoDetection(coco_small, "val2017", train=False, categories=renamed)

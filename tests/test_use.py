@@ -197,6 +197,13 @@ def test_convert_torchvision_identical_outputs(tmp_path):
     torch.save(tv, tmp_path / "whole.pth")
     assert main(["convert", str(tmp_path / "whole.pth"), "--from", "torchvision", "--arch", "resnet18",
                  "--out", str(tmp_path / "w.pt")]) == 2
+    # a .safetensors --out is safetensors with its sidecar (it was a pickle under that name, read by nothing)
+    pytest.importorskip("safetensors")
+    assert main(["convert", str(tmp_path / "tv.pth"), "--from", "torchvision", "--arch", "resnet18",
+                 "--out", str(tmp_path / "r18.safetensors")]) == 0
+    with torch.no_grad():
+        assert torch.equal(reslab.load(tmp_path / "r18.safetensors")(x), tv(x))
+    assert json.loads((tmp_path / "r18.json").read_text())["architecture"] == "resnet18"
 
 
 TIMM = Path(__file__).parent / "fixtures" / "timm-resnet18"
@@ -347,6 +354,12 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "junk.pt" in err[0]
+    # a run folder that kept only best.pt (last.pt deleted to save space): the error points at it
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"")
+    assert main(["predict", str(run), str(tmp_path)]) == 2
+    assert f"the folder holds best.pt, the run's best evaluation: give {run / 'best.pt'}" in capsys.readouterr().err
 
 
 def test_test_views_keep_the_crop_a_run_trained_with():

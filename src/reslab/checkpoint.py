@@ -61,7 +61,10 @@ def resolve(path: str | os.PathLike) -> Path:
     if p.is_dir():
         p = p / LAST
     if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {p} (give a .pt file or a run folder with {LAST})")
+        best = p.with_name(BEST) if p.name == LAST and p.parent.is_dir() else None
+        hint = (f"; the folder holds {BEST}, the run's best evaluation: give {best}" if best and best.is_file()
+                else f" (give a .pt file or a run folder with {LAST})")
+        raise FileNotFoundError(f"no checkpoint at {p}{hint}")
     return p
 
 
@@ -128,12 +131,13 @@ def build_model(model_config: dict):
         raise ReslabError(f"the checkpoint's model config does not build a reslab model ({e})") from None
 
 
-def load_model(source, key: str = "model"):
-    """A model from a checkpoint file, run folder or already-loaded checkpoint dict, in eval mode, with
-    `model.reslab = {classes, normalizer, config, crop_size, data}`. `key="ema"` takes a run's EMA weights instead."""
+def load_model(source, key: str = "model", name: str | None = None):
+    """A model from a checkpoint file, run folder or already-loaded checkpoint dict (`name`: the file it came
+    from, for messages), in eval mode, with `model.reslab = {classes, normalizer, config, crop_size, data}`.
+    `key="ema"` takes a run's EMA weights instead."""
     from .data.normalize import Normalizer
     ck = source if isinstance(source, dict) else load(source)
-    name = "checkpoint" if isinstance(source, dict) else str(resolve(source))
+    name = name or ("checkpoint" if isinstance(source, dict) else str(resolve(source)))
     if "detector" in ck:
         raise ReslabError(f"{name} is a detection run's checkpoint: use `reslab detect eval/predict` or "
                           "reslab.detection.load_detector")

@@ -235,7 +235,8 @@ def cmd_bench(a) -> int:
     print(markdown(result))
     for e in result.get("errors", []):
         print(f"failed group: {e}", file=sys.stderr)
-    print(f"written: {out} and {out[:-5]}.md")
+    from pathlib import Path
+    print(f"written: {out} and {Path(out).with_suffix('.md')}")
     return 1 if result.get("errors") else 0
 
 
@@ -291,7 +292,8 @@ def _register_reproduce(sub) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--budget", default="quick", choices=list(BUDGETS))
-    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--seeds", type=_at_least(1), default=None, metavar="N",
+                   help="seeds per net (default: the experiment's, at this budget)")
     p.add_argument("--dry-run", action="store_true", help="print the runs, their status and estimated cost")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-report", action="store_true")

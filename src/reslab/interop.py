@@ -290,9 +290,15 @@ def convert(src, source: str, arch: str | None, out, force: bool = False) -> dic
     `out` is replaced only with `force`."""
     if source not in CONVERTERS:
         raise ReslabError(f"unknown source {source!r}; valid choices: {', '.join(CONVERTERS)}")
-    if Path(out).is_dir():
-        raise ReslabError(f"--out {out} is a folder; give the file to write, e.g. {Path(out) / 'model.pt'}")
-    refuse_to_overwrite([out], force)
+    out = Path(out)
+    if out.is_dir():
+        raise ReslabError(f"--out {out} is a folder; give the file to write, e.g. {out / 'model.pt'}")
+    # a .safetensors --out gets safetensors and its sidecar (a pickle under that name would be read by nothing)
+    as_safetensors = out.suffix == ".safetensors"
+    refuse_to_overwrite([out, out.with_suffix(".json")] if as_safetensors else [out], force)
     rec = CONVERTERS[source](src, arch)
-    ckpt.save_atomic(rec, out)
+    if as_safetensors:
+        save_safetensors(rec, out)
+    else:
+        ckpt.save_atomic(rec, out)
     return rec

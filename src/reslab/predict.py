@@ -20,7 +20,7 @@ def evaluate_checkpoint(path, data_dir=None, view: str = "center", device: str =
     p = ckpt.resolve(path)
     ck = ckpt.load(p)
     dev = pick_device(device)
-    model = ckpt.load_model(ck).to(dev)
+    model = ckpt.load_model(ck, name=str(p)).to(dev)
     cfg = ck.get("config") or {}
     info = ck.get("data") or {}
     # converted weights record no data: an ImageNet net is evaluated on an image folder (--data-dir)

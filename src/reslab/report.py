@@ -39,7 +39,8 @@ def _name(run: Path, root: Path) -> str:
 def write_report(root) -> Path:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder")
+        raise FileNotFoundError(f"{root}: {'a file, not' if root.exists() else 'no such'} folder (give the folder "
+                                "that holds the run folders, e.g. the --out of reproduce)")
     runs, unread = [], []
     found = find_runs(root)
     for p in found:

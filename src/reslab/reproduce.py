@@ -135,6 +135,8 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
     exp = get_experiment(name)
     if concurrent < 1:
         raise ReslabError(f"--concurrent must be at least 1, got {concurrent}")
+    if seeds is not None and seeds < 1:  # 0 would train nothing and report success
+        raise ReslabError(f"--seeds must be at least 1, got {seeds}")
     if fused and concurrent < 2:
         raise ReslabError("--fused trains --concurrent K runs as one model: give K of 2 or more")
     if exp.needs and not data_dir:

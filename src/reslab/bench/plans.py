@@ -11,6 +11,7 @@ import torch
 from .cases import bench_cifar, bench_data, bench_fused, bench_imagenet, bench_inference, bench_runsets
 from . import e2e
 from .harness import Plan, Setting
+from ..errors import ReslabError
 from .report import markdown
 
 
@@ -65,6 +66,8 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     from ..logs import environment, hardware_line
     if rounds is not None and rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {rounds}")
+    if out:  # checked before measuring: a bench takes minutes to hours, and its result must have a place
+        _check_out(Path(out))
     dev = pick_device(device)
     env = environment(dev)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else env["cpu"]
@@ -132,6 +135,15 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     if out:
         _write(result, out)
     return result
+
+
+def _check_out(p: Path) -> None:
+    if p.is_dir():
+        raise ReslabError(f"--out {p} is a folder; give the JSON file to write, e.g. {p / 'bench.json'}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReslabError(f"--out {p}: its folder cannot be made ({e.strerror})") from None
 
 
 def _write(result: dict, out) -> None:

@@ -43,6 +43,17 @@ class Categories:
     def to_list(self) -> list[dict]:
         return [{"id": i, "name": n} for i, n in zip(self.ids, self.names)]
 
+    def difference(self, other: "Categories") -> str:
+        """What differs from `other`, in words: the first category one has and the other lacks or names
+        otherwise."""
+        mine, theirs = dict(zip(self.ids, self.names)), dict(zip(other.ids, other.names))
+        for i in sorted(set(mine) | set(theirs)):
+            if mine.get(i) != theirs.get(i):
+                here = f"{mine[i]!r}" if i in mine else "absent"
+                there = f"{theirs[i]!r}" if i in theirs else "absent"
+                return f"category id {i} is {here} here and {there} in the detector"
+        return "the same categories"
+
     @property
     def num_classes(self) -> int:
         """Foreground classes + the background: what the detector's predictor is built for."""
@@ -156,7 +167,8 @@ class CocoDetection(Dataset):
         found = Categories.from_coco(d["categories"])
         if categories is not None and categories != found:
             raise ReslabError(f"{self.ann_file}: its categories differ from the ones the detector was trained on "
-                              f"({len(found.ids)} vs {len(categories.ids)}); use data with the same categories")
+                              f"({len(found.ids)} vs {len(categories.ids)}; {found.difference(categories)}); use "
+                              "data with the same categories")
         self.categories = found
         known = set(found.ids)
         by_image: dict[int, list[dict]] = {}
@@ -166,8 +178,11 @@ class CocoDetection(Dataset):
                                   "which is not among the file's categories")
             by_image.setdefault(a["image_id"], []).append(a)
         self.images = sorted(d["images"], key=lambda im: im["id"])
-        self.targets = {im["id"]: _target(by_image.get(im["id"], []), found, im["id"], keep_crowd=not train)
-                        for im in self.images}
+        try:
+            self.targets = {im["id"]: _target(by_image.get(im["id"], []), found, im["id"], keep_crowd=not train)
+                            for im in self.images}
+        except ReslabError as e:  # a box that cannot be read: named with its file
+            raise ReslabError(f"{self.ann_file}: {e}") from None
         if train:
             self.images = [im for im in self.images if len(self.targets[im["id"]]["boxes"])]
         if not self.images:
@@ -209,7 +224,8 @@ def read_rgb(path, upright: bool = False) -> torch.Tensor:
     predict on (training reads files as stored: COCO's boxes are on the stored pixels)."""
     from ..data.images import decode
     if not Path(path).is_file():
-        raise ReslabError(f"{path}: no such image file")
+        raise ReslabError(f"{path}: a folder, not an image file (give one image)" if Path(path).is_dir()
+                          else f"{path}: no such image file")
     return decode(str(path), upright=upright)
 
 
