@@ -237,6 +237,25 @@ def test_convert_timm_hub_folder_and_training_checkpoint(tmp_path):
     assert ours.reslab["classes"][:2] == ["class 0", "class 1"]
     with torch.no_grad():
         assert torch.equal(ours(x), tv(x))
+    # the Hugging Face cache's own layout (huggingface_hub's cache docs): the entry folder is read at the
+    # snapshot refs/main names; its files are links into blobs/
+    entry = tmp_path / "cache" / "models--timm--resnet18.a1_in1k"
+    (entry / "blobs").mkdir(parents=True)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0123abcd")
+    snap = entry / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (entry / "snapshots" / "old9876").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (hub / name).rename(entry / "blobs" / name)
+        (snap / name).symlink_to(Path("..", "..", "blobs", name))
+    assert main(["convert", str(entry), "--from", "timm", "--out", str(tmp_path / "hf.pt")]) == 0
+    with torch.no_grad():
+        assert torch.equal(reslab.load(tmp_path / "hf.pt")(x), tv(x))
+    (entry / "refs" / "main").unlink()  # two snapshots and no ref: which one is not guessed
+    assert main(["convert", str(entry), "--from", "timm", "--out", str(tmp_path / "hf2.pt")]) == 2
+    (entry / "blobs" / "model.safetensors").rename(hub / "model.safetensors")
+    (entry / "blobs" / "config.json").rename(hub / "config.json")
     # the file names its architecture: another --arch is refused, and timm's other ResNets are other nets
     assert main(["convert", str(hub), "--from", "timm", "--arch", "resnet34", "--out", str(tmp_path / "b.pt")]) == 2
     conf["architecture"] = "resnet18d"

@@ -208,9 +208,25 @@ TIMM_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
+def _hub_snapshot(p: Path) -> Path:
+    """A Hugging Face cache entry (models--timm--NAME: refs/, snapshots/HASH/, blobs/) as the snapshot folder
+    its refs/main names, or its only snapshot; any other path as it is."""
+    snaps = p / "snapshots"
+    if not (p.is_dir() and snaps.is_dir()):
+        return p
+    ref = p / "refs" / "main"
+    if ref.is_file() and (snaps / ref.read_text().strip()).is_dir():
+        return snaps / ref.read_text().strip()
+    found = sorted(d for d in snaps.iterdir() if d.is_dir())
+    if len(found) != 1:
+        raise ReslabError(f"{p}: a Hugging Face cache entry with {len(found)} snapshots and no refs/main naming "
+                          f"one; give the snapshot folder ({snaps}/HASH)")
+    return found[0]
+
+
 def _timm_files(src) -> tuple[Path, dict]:
     """The weights file and timm's config.json (or {}) for a hub folder or a weights file."""
-    p = Path(src)
+    p = _hub_snapshot(Path(src))
     if p.is_dir():
         weights = next((p / n for n in _HUB_WEIGHTS if (p / n).is_file()), None)
         if weights is None:
