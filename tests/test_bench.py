@@ -40,6 +40,11 @@ def test_quick_bench_writes_a_well_formed_result(tmp_path, capsys):
     fused = [row for row in sets if "fused" in row["setting"]]  # design (b): the K runs as one fused model
     assert len(fused) == 1 and fused[0]["runs"] == 2 and fused[0]["ratio"] > 0
     assert all(row["runs"] == 1 for row in r["rows"] if row["kind"] != "train" or "runs" not in row["setting"])
+    # the run-set and fused cases measure the same one-run baseline: their case tells the two rows apart
+    base = [row for row in r["rows"] if row["setting"].endswith("1 run (baseline)")]
+    assert sorted(row["case"] for row in base) == ["resnet8 fused", "resnet8 run sets"]
+    assert {row["group"] for row in r["rows"]} == {"data", "cifar", "infer", "runsets"}
+    assert "written: " + str(out) + " and " + str(tmp_path / "r.md") in capsys.readouterr().out
 
 
 def test_a_failing_group_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):

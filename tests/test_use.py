@@ -373,6 +373,13 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "junk.pt" in err[0]
+    # an ONNX file under a checkpoint's suffix: named for what it is (it got torch.load's unpickling advice)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(nn.Linear(3, 2), (torch.randn(1, 3),), str(tmp_path / "net.pt"), dynamo=False)
+    assert main(["predict", str(tmp_path / "net.pt"), str(tmp_path)]) == 2
+    assert "net.pt is an ONNX export, which holds the network alone" in capsys.readouterr().err
     # a run folder that kept only best.pt (last.pt deleted to save space): the error points at it
     run = tmp_path / "run"
     run.mkdir()

@@ -86,14 +86,21 @@ def load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dic
 def _refuse_export(p: Path) -> None:
     """A one-line error when the file is one of `reslab export`'s network-only formats."""
     import zipfile
-    kind = "ONNX" if p.suffix == ".onnx" else None
+    kind = "an ONNX" if p.suffix == ".onnx" else None
     try:
         with zipfile.ZipFile(p) as z:  # a TorchScript archive holds the network's code beside its tensors
-            kind = "TorchScript" if any("/code/" in n for n in z.namelist()) else kind
-    except (OSError, zipfile.BadZipFile):
+            kind = "a TorchScript" if any("/code/" in n for n in z.namelist()) else kind
+    except zipfile.BadZipFile:
+        # under another suffix, an ONNX file (a protobuf: field 1, its IR version, then the producer's name,
+        # "pytorch" for torch.onnx) would reach torch.load's unpickling advice
+        with open(p, "rb") as f:
+            head = f.read(64)
+        if head[:1] == b"\x08" and b"pytorch" in head:
+            kind = "an ONNX"
+    except OSError:
         pass
     if kind:
-        raise ReslabError(f"{p} is a {kind} export, which holds the network alone (docs/use.md says how to run it); "
+        raise ReslabError(f"{p} is {kind} export, which holds the network alone (docs/use.md says how to run it); "
                           "reslab reads checkpoints, run folders and .safetensors files")
 
 

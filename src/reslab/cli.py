@@ -305,7 +305,8 @@ def _register_reproduce(sub) -> None:
                         "(others, and runs that cannot be fused, as run sets)")
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("report", help="plots, tables and numbers from a reproduce folder")
-    p.add_argument("dir")
+    p.add_argument("dir", help="the folder holding the run folders (reproduce's --out, or docs/results/NAME); "
+                               "report.md, results.json/.csv and the figures are written into it")
     p.set_defaults(func=cmd_report)
 
 
@@ -344,13 +345,13 @@ def _register_use(sub) -> None:
     p = sub.add_parser("predict", help="top-5 classes for images, with the checkpoint's classes and normalisation")
     p.add_argument("path", help="checkpoint, run folder, converted .pt or .safetensors")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top", type=_at_least(1), default=5)
-    p.add_argument("--batch-size", type=_at_least(1), default=64)
+    p.add_argument("--top", type=_at_least(1), default=5, help="classes shown per image")
+    p.add_argument("--batch-size", type=_at_least(1), default=64, help="images per forward pass")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (image, top classes, probabilities)")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("export", help="TorchScript, ONNX or safetensors, checked against PyTorch")
-    p.add_argument("path")
+    p.add_argument("path", help="checkpoint, run folder (its last.pt) or converted .pt")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True)
     p.add_argument("--with-normalizer", action="store_true",

@@ -125,7 +125,9 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
             print(f"bench group {name} ({what}) failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             result.setdefault("errors", []).append(f"{name} ({what}): {type(e).__name__}: {e}")
             continue
-        rows += done
+        # what the row was measured in: the group (--only's name) and its case (the run-set and fused
+        # cases each measure the same one-run baseline, whose other fields are alike)
+        rows += [{**r, "group": name, "case": what} for r in done]
         if out:  # after every group: a run cut short by a time limit keeps what it measured
             _write(result, out)
         for r in done:  # progress: a full CPU run takes a while
