@@ -498,3 +498,18 @@ def test_sigterm_under_reproduce_says_to_run_reproduce_again(tmp_path, capsys, m
     assert "finished; 3 runs not started): the same `reslab reproduce` command continues" in err, err
     status = [ckpt.read_status(p.parent) for p in (tmp_path / "r" / "smoke").glob("*/last.pt")]
     assert [s["finished"] for s in status] == [True]
+
+
+def test_a_run_given_iters_reports_the_fraction_of_the_schedule_it_trained(tmp_path):
+    """`reslab train --iters 40` keeps the recipe's proportions at budget 1: the report called it "x1"."""
+    from reslab.config import RunConfig
+    from reslab.recipes import get_recipe
+    run = _fake_run(tmp_path, "r20", "resnet20", True, [(0.4, 0.45), (0.1, 0.2)], iters=40)
+    cfg = RunConfig.build(run, "resnet20", get_recipe("cifar-paper").with_overrides(iters=40)).to_dict()
+    (run / "config.json").write_text(json.dumps(cfg))
+    r = summarize(run)
+    assert r["budget"] == pytest.approx(40 / 64000) and r["iters"] == 40
+    assert "| r20 | x0.000625 | 40/40 |" in write_report(tmp_path).read_text()
+    scaled = RunConfig.build(run, "resnet20", get_recipe("cifar-paper").scaled(0.01)).to_dict()
+    (run / "config.json").write_text(json.dumps(scaled))
+    assert summarize(run)["budget"] == 0.01  # a --budget run: its budget

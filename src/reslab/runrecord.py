@@ -111,7 +111,7 @@ def summarize(run: Path) -> dict:
         "run": run.name, "path": str(run), "arch": cfg["arch"], "options": cfg.get("options") or {},
         "variant": _variant(cfg), "seed": cfg["seed"],
         "shortcut": cfg.get("model_config", {}).get("shortcut"), "residual": cfg.get("model_config", {}).get("residual"),
-        "budget": cfg["recipe"].get("budget", 1.0), "iters": iters, "recipe_key": recipe_key(cfg["recipe"]),
+        "budget": budget_of(cfg["recipe"]), "iters": iters, "recipe_key": recipe_key(cfg["recipe"]),
         "step": last_eval.get("step", train[-1]["step"] if train else 0),
         "complete": bool(evals) and last_eval.get("step") == iters and not diverged,
         "diverged_at": diverged[-1] if diverged else None,
@@ -145,6 +145,20 @@ def _hardware(env: dict) -> str:
 
 def depth(arch: str) -> int:
     return int("".join(c for c in arch if c.isdigit()) or 0)
+
+
+def budget_of(recipe: dict) -> float:
+    """The fraction of its named recipe's schedule a run trained: its --budget, or for a run given --iters
+    (which keeps the recipe's proportions) iters over the recipe's; "x1" for `--iters 40` misled."""
+    from .recipes import RECIPES
+    b = recipe.get("budget", 1.0)
+    full = RECIPES.get(recipe.get("name"))
+    try:
+        if full is None or full.scaled(b).iters == recipe.get("iters"):
+            return b
+    except ValueError:  # a budget this version refuses: as recorded
+        return b
+    return recipe["iters"] / full.iters if recipe.get("iters") else b
 
 
 # recipe fields that change what is logged, not what is trained
