@@ -513,3 +513,20 @@ def test_a_run_given_iters_reports_the_fraction_of_the_schedule_it_trained(tmp_p
     scaled = RunConfig.build(run, "resnet20", get_recipe("cifar-paper").scaled(0.01)).to_dict()
     (run / "config.json").write_text(json.dumps(scaled))
     assert summarize(run)["budget"] == 0.01  # a --budget run: its budget
+
+
+def test_a_record_that_disagrees_with_its_checkpoint_is_left_out(tmp_path, capsys):
+    """config.json edited by hand to another arch: the report filed a ResNet-8's result under that arch's
+    Table 6 row, while reproduce (which reads last.pt) counted the run as the ResNet-8 it is."""
+    d = tmp_path / "data"
+    make_cifar_archive(d / "cifar-10-python.tar.gz", n_train=64, n_test=20)
+    run = tmp_path / "runs" / "r"
+    assert main(["train", "--arch", "resnet8", "--data-dir", str(d), "--iters", "2", "--batch-size", "16",
+                 "--out", str(run), "--no-progress"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "model": {**cfg["model"], "arch": "resnet32"}}))
+    capsys.readouterr()
+    with pytest.raises(ReslabError, match="arch 'resnet32' in config.json, 'resnet8' in last.pt"):
+        write_report(tmp_path / "runs")  # the only run: nothing left to report, and the reason
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert "| r | x" in write_report(tmp_path / "runs").read_text()

@@ -102,6 +102,7 @@ def summarize(run: Path) -> dict:
     # the engine logs a "diverged" line before it stops; a resume from the last good checkpoint drops it
     diverged = [r["step"] for r in rows if r["kind"] == "diverged"]
     iters = cfg["recipe"]["iters"]
+    _agrees_with_checkpoint(run, cfg)
     last_eval = evals[-1] if evals else {}
     tail = train[-5:]  # the training error of the last few logging intervals
     test_err = 100 * last_eval["top1_err"] if evals else None
@@ -129,6 +130,28 @@ def summarize(run: Path) -> dict:
         "curves": {"train": [(r["step"], 100 * r["train_err"]) for r in train],
                                                       "test": [(r["step"], 100 * r["top1_err"]) for r in evals]},
     }
+
+
+def _agrees_with_checkpoint(run: Path, cfg: dict) -> None:
+    """config.json against the run's last.pt, where both are there: the table row comes from the one and
+    `reproduce` reads the other, so a record edited by hand (or copied from another run) would file a
+    result under another net without a word. Read with the tensors left on disk."""
+    from . import checkpoint as ckpt
+    from .errors import ReslabError
+    if cfg.get("implementation") != "reslab" or not (run / ckpt.LAST).is_file():
+        return
+    try:
+        ck = ckpt.load(run / ckpt.LAST, mmap=True)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is reproduce's to name; the record stands
+        return
+    saved = ck.get("config") or {}
+    have = {"arch": (saved.get("model") or {}).get("arch"), "seed": saved.get("seed"),
+            "iters": (saved.get("recipe") or {}).get("iters")}
+    said = {"arch": cfg["arch"], "seed": cfg["seed"], "iters": cfg["recipe"].get("iters")}
+    wrong = [f"{k} {said[k]!r} in config.json, {have[k]!r} in {ckpt.LAST}" for k in have
+             if have[k] is not None and said[k] != have[k]]
+    if wrong:
+        raise ReslabError(f"its record and its checkpoint disagree ({'; '.join(wrong)})")
 
 
 def _hardware(env: dict) -> str:
