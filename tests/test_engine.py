@@ -171,9 +171,13 @@ def test_a_sigterm_at_the_last_step_lets_the_run_finish(data_dir, tmp_path, monk
     monkeypatch.setattr(Trainer, "after_step", term_at_end)
     m = train(settings(data_dir, tmp_path / "r"))
     assert m["step"] == SMALL["iters"] and ckpt.read_status(tmp_path / "r")["finished"]
-    msg = str(stopped(["runs/a"], [7], failed=["runs/b"]))  # a set also names the runs that had diverged
-    assert "runs/a at step 7; diverged, last good checkpoint kept: runs/b" in msg
-    assert "(diverged, last good checkpoint kept: runs/b)" in str(stopped([], [], failed=["runs/b"]))
+    # a set also names the runs that had stopped before, each by how
+    from reslab.engine import TrainingDataFailed
+    failed = {"runs/b": TrainingDiverged("nan"), "runs/c": TrainingDataFailed("x.jpg: cannot decode")}
+    msg = str(stopped(["runs/a"], [7], failed=failed))
+    assert ("runs/a at step 7; diverged, last good checkpoint kept: runs/b; stopped on data it could not read, "
+            "saved where it stopped: runs/c") in msg
+    assert "(diverged, last good checkpoint kept: runs/b)" in str(stopped([], [], failed={"runs/b": failed["runs/b"]}))
 
 
 def test_tiny_model_overfits_a_tiny_batch(tmp_path):

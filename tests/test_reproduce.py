@@ -530,3 +530,7 @@ def test_a_record_that_disagrees_with_its_checkpoint_is_left_out(tmp_path, capsy
         write_report(tmp_path / "runs")  # the only run: nothing left to report, and the reason
     (run / "config.json").write_text(json.dumps(cfg))
     assert "| r | x" in write_report(tmp_path / "runs").read_text()
+    # more iterations in the record than in last.pt: an --extend-to session stopped before its first save,
+    # an extension in progress, not a disagreement
+    (run / "config.json").write_text(json.dumps({**cfg, "recipe": {**cfg["recipe"], "iters": 4}}))
+    assert "| r | x" in write_report(tmp_path / "runs").read_text()

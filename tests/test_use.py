@@ -200,10 +200,11 @@ def test_convert_torchvision_identical_outputs(tmp_path):
     # a .safetensors --out is safetensors with its sidecar (it was a pickle under that name, read by nothing)
     pytest.importorskip("safetensors")
     assert main(["convert", str(tmp_path / "tv.pth"), "--from", "torchvision", "--arch", "resnet18",
-                 "--out", str(tmp_path / "r18.safetensors")]) == 0
+                 "--out", str(tmp_path / "new" / "r18.safetensors")]) == 0  # its folder made, as for .pt
     with torch.no_grad():
-        assert torch.equal(reslab.load(tmp_path / "r18.safetensors")(x), tv(x))
-    assert json.loads((tmp_path / "r18.json").read_text())["architecture"] == "resnet18"
+        assert torch.equal(reslab.load(tmp_path / "new" / "r18.safetensors")(x), tv(x))
+    assert json.loads((tmp_path / "new" / "r18.json").read_text())["architecture"] == "resnet18"
+    assert sorted(f.name for f in (tmp_path / "new").iterdir()) == ["r18.json", "r18.safetensors"]  # no temporaries
 
 
 TIMM = Path(__file__).parent / "fixtures" / "timm-resnet18"

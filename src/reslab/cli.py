@@ -391,15 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _message(e: Exception) -> str:
-    """An error's one line. Raised in a DataLoader worker, PyTorch re-raises it with the worker's whole
-    traceback as its message ("Caught ... in DataLoader worker process 0. Original Traceback ..."): its last
-    line is the error itself, after the exception's qualified name."""
-    text = str(e).strip() or type(e).__name__
-    if text.startswith("Caught ") and "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        name, sep, rest = last.partition(": ")
-        text = rest if sep and name.split(".")[-1] == type(e).__name__ else last
-    return text
+    from .errors import one_line
+    return one_line(e)
 
 
 def main(argv: list[str] | None = None) -> int:

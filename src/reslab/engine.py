@@ -39,7 +39,7 @@ from .data import build as data_build
 from .data.augment import Augment
 from .data.normalize import Normalizer
 from .data.resident import ResidentLoader
-from .errors import ReslabError
+from .errors import ReslabError, described
 from .evaluate import evaluate, precise_bn
 from .flags import to_cli_args
 from .logs import MetricsLog, Progress, last_evaluation, session_environment, truncate_metrics, write_json
@@ -224,11 +224,11 @@ class Trainer:
         with interrupt.stop_on_sigterm(not self.d.enabled):
             try:
                 stop = self.begin(stop_at)
-                while self.state.step < stop:
-                    self.advance(stop)
-                    if interrupt.requested() and self.state.step < stop:  # at the last step: it just ends
+                while self.state.step < stop:  # after the last step a request is not needed: it just ends
+                    if interrupt.requested():  # (during begin's pending evaluation too)
                         self.end(self.state.step)
                         raise interrupt.stopped([self.out], [self.state.step])
+                    self.advance(stop)
                 self.end(stop)
             finally:
                 self.close()
@@ -419,7 +419,7 @@ class Trainer:
         it is not lost for a bad validation file. Under torchrun a failure on one rank would leave the
         others waiting in the save's collectives, so nothing is saved there."""
         st = self.state
-        why = str(e) if isinstance(e, ReslabError) else f"{type(e).__name__}: {e}"
+        why = described(e)
         if self.d.enabled:
             return EvaluationFailed(f"the evaluation at step {st.step} failed: {why}; {self._on_disk()}")
         st.eval_pending = True
@@ -434,12 +434,16 @@ class Trainer:
         it again, and the steps since the last checkpoint are not lost. Not under torchrun (the other ranks
         would wait in the save's collectives), and not at step 0 (nothing to keep)."""
         st = self.state
-        why = str(e) if isinstance(e, ReslabError) else f"{type(e).__name__}: {e}"
+        why = described(e)
         if self.d.enabled or st.step == 0 or self.saved_step == st.step:
             return TrainingDataFailed(f"{why}; {self._on_disk()}")
         self.save(best=False)
+        # a file that cannot be decoded is a ReslabError naming it; anything else (a worker killed for memory,
+        # a vanished mount) has another cause
+        todo = ("fix or replace the file (or resume with --on-corrupt skip)" if isinstance(e, ReslabError)
+                else "fix the cause")
         return TrainingDataFailed(f"{why}; {self.out / ckpt.LAST} now holds step {st.step}, saved before that batch: "
-                                  "fix or replace the file (or resume with --on-corrupt skip), then --resume")
+                                  f"{todo}, then --resume")
 
     def save(self, best: bool) -> None:
         """best.pt before last.pt: killed in between, the run resumes from the older last.pt and writes the

@@ -61,18 +61,25 @@ def save_safetensors(ck: dict, out: Path) -> tuple[Path, Path]:
         from safetensors.torch import save_file
     except ImportError:
         raise ReslabError("safetensors export needs the safetensors package: pip install 'reslab[export]'") from None
+    import os
+    from .logs import write_json
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in ck["model"].items()}
     tensors[_NORM_PREFIX + "mean"] = ck["normalizer"]["mean"].contiguous()
     tensors[_NORM_PREFIX + "std"] = ck["normalizer"]["std"].contiguous()
-    save_file(tensors, str(out))
+    # both files written beside their targets, then renamed: a kill leaves the old pair or the new one's
+    # tensors, never a torn file
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out)
     meta = ck["model_config"]
     sidecar = out.with_suffix(".json")
-    sidecar.write_text(json.dumps({
+    write_json(sidecar, {
         "format": "reslab-safetensors-1", "architecture": meta.get("name"), "model_config": meta,
         "shortcut": meta.get("shortcut"), "stride_variant": meta.get("stride_variant"),
         "normalization": ck["normalizer"]["mode"], "classes": ck.get("classes"),
-        "crop_size": ckpt.crop_size_of(ck), "data": ckpt.data_of(ck)}, indent=2))
+        "crop_size": ckpt.crop_size_of(ck), "data": ckpt.data_of(ck)})
     return out, sidecar
 
 

@@ -133,11 +133,17 @@ def shield_worker(_worker_id: int, parent: int) -> None:
     threading.Thread(target=wait, name="sigterm", daemon=True).start()
 
 
-def stopped(outs: list, steps: list[int], failed: list | None = None) -> Interrupted:
-    """The stop of runs `outs` at `steps`; `failed`: runs of the set that diverged (their last good
-    checkpoints kept), named so the set's summary is not lost."""
+def stopped(outs: list, steps: list[int], failed: dict | None = None) -> Interrupted:
+    """The stop of runs `outs` at `steps`; `failed`: {run: its error} for runs of the set that stopped
+    earlier, each named by how (diverged: its last good checkpoint kept; data that could not be read: saved
+    where it stopped), so the set's summary is not lost."""
+    from .engine import TrainingDiverged
+    failed = failed or {}
+    diverged = [str(o) for o, e in failed.items() if isinstance(e, TrainingDiverged)]
+    other = [str(o) for o, e in failed.items() if not isinstance(e, TrainingDiverged)]
     where = "; ".join(filter(None, [", ".join(f"{o} at step {s}" for o, s in zip(outs, steps)),
-                                    f"diverged, last good checkpoint kept: {', '.join(map(str, failed))}"
-                                    if failed else ""]))
+                                    f"diverged, last good checkpoint kept: {', '.join(diverged)}" if diverged else "",
+                                    f"stopped on data it could not read, saved where it stopped: {', '.join(other)}"
+                                    if other else ""]))
     again = f"`reslab train --out {outs[0]} --resume`" if len(outs) == 1 else "the same command with --resume"
     return Interrupted(where, again)

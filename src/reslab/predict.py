@@ -48,6 +48,8 @@ def _world_size(ck: dict, path: Path) -> int:
     them; otherwise one."""
     if ck.get("world_size"):
         return int(ck["world_size"])
+    if not ck.get("config"):  # converted weights: a config.json beside them is some other run's
+        return 1
     try:
         return int(json.loads((path.parent / "config.json").read_text()).get("world_size") or 1)
     except (OSError, ValueError, TypeError, AttributeError):

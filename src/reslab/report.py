@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .errors import ReslabError
+from .errors import ReslabError, described
 from .figures import plot_degradation, plot_responses, response_claims
 from .runrecord import depth, find_runs, summarize, without_record
 from .tables import control_section, experiment_section, fmt, table6, table6_section
@@ -49,7 +49,7 @@ def write_report(root) -> Path:
         except (ReslabError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             # one damaged folder (a log line cut by hand, a config.json of another shape) is named and left
             # out; the others are still reported
-            why = str(e) if isinstance(e, ReslabError) else f"{type(e).__name__}: {e}"
+            why = described(e)
             unread.append({"path": _name(p, root), "reason": why})
     unread += [{"path": _name(p, root), "reason": why} for p, why in without_record(root, found)]
     for u in unread:

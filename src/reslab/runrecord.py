@@ -148,8 +148,11 @@ def _agrees_with_checkpoint(run: Path, cfg: dict) -> None:
     have = {"arch": (saved.get("model") or {}).get("arch"), "seed": saved.get("seed"),
             "iters": (saved.get("recipe") or {}).get("iters")}
     said = {"arch": cfg["arch"], "seed": cfg["seed"], "iters": cfg["recipe"].get("iters")}
+    # more iterations in config.json than in last.pt: `--resume --extend-to` stopped before its first save
+    # (config.json is written when a session starts); the run is that extension, in progress
+    extending = isinstance(said["iters"], int) and isinstance(have["iters"], int) and said["iters"] > have["iters"]
     wrong = [f"{k} {said[k]!r} in config.json, {have[k]!r} in {ckpt.LAST}" for k in have
-             if have[k] is not None and said[k] != have[k]]
+             if have[k] is not None and said[k] != have[k] and not (k == "iters" and extending)]
     if wrong:
         raise ReslabError(f"its record and its checkpoint disagree ({'; '.join(wrong)})")
 

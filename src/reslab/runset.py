@@ -72,7 +72,7 @@ class RunSet:
                         attempt(i, self.trainers[i].end, self.trainers[i].state.step)
                     active = [i for i in active if ok(i)]
                     raise interrupt.stopped([self.trainers[i].out for i in active],
-                                            [self.trainers[i].state.step for i in active], failed=list(failed))
+                                            [self.trainers[i].state.step for i in active], failed=failed)
                 for i in list(active):
                     t = self.trainers[i]
                     attempt(i, t.advance, stops[i])

@@ -408,8 +408,7 @@ def fit_normalizer(dataset: ImageFolderSplit, mode: str = "channel", size: int =
     total, sq, n = Normalizer.sums(batches(), shape=(3, size, size))
     if world_size > 1:
         from .. import dist
-        packed = dist.all_reduce_sum(torch.cat([total.flatten(), sq, torch.tensor([float(n)], dtype=torch.float64)])
-                                     .to(device)).cpu()
+        packed = dist.all_reduce_sum(torch.cat([total.flatten(), sq, torch.tensor([n])]).to(device)).cpu()
         total, sq, n = packed[:total.numel()].view_as(total), packed[total.numel():-1], int(packed[-1])
     if not n:
         raise ReslabError(f"none of the {len(idx)} images sampled to fit the normalisation could be decoded")

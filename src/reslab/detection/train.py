@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .. import dist
-from ..errors import ReslabError
+from ..errors import ReslabError, described
 from ..logs import MetricsLog, Progress, environment, truncate_metrics, write_json
 from .coco_eval import evaluate
 from .config import DetectorConfig, DetectRecipe, lr_at
@@ -350,13 +350,15 @@ def _saved_before_batch(e: Exception, state: TrainState, window: LossWindow, d, 
     position still points at that batch): the steps since the last checkpoint, up to --save-every of them,
     are not lost. Not under torchrun (the other ranks would wait in collectives), not after a non-finite
     step (that is a divergence), and not at step 0."""
-    why = str(e) if isinstance(e, ReslabError) else f"{type(e).__name__}: {e}"
+    why = described(e)
     if d.enabled or state.step == 0 or saved_step == state.step or window.any_bad():
         kept = f"{out / ckpt.LAST} holds step {saved_step}" if saved_step is not None else "no checkpoint was written"
         return ReslabError(f"{why}; {kept}")
     ckpt.save_atomic(state.state_dict(), out / ckpt.LAST)
-    return ReslabError(f"{why}; {out / ckpt.LAST} now holds step {state.step}, saved before that batch: fix or "
-                       "replace the file (or resume with --on-corrupt skip), then --resume")
+    todo = ("fix or replace the file (or resume with --on-corrupt skip)" if isinstance(e, ReslabError)
+            else "fix the cause")  # a worker killed for memory, a vanished mount: not the file's fault
+    return ReslabError(f"{why}; {out / ckpt.LAST} now holds step {state.step}, saved before that batch: {todo}, "
+                       "then --resume")
 
 
 def _eval_due(step: int, r: DetectRecipe) -> bool:
