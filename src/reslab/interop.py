@@ -304,8 +304,9 @@ def refuse_to_overwrite(paths, force: bool) -> None:
     last.pt would otherwise replace months of training with converted weights, silently."""
     taken = [str(p) for p in paths if Path(p).exists()]
     if taken and not force:
-        raise ReslabError(f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}; choose another --out, "
-                          "or pass --force to replace it")
+        one = len(taken) == 1
+        raise ReslabError(f"{', '.join(taken)} already exist{'s' if one else ''}; choose another --out, or pass "
+                          f"--force to replace {'it' if one else 'them'}")
 
 
 def convert(src, source: str, arch: str | None, out, force: bool = False) -> dict:
