@@ -114,6 +114,25 @@ def test_resume_before_the_first_checkpoint_restarts_the_recorded_run(data_dir, 
     assert json.loads((again / "config.json").read_text())["recipe"]["iters"] == 8
 
 
+def test_resume_refuses_changed_training_images_under_the_same_test_set(tmp_path, capsys):
+    """Only the test set was fingerprinted: a training batch changed between sessions passed for the same
+    data. The training split's pixels and labels are fingerprinted too now."""
+    import pickle
+    from conftest import make_cifar_batches
+    data = make_cifar_batches(tmp_path / "batches", n_train=160, n_test=40)
+    out = tmp_path / "r"
+    assert _train("--iters", 4, "--data-dir", data, "--out", out, "--stop-at", 2) == 0
+    info = json.loads((out / "config.json").read_text())["data_info"]["identity"]
+    assert len(info["train_pixels_md5"]) == 32 and info["pixels_md5"] != info["train_pixels_md5"]
+    batch = pickle.loads((data / "data_batch_3").read_bytes())
+    batch[b"data"][0, 0] ^= 1  # one pixel of one training image
+    (data / "data_batch_3").write_bytes(pickle.dumps(batch, protocol=2))
+    capsys.readouterr()
+    assert _train("--iters", 4, "--data-dir", data, "--out", out, "--resume") == 2
+    assert "the training images differ from the run's" in capsys.readouterr().err
+    assert ckpt.read_status(out)["step"] == 2
+
+
 def test_resume_refuses_a_different_run_and_extends_by_request(data_dir, tmp_path, capsys):
     out = tmp_path / "r"
     common = ("--data-dir", data_dir, "--out", out, "--eval-every", 20, "--log-every", 10)

@@ -97,3 +97,8 @@ def _check_same_data(saved: dict, now: dict, source: str) -> None:
     if a and b and a != b:
         raise ReslabError(f"{source}: the data has checksum {b}, the run was trained on {a} "
                           f"({saved['identity'].get('description')}); resume with that data")
+    # the training split's own fingerprint, where both sessions recorded it (runs from 2026-12-06 on)
+    a, b = ((d.get("identity") or {}).get("train_pixels_md5") for d in (saved, now))
+    if a and b and a != b:
+        raise ReslabError(f"{source}: the training images differ from the run's (MD5 {b} now, {a} then) though "
+                          "the test set is the same; resume with the data the run was trained on")

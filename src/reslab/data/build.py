@@ -5,6 +5,7 @@ wrapped to offer the same interface (iterate one epoch; `state_dict()` = {epoch,
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -133,7 +134,12 @@ def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: 
                            rank=rank, world_size=world_size, channels_last=channels_last) if with_train else None
     evl = ResidentLoader(ev.images, ev.labels, per_rank_eval, norm, train=False, device=device, rank=rank,
                          world_size=world_size, channels_last=channels_last)
-    return RunData(train, evl, norm, tr.classes, eval_split, len(tr), len(ev), loc.identity)
+    # the training split is fingerprinted too (the test set's MD5 alone let a changed training set pass for
+    # the same data on resume): its pixels and labels, hashed where they lie
+    h = hashlib.md5(tr.images.contiguous().numpy())
+    h.update(tr.labels.contiguous().numpy())
+    return RunData(train, evl, norm, tr.classes, eval_split, len(tr), len(ev),
+                   {**loc.identity, "train_pixels_md5": h.hexdigest()})
 
 
 def _build_folder(root, *, batch_size: int, device, seed: int, rank: int, world_size: int, normalization: str,
