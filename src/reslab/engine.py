@@ -39,7 +39,7 @@ from .data import build as data_build
 from .data.augment import Augment
 from .data.normalize import Normalizer
 from .data.resident import ResidentLoader
-from .errors import ReslabError, described
+from .errors import ReslabError, bad_batch_advice, described
 from .evaluate import evaluate, precise_bn
 from .flags import to_cli_args
 from .logs import MetricsLog, Progress, last_evaluation, session_environment, truncate_metrics, write_json
@@ -438,12 +438,8 @@ class Trainer:
         if self.d.enabled or st.step == 0 or self.saved_step == st.step:
             return TrainingDataFailed(f"{why}; {self._on_disk()}")
         self.save(best=False)
-        # a file that cannot be decoded is a ReslabError naming it; anything else (a worker killed for memory,
-        # a vanished mount) has another cause
-        todo = ("fix or replace the file (or resume with --on-corrupt skip)" if isinstance(e, ReslabError)
-                else "fix the cause")
         return TrainingDataFailed(f"{why}; {self.out / ckpt.LAST} now holds step {st.step}, saved before that batch: "
-                                  f"{todo}, then --resume")
+                                  f"{bad_batch_advice(e)}, then --resume")
 
     def save(self, best: bool) -> None:
         """best.pt before last.pt: killed in between, the run resumes from the older last.pt and writes the

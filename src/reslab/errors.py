@@ -25,3 +25,10 @@ def described(e: BaseException) -> str:
     """one_line(e), after the type's name where the type says something a ReslabError's message does not
     ("OSError: [Errno 5] Input/output error")."""
     return one_line(e) if isinstance(e, ReslabError) else f"{type(e).__name__}: {one_line(e)}"
+
+
+def bad_batch_advice(e: BaseException) -> str:
+    """What to do after a training batch could not be read: a file that cannot be decoded is a ReslabError
+    naming it; anything else (a worker killed for memory, a vanished mount) has another cause."""
+    return ("fix or replace the file (or resume with --on-corrupt skip)" if isinstance(e, ReslabError)
+            else "fix the cause")

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .. import dist
-from ..errors import ReslabError, described
+from ..errors import ReslabError, bad_batch_advice, described
 from ..logs import MetricsLog, Progress, environment, truncate_metrics, write_json
 from .coco_eval import evaluate
 from .config import DetectorConfig, DetectRecipe, lr_at
@@ -355,10 +355,8 @@ def _saved_before_batch(e: Exception, state: TrainState, window: LossWindow, d, 
         kept = f"{out / ckpt.LAST} holds step {saved_step}" if saved_step is not None else "no checkpoint was written"
         return ReslabError(f"{why}; {kept}")
     ckpt.save_atomic(state.state_dict(), out / ckpt.LAST)
-    todo = ("fix or replace the file (or resume with --on-corrupt skip)" if isinstance(e, ReslabError)
-            else "fix the cause")  # a worker killed for memory, a vanished mount: not the file's fault
-    return ReslabError(f"{why}; {out / ckpt.LAST} now holds step {state.step}, saved before that batch: {todo}, "
-                       "then --resume")
+    return ReslabError(f"{why}; {out / ckpt.LAST} now holds step {state.step}, saved before that batch: "
+                       f"{bad_batch_advice(e)}, then --resume")
 
 
 def _eval_due(step: int, r: DetectRecipe) -> bool:
