@@ -280,6 +280,23 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
     assert p.read_bytes() == old and [f.name for f in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_atomic_save_gives_the_mode_a_plain_write_would(tmp_path):
+    # tempfile makes its files private (0600): a checkpoint must be as readable as the run's other files
+    old = os.umask(0o022)
+    try:
+        ckpt.save_atomic({"a": torch.ones(2)}, tmp_path / "last.pt")
+        (tmp_path / "plain").write_text("x")
+        cifar_tmp = tmp_path / "c"
+        make_cifar_archive(cifar_tmp / "cifar-10-python.tar.gz")
+        from reslab.data import cifar
+        folder = cifar.locate("cifar10", cifar_tmp).folder
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777
+    assert mode(tmp_path / "last.pt") == mode(tmp_path / "plain") == 0o644
+    assert mode(folder.parent) == 0o755
+
+
 def _torchrun(nproc, *args, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "reslab", *args]

@@ -1,4 +1,5 @@
 """A run as one object: its config, its flags, its checkpoint, and what may not happen to a good checkpoint."""
+import io
 import json
 import os
 import random
@@ -321,7 +322,15 @@ def test_old_checkpoints_convert_and_are_refused_for_resume(tmp_path, capsys):
     net = create_model("resnet20", zero_pad="both")
     sd = {"module." + k.replace("fc.", "linear."): v for k, v in net.state_dict().items()
           if not k.endswith("num_batches_tracked")}
-    torch.save({"state_dict": sd, "best_prec1": 91.7}, tmp_path / "old.th", _use_new_zipfile_serialization=False)
+    buf = io.BytesIO()
+    torch.save({"state_dict": sd, "best_prec1": 91.7}, buf, _use_new_zipfile_serialization=False)
+    # the reproduction's published files (2018) were saved from a GPU: each storage says "cuda:0", which a
+    # machine without one can only read with map_location
+    old = buf.getvalue().replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+    (tmp_path / "old.th").write_bytes(old)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "old.th", weights_only=True)
     assert main(["convert", str(tmp_path / "old.th"), "--from", "cifar-repro", "--arch", "resnet20",
                  "--out", str(tmp_path / "r20.pt")]) == 0
     import reslab

@@ -39,6 +39,7 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        usual_mode(tmp)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -47,6 +48,15 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def usual_mode(path, folder: bool = False) -> None:
+    """Give a file (or folder) from `tempfile` the mode a plain open() (mkdir) would: tempfile makes them
+    private (0600/0700), so a checkpoint or dataset cache written through one could not be read by the
+    user's group, unlike every other file reslab writes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
 
 
 def remove_stale_temporaries(folder: Path) -> None:

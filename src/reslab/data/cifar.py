@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import usual_mode
 from ..errors import ReslabError
 from .safe_pickle import load_batch
 
@@ -169,6 +170,7 @@ def _extract(archive: Path, spec: CifarSpec, digest: str) -> Path:
 
 def _extract_locked(archive: Path, spec: CifarSpec, dest: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
+    usual_mode(tmp, folder=True)
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(spec.folder + "/") and m.isfile()]
