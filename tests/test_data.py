@@ -272,6 +272,32 @@ def test_a_run_stopped_by_a_corrupt_training_image_resumes_with_on_corrupt_skip(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_refuses_an_image_folder_whose_file_list_changed(jpeg_dir, tmp_path, capsys):
+    """A folder's split sizes were all a resume compared: a file renamed (or one swapped for another) kept
+    the counts, and the loader's saved position then pointed at other images. Each split's file list is
+    fingerprinted now; the contents are not read."""
+    from reslab.cli import main
+    run = tmp_path / "run"
+    args = ["train", "--arch", "resnet18", "--width", "0.125", "--data", "folder", "--data-dir", str(jpeg_dir),
+            "--crop-size", "32", "--batch-size", "2", "--iters", "4", "--eval-every", "2", "--workers", "0",
+            "--normalization", "channel", "--no-progress", "--out", str(run)]
+    assert main([*args, "--stop-at", "2"]) == 0
+    ident = json.loads((run / "config.json").read_text())["data_info"]["identity"]
+    assert len(ident["train_files_md5"]) == len(ident["eval_files_md5"]) == 32
+    for split, what in (("train", "training"), ("val", "evaluation")):
+        a = sorted((jpeg_dir / split / "dog").iterdir())[0]
+        b = a.with_name("renamed" + a.suffix)
+        a.rename(b)
+        capsys.readouterr()
+        assert main([*args, "--resume"]) == 2
+        assert f"the {what} split's files differ from the run's" in capsys.readouterr().err
+        b.rename(a)
+    moved = tmp_path / "moved"  # the same files elsewhere are the same data
+    jpeg_dir.rename(moved)
+    assert main([*(str(moved) if x == str(jpeg_dir) else x for x in args), "--resume"]) == 0
+    assert ckpt.read_status(run)["step"] == 4
+
+
 @pytest.mark.parametrize("precise_bn, workers", [(0, 0), (2, 1)])
 def test_a_corrupt_validation_image_saves_the_step_and_the_resume_evaluates_it(jpeg_dir, tmp_path, capsys,
                                                                                precise_bn, workers):

@@ -102,3 +102,10 @@ def _check_same_data(saved: dict, now: dict, source: str) -> None:
     if a and b and a != b:
         raise ReslabError(f"{source}: the training images differ from the run's (MD5 {b} now, {a} then) though "
                           "the test set is the same; resume with the data the run was trained on")
+    # an image folder's file lists (runs from 2026-12-06 on): the loader's saved position indexes them
+    for key, split in (("train_files_md5", "training"), ("eval_files_md5", "evaluation")):
+        a, b = ((d.get("identity") or {}).get(key) for d in (saved, now))
+        if a and b and a != b:
+            raise ReslabError(f"{source}: the {split} split's files differ from the run's (a file added, removed "
+                              f"or renamed; file-list MD5 {b} now, {a} then); resume with the folder the run was "
+                              "trained on")

@@ -29,7 +29,7 @@ class RunData:
     eval_split: str               # "test", "val5k" or "val"
     train_size: int
     eval_size: int
-    identity: dict | None = None  # which data this is, from its checksum (CIFAR; None for folders)
+    identity: dict | None = None  # which data this is: CIFAR's checksums, a folder's file lists
 
     def info(self, name: str) -> dict:
         """What a checkpoint and config.json record about the data."""
@@ -177,4 +177,6 @@ def _build_folder(root, *, batch_size: int, device, seed: int, rank: int, world_
     evl = FolderStream(folder.make_loader(val_ds, per_rank, train=False, workers=workers, rank=rank,
                                           world_size=world_size, multiscale=view == "multiscale"),
                        folder.Finisher(val_ds, device, normalizer, transform))
-    return RunData(train, evl, normalizer, train_ds.classes, "val", len(train_ds), len(val_ds))
+    # no checksum names a folder, but its file lists fingerprint it: a resume refuses a changed one
+    return RunData(train, evl, normalizer, train_ds.classes, "val", len(train_ds), len(val_ds),
+                   {"train_files_md5": train_ds.files_md5(), "eval_files_md5": val_ds.files_md5()})

@@ -28,6 +28,7 @@ decoder finds it broken), so an epoch keeps its length.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -171,6 +172,16 @@ class ImageFolderSplit(Dataset):
         self.classes, self.samples, self.targets = found.classes, found.samples, found.targets
         self.transform, self.on_corrupt, self.augment, self.encoded = transform, on_corrupt, augment, encoded
         self.skipped: list[str] = []
+
+    def files_md5(self) -> str:
+        """The MD5 of the split's file list: each path under the split folder and its label, in the loader's
+        order. A resume compares it: with a file added, removed or renamed (even keeping the count), the
+        loader's saved position would point at other images. Contents are not read (an ImageNet split would
+        take minutes)."""
+        h, cut = hashlib.md5(), len(os.path.join(str(self.folder), ""))
+        for path, target in self.samples:
+            h.update(os.fsencode(path[cut:]) + b"\t%d\n" % target)
+        return h.hexdigest()
 
     def label_as(self, classes: list[str]) -> None:
         """Label by `classes` (the training split's): a label is an index into the sorted class folders, so a
