@@ -100,3 +100,23 @@ def test_jpeg_folder_rows_have_their_baselines_and_the_step_alone():
                  "multiscale": 4 / 3 * sum(count_macs(net, k) for k in MULTISCALE_SIZES)}
     for r, view in zip(ev, ("10crop", "multiscale")):
         assert r["tflops"] == pytest.approx(2 * per_image[view] * r["images_per_s"] / 1e12, rel=1e-6)
+
+
+def test_the_step_profile_groups_every_operator_once(capsys):
+    """benchmarks/profile_step.py backs the README's account of where a CPU step's time goes."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "profile_step", Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    assert [prof.group_of(n) for n in ("aten::convolution_backward", "aten::mkldnn_convolution",
+                                       "aten::native_batch_norm_backward", "aten::threshold_backward",
+                                       "aten::add_", "aten::addmm", "aten::_fused_sgd_", "aten::empty")] == \
+        ["convolution", "convolution", "batch norm", "relu", "addition (shortcut)", "loss, pooling, classifier",
+         "optimizer", "other"]
+    prof.main(["--batch", "8", "--steps", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("resnet20, batch 8, fp32+channels_last, cpu")
+    shares = {ln[:30].strip(): float(ln[30:].strip(" %")) for ln in lines[1:]}
+    assert {"convolution", "batch norm", "relu"} <= set(shares) and sum(shares.values()) == pytest.approx(100, abs=0.5)
