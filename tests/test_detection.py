@@ -303,7 +303,7 @@ def trained(coco, tmp_path_factory) -> Path:
 
 
 def test_training_raises_map_far_above_an_untrained_model(trained, coco, capsys):
-    from reslab.detection.coco_eval import evaluate
+    from reslab.detection.evaluate import evaluate
     from reslab.detection.data import eval_loader
     lines = [json.loads(ln) for ln in (trained / "metrics.jsonl").read_text().splitlines()]
     tr = [r for r in lines if r["kind"] == "train"]
@@ -325,7 +325,7 @@ def test_training_raises_map_far_above_an_untrained_model(trained, coco, capsys)
     torch.manual_seed(0)  # the same detector untrained scores about zero: the bar above is far from chance
     untrained = create_detector("resnet18", num_classes=4, frozen_bn=False, **TINY)
     val = CocoDetection(coco, "val2017", train=False)
-    base = evaluate(untrained, eval_loader(val, 8, workers=0), val.categories, val.ann_file)
+    base = evaluate(untrained, eval_loader(val, 8, workers=0), val)
     assert base["map50"] < 0.05
 
 
@@ -498,6 +498,9 @@ def test_bad_input_is_a_one_line_error(coco_small, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     _one_line_error(capsys, ["detect", "train", "--data-dir", str(empty), "--out", str(tmp_path / "r")],
+                    "neither a COCO-format folder", "annotations/instances_<split>.json", "VOC2007/")
+    (empty / "annotations").mkdir()
+    _one_line_error(capsys, ["detect", "train", "--data-dir", str(empty), "--out", str(tmp_path / "r")],
                     "instances_train2017.json not found", "annotations/")
     _one_line_error(capsys, ["detect", "train", "--data-dir", str(coco_small), "--out", str(tmp_path / "r2"),
                              "--arch", "resnet56"], "CIFAR-family", "resnet101")
@@ -613,3 +616,164 @@ def test_data_with_other_categories_says_which_differs(coco_small):
     with pytest.raises(ReslabError, match=f"category id {CATEGORIES[1]['id']} is '{CATEGORIES[1]['name']}' here "
                                           "and 'kite' in the detector"):
         CocoDetection(coco_small, "val2017", train=False, categories=renamed)
+
+
+# ------------------------------------------------------------------ PASCAL VOC (the paper's Table 7)
+def voc_from_coco(coco_root: Path, split: str, voc_root: Path, year: str, image_set: str,
+                  difficult_first: bool = False) -> Path:
+    """The shapes of a COCO split written in VOC's format: one XML per image (pixels numbered from 1, corners
+    included: xmin = x + 1, xmax = x + w), JPEGImages/, ImageSets/Main/<image_set>.txt. `difficult_first`
+    marks the first object of the first image difficult."""
+    d = json.loads((coco_root / "annotations" / f"instances_{split}.json").read_text())
+    names = {c["id"]: c["name"] for c in d["categories"]}
+    folder = voc_root / f"VOC{year}"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    stems = []
+    for n, im in enumerate(d["images"]):
+        stem = f"{year}_{image_set}_{Path(im['file_name']).stem}"  # unique within the year, as VOC's ids are
+        shutil.copy(coco_root / split / im["file_name"], folder / "JPEGImages" / f"{stem}.jpg")
+        objs = [a for a in d["annotations"] if a["image_id"] == im["id"] and not a["iscrowd"]]
+        xml = "".join(
+            f"<object><name>{names[a['category_id']]}</name><difficult>{int(difficult_first and n == 0 and k == 0)}"
+            f"</difficult><bndbox><xmin>{a['bbox'][0] + 1}</xmin><ymin>{a['bbox'][1] + 1}</ymin>"
+            f"<xmax>{a['bbox'][0] + a['bbox'][2]}</xmax><ymax>{a['bbox'][1] + a['bbox'][3]}</ymax></bndbox></object>"
+            for k, a in enumerate(objs))
+        (folder / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.jpg</filename>{xml}</annotation>")
+        stems.append(stem)
+    (folder / "ImageSets" / "Main" / f"{image_set}.txt").write_text("".join(s + "\n" for s in stems))
+    return voc_root
+
+
+@pytest.fixture(scope="module")
+def voc(coco, tmp_path_factory) -> Path:
+    """The shapes set as a VOCdevkit: VOC2007 trainval (the COCO training split, its first object difficult)
+    and test (the COCO validation split)."""
+    root = tmp_path_factory.mktemp("voc") / "VOCdevkit"
+    voc_from_coco(coco, "train2017", root, "2007", "trainval", difficult_first=True)
+    return voc_from_coco(coco, "val2017", root, "2007", "test").parent
+
+
+def _det(image_id, boxes, scores, label=1):
+    return {"image_id": image_id, "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "scores": torch.tensor(scores), "labels": torch.full((len(scores),), label)}
+
+
+def _gt(boxes, labels, difficult=None):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels),
+            "difficult": torch.tensor(difficult or [False] * len(labels))}
+
+
+def test_voc_average_precision_by_hand():
+    """The devkit's rules on cases worked out by hand: a second detection of a found box is a false positive,
+    a detection of a difficult box counts for nothing, IoU must exceed 0.5, AP is 11-point (VOC 2007) or the
+    area under the interpolated curve, and a class with nothing to find has no AP."""
+    from reslab.detection.voc import voc_ap50
+    A, B, D, far = [0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60], [80, 80, 90, 90]
+    gt = {0: _gt([A, B, A], [1, 1, 2]), 1: _gt([A, A], [1, 2], [True, False]), 2: _gt([D], [1])}
+    dets = [_det(0, [A, [0, 0, 10, 9]], [0.9, 0.8]),  # class 1, image 0: found, then the same box again (IoU .9)
+            _det(1, [A], [0.7]),                      # class 1, image 1: the difficult box, ignored
+            _det(2, [far], [0.6]),                    # class 1, image 2: nothing there
+            _det(0, [B], [0.5]),                      # class 1, image 0: found
+            _det(0, [A], [0.9], label=2),             # class 2: found, a miss, found
+            _det(1, [far, A], [0.8, 0.7], label=2),
+            _det(5, [A], [0.99])]                     # an image not evaluated: ignored
+    # class 1: TP FP FP TP of 3 objects -> recall 1/3 1/3 1/3 2/3, precision 1 1/2 1/3 1/2
+    #   area: 1/3 x 1 + 1/3 x 1/2 = 1/2;  11-point: (4 x 1 + 3 x 1/2) / 11 = 1/2
+    # class 2: TP FP TP of 2 -> recall 1/2 1/2 1, precision 1 1/2 2/3
+    #   area: 1/2 x 1 + 1/2 x 2/3 = 5/6;  11-point: (6 x 1 + 5 x 2/3) / 11 = 28/33
+    assert voc_ap50(dets, gt, 3, eleven_point=False) == pytest.approx([0.5, 5 / 6, None]) or False
+    ap = voc_ap50(dets, gt, 3, eleven_point=True)
+    assert ap[0] == pytest.approx(0.5) and ap[1] == pytest.approx(28 / 33) and ap[2] is None
+    half = [0, 0, 10, 5]  # IoU exactly 0.5 with A: not a match
+    assert voc_ap50([_det(0, [half], [1.0])], {0: _gt([A], [1])}, 1, False) == [0.0]
+    assert voc_ap50([], {0: _gt([A], [1])}, 1, True) == [0.0]
+
+
+def test_voc_folder_targets_splits_and_errors(voc, coco, tmp_path):
+    from reslab.detection.formats import default_splits, format_of, open_split
+    from reslab.detection.voc import VocDetection
+    assert format_of(voc) == "voc" and format_of(voc / "VOCdevkit") == "voc" and format_of(coco) == "coco"
+    assert default_splits(voc) == ("2007-trainval", "2007-test")
+    tr, ref = open_split(voc, "2007-trainval", train=True), CocoDetection(coco, "train2017", train=True)
+    assert tr.categories.names == ("disc", "square", "triangle")  # sorted names, labels 1..3
+    # the same boxes as COCO's, on the same pixels; the first image's difficult object is left out of training
+    # (and the image with it, if that was its only object)
+    coco_index = {Path(im["file_name"]).stem: k for k, im in enumerate(ref.images)}
+    for k, im in enumerate(tr.images):
+        _, t = tr[k]
+        _, r = ref[coco_index[im["name"].rsplit("_", 1)[1]]]
+        names = [ref.categories.names[i - 1] for i in r["labels"]]
+        if im["name"] == "2007_trainval_0000":
+            r["boxes"], names = r["boxes"][1:], names[1:]
+        assert torch.equal(t["boxes"], r["boxes"]) and [tr.categories.names[i - 1] for i in t["labels"]] == names
+    first_ref = ref.targets[ref.images[0]["id"]]
+    assert ref.images[0]["file_name"] == "0000.jpg" and len(tr) == len(ref) - (len(first_ref["boxes"]) == 1)
+    val = VocDetection(voc, "2007-test", train=False, categories=tr.categories)
+    assert len(val) == 32 and val.eleven_point and not val.targets[0]["difficult"].any()
+    hard = VocDetection(voc, "2007-trainval", train=False, categories=tr.categories)
+    assert hard.targets[0]["difficult"].tolist()[0] and len(hard.targets[0]["boxes"]) == len(first_ref["boxes"])
+    # 07+12: a second year joins the default training split; a non-2007 part makes AP the area metric
+    voc_from_coco(coco, "val2017", voc / "VOCdevkit", "2012", "trainval")
+    try:
+        assert default_splits(voc) == ("2007-trainval+2012-trainval", "2007-test")
+        both = open_split(voc, "2007-trainval+2012-trainval", train=True)
+        assert len(both) == len(tr) + 32
+        assert not VocDetection(voc, "2012-trainval", train=False, categories=tr.categories).eleven_point
+    finally:
+        shutil.rmtree(voc / "VOCdevkit" / "VOC2012")
+    for split, needle in (("test", "a VOC split is YEAR-SET"), ("2007-val", "ImageSets/Main/val.txt not found")):
+        with pytest.raises(ReslabError, match=needle):
+            VocDetection(voc, split, train=True)
+    with pytest.raises(ReslabError, match="class 'disc' is not among the detector's 2 classes"):
+        VocDetection(voc, "2007-test", train=False, categories=Categories((1, 2), ("square", "triangle")))
+    bad = tmp_path / "bad"
+    shutil.copytree(voc, bad)
+    xml = bad / "VOCdevkit" / "VOC2007" / "Annotations" / "2007_test_0003.xml"
+    xml.write_text(xml.read_text().replace("<xmax>", "<xmax>x", 1))
+    with pytest.raises(ReslabError, match="2007_test_0003.xml: object #1 needs"):
+        VocDetection(bad, "2007-test", train=False)
+    xml.write_text("<annotation><object>")
+    with pytest.raises(ReslabError, match="2007_test_0003.xml: not a readable VOC annotation"):
+        VocDetection(bad, "2007-test", train=False)
+
+
+def test_voc_ap_agrees_with_cocos_map50_on_the_same_detector(trained, voc, coco, capsys):
+    """The COCO-trained detector scored on the same validation images in both formats: VOC's AP at IoU > .5
+    (the area metric) and COCOeval's mAP@.5 (101-point interpolation) measure the same matches."""
+    from reslab.detection.evaluate import evaluate
+    from reslab.detection.data import eval_loader
+    from reslab.detection.voc import VocDetection
+    model = load_detector(trained)
+    cats = Categories.from_coco(model.reslab["categories"])
+    ds = VocDetection(voc, "2007-test", train=False, categories=cats)
+    ds.eleven_point = False
+    m = evaluate(model, eval_loader(ds, 8, workers=0), ds)
+    assert main(["detect", "eval", str(trained), "--data-dir", str(coco), "--json", "--workers", "0"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert m["protocol"] == "voc" and set(m["ap50"]) == {"square", "disc", "triangle"}
+    assert m["map50"] == pytest.approx(c["map50"], abs=0.01) and m["n_images"] == c["n_images"] == 32
+    assert main(["detect", "eval", str(trained), "--data-dir", str(voc), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "on 32 2007-test images: mAP@.5" in out and "VOC, 11-point AP" in out
+    with capsys.disabled():
+        print(f"\nVOC area AP50 {m['map50']:.4f}, COCO mAP@.5 {c['map50']:.4f}")
+
+
+def test_detect_train_on_a_voc_folder_and_resume_with_its_splits(coco_small, tmp_path, capsys):
+    root = tmp_path / "VOCdevkit"
+    voc_from_coco(coco_small, "train2017", root, "2007", "train")
+    voc_from_coco(coco_small, "val2017", root, "2007", "val")
+    run = tmp_path / "run"
+    args = ["detect", "train", "--data-dir", str(tmp_path), "--out", str(run), *TINY_FLAGS, "--no-frozen-bn",
+            "--iters", "4", "--batch-size", "2", "--lr", "0.02", "--log-every", "2", "--save-every", "2"]
+    assert main([*args, "--train-split", "2007-train", "--val-split", "2007-val", "--stop-at", "2"]) == 0
+    assert main([*args, "--resume"]) == 0  # the splits the run recorded, not the defaults (which do not exist)
+    out = capsys.readouterr().out
+    assert "mAP@.5" in out and "VOC, 11-point AP" in out and "on 4 validation images" in out
+    ev = [r for r in read_metrics(run) if r["kind"] == "eval"]
+    assert [r["step"] for r in ev] == [4] and ev[0]["protocol"] == "voc" and ev[0]["ap_metric"] == "11-point"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["run"]["train_split"] == "2007-train" and cfg["resumed_with"]["val_split"] == "2007-val"
+    assert [c["name"] for c in cfg["categories"]] == ["disc", "square", "triangle"]

@@ -55,33 +55,22 @@ def cmd_train(a) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if final:
-        print(f"done: {a.out} step {final['step']}: mAP@[.5,.95] {_pct(final['map'])}, "
-              f"mAP@.5 {_pct(final['map50'])} on {final['n_images']} {a.val_split} images{_no_boxes(final)}")
+        from .evaluate import describe
+        print(f"done: {a.out} step {final['step']}: {describe(final)} on {final['n_images']} validation images")
     else:
         print(f"stopped: {a.out}/last.pt holds the run; continue it with --resume")
     return 0
 
 
-def _pct(v) -> str:
-    """A COCO metric in percent; COCOeval has none (None) where the images hold no ground-truth box."""
-    return "n/a" if v is None else f"{100 * v:.1f}"
-
-
-def _no_boxes(m: dict) -> str:
-    return " (n/a: the images hold no ground-truth box)" if m["map"] is None else ""
-
-
 def cmd_eval(a) -> int:
-    from .coco_eval import evaluate_run
+    from .evaluate import describe, evaluate_run
     m = evaluate_run(a.path, a.data_dir, split=a.split, batch_size=a.batch_size, device=a.device,
                      workers=a.workers)
     if a.json:
         print(json.dumps(m, indent=2))
         return 0
-    size = ", ".join(f"{k[4:]} {_pct(m[k])}" for k in ("map_small", "map_medium", "map_large") if m[k] is not None)
     print(f"{m['checkpoint']} ({m['arch']}, {m['head']}, step {m['step']}) on {m['n_images']} {m['split']} images: "
-          f"mAP@[.5,.95] {_pct(m['map'])}, mAP@.5 {_pct(m['map50'])}, mAP@.75 {_pct(m['map75'])}"
-          + (f" ({size})" if size else "") + _no_boxes(m))
+          f"{describe(m)}")
     return 0
 
 
@@ -107,8 +96,10 @@ def cmd_predict(a) -> int:
 
 def _register_train(dsub) -> None:
     from .config import HEADS, DetectorConfig, DetectRecipe
-    p = dsub.add_parser("train", help="train Faster R-CNN on a COCO-format folder (resumable, torchrun-ready)")
-    p.add_argument("--data-dir", required=True, help="folder with annotations/instances_<split>.json and <split>/")
+    p = dsub.add_parser("train", help="train Faster R-CNN on a COCO- or VOC-format folder (resumable, "
+                        "torchrun-ready)")
+    p.add_argument("--data-dir", required=True, help="COCO: a folder with annotations/instances_<split>.json and "
+                   "<split>/; PASCAL VOC: a folder with VOC2007/, VOC2012/ (or VOCdevkit/ holding them)")
     p.add_argument("--out", required=True, help="run folder (metrics.jsonl, config.json, last.pt)")
     p.add_argument("--arch", default=None, help="ImageNet-family backbone: resnet18 .. resnet152 (default resnet101)")
     p.add_argument("--head", default=None, choices=HEADS, help="c4: the paper's design (default); fpn: a pyramid")
@@ -116,8 +107,9 @@ def _register_train(dsub) -> None:
                    "or a `reslab convert` file (strongly advised: the paper starts from ImageNet)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--seed", type=int, default=None, help="default 0")
-    p.add_argument("--train-split", default="train2017")
-    p.add_argument("--val-split", default="val2017")
+    p.add_argument("--train-split", default=None, help="COCO: default train2017; VOC: YEAR-SET joined with +, "
+                   "default 2007-trainval+2012-trainval (those present; the paper's 07+12); a resumed run: its own")
+    p.add_argument("--val-split", default=None, help="COCO: default val2017; VOC: default 2007-test")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     p.add_argument("--eval-batch", type=int, default=8, help="images per evaluation batch, per process")
@@ -140,10 +132,11 @@ def register(sub) -> None:
     p = sub.add_parser("detect", help="object detection with a ResNet backbone (paper §4.3): train, eval, predict")
     dsub = p.add_subparsers(dest="detect_command", required=True, metavar="SUBCOMMAND")
     _register_train(dsub)
-    p = dsub.add_parser("eval", help="COCO mAP of a trained detector (pycocotools)")
+    p = dsub.add_parser("eval", help="mAP of a trained detector: COCO's (pycocotools) or PASCAL VOC's, by the "
+                        "data's format")
     p.add_argument("path", help="a run folder (its last.pt) or a detector checkpoint")
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--split", default="val2017")
+    p.add_argument("--split", default=None, help="default: COCO val2017; VOC 2007-test")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")

@@ -1,4 +1,6 @@
-"""COCO-format detection data: a folder of images and an `instances_<split>.json`.
+"""Detection data: what every format's split shares (DetectionSet), COCO's format, and the loaders.
+
+COCO's format is a folder of images and an `instances_<split>.json` (PASCAL VOC's is in voc.py):
 
     DIR/annotations/instances_train2017.json     DIR/train2017/*.jpg
     DIR/annotations/instances_val2017.json       DIR/val2017/*.jpg
@@ -151,17 +153,75 @@ def _target(anns: list[dict], cats: Categories, image_id: int, keep_crowd: bool)
             "area": torch.tensor(area, dtype=torch.float32), "iscrowd": torch.tensor(crowd, dtype=torch.int64)}
 
 
-class CocoDetection(Dataset):
+class DetectionSet(Dataset):
+    """What every detection split shares: images in a fixed order (each a dict with an int "id"), their
+    targets by id, the categories, and reading with `on_corrupt`. Subclasses (COCO here, VOC in voc.py) fill
+    `images`, `targets`, `categories`, say where an image's file is (`path_of`) and score detections
+    (`score`)."""
+    images: list[dict]
+    targets: dict[int, dict]
+    categories: Categories
+    protocol: str = ""
+
+    def __init__(self, train: bool, on_corrupt: str):
+        """on_corrupt="skip" (training only): an undecodable image is reported once on stderr and the next
+        decodable one in order (with its own boxes) takes its place, so an epoch keeps its length and a run its
+        batches; evaluation always stops, as a skipped image would change what is measured."""
+        if on_corrupt not in ("stop", "skip"):
+            raise ReslabError(f"on_corrupt must be 'stop' or 'skip', got {on_corrupt!r}")
+        self.train, self.on_corrupt, self.skipped = train, on_corrupt if train else "stop", []
+
+    def path_of(self, im: dict) -> Path:
+        raise NotImplementedError
+
+    def score(self, detections: list[dict], image_ids: list[int]) -> dict:
+        """Metrics of `detections` ({image_id, boxes xyxy, scores, labels 1..K} per image) on `image_ids`."""
+        raise NotImplementedError
+
+    def check_scorer(self) -> None:
+        """Fail now, not after a long detection pass, where scoring needs what is not installed."""
+
+    def check_files(self, source: str) -> None:
+        """A missing file found now is a clear error; found by a loader worker it would come wrapped in a
+        traceback."""
+        missing = [self.path_of(im) for im in self.images if not self.path_of(im).is_file()]
+        if missing:
+            raise ReslabError(f"{len(missing)} of the {len(self.images)} images that {source} lists are missing "
+                              f"(e.g. {missing[0]})")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        """key: an index, or (index, flip) as the training sampler draws it."""
+        i, flip = key if isinstance(key, tuple) else (key, False)
+        for k in range(len(self.images)):
+            im = self.images[(i + k) % len(self.images)]
+            path = self.path_of(im)
+            try:
+                img = read_rgb(path)
+                break
+            except ReslabError as e:
+                if self.on_corrupt == "stop":
+                    raise
+                if str(path) not in self.skipped:  # once per process (a worker's copy, with workers)
+                    self.skipped.append(str(path))
+                    print(f"reslab: skipping corrupt image: {e}", file=sys.stderr)
+        else:
+            raise ReslabError(f"none of the {len(self.images)} images of this split could be decoded")
+        target = {k: v.clone() if torch.is_tensor(v) else v for k, v in self.targets[im["id"]].items()}
+        if flip:
+            img, target["boxes"] = hflip(img, target["boxes"])
+        return img.float().div_(255), target
+
+
+class CocoDetection(DetectionSet):
     """One split of a COCO-format folder. `train=True` drops crowd boxes and images without a box."""
+    protocol = "coco"
 
     def __init__(self, root, split: str, train: bool, categories: Categories | None = None,
                  on_corrupt: str = "stop"):
-        """on_corrupt="skip" (training only): an undecodable image is reported once on stderr and the next
-        decodable one in id order (with its own boxes) takes its place, so an epoch keeps its length and a
-        run its batches; evaluation always stops, as a skipped image would change what is measured."""
-        if on_corrupt not in ("stop", "skip"):
-            raise ReslabError(f"on_corrupt must be 'stop' or 'skip', got {on_corrupt!r}")
-        self.on_corrupt, self.skipped = on_corrupt if train else "stop", []
+        super().__init__(train, on_corrupt)
         self.ann_file, self.folder = split_paths(root, split)
         d = read_annotations(self.ann_file, for_eval=not train)
         found = Categories.from_coco(d["categories"])
@@ -187,36 +247,18 @@ class CocoDetection(Dataset):
             self.images = [im for im in self.images if len(self.targets[im["id"]]["boxes"])]
         if not self.images:
             raise ReslabError(f"{self.ann_file}: no images" + (" with a (non-crowd) box" if train else ""))
-        # a missing file found now is a clear error; found by a loader worker it would come wrapped in a traceback
-        missing = [im["file_name"] for im in self.images if not (self.folder / im["file_name"]).is_file()]
-        if missing:
-            raise ReslabError(f"{len(missing)} of the {len(self.images)} images that {self.ann_file.name} lists are "
-                              f"not in {self.folder} (e.g. {missing[0]})")
+        self.check_files(f"{self.ann_file.name} (in {self.folder})")
 
-    def __len__(self) -> int:
-        return len(self.images)
+    def path_of(self, im: dict) -> Path:
+        return self.folder / im["file_name"]
 
-    def __getitem__(self, key):
-        """key: an index, or (index, flip) as the training sampler draws it."""
-        i, flip = key if isinstance(key, tuple) else (key, False)
-        for k in range(len(self.images)):
-            im = self.images[(i + k) % len(self.images)]
-            path = self.folder / im["file_name"]
-            try:
-                img = read_rgb(path)
-                break
-            except ReslabError as e:
-                if self.on_corrupt == "stop":
-                    raise
-                if str(path) not in self.skipped:  # once per process (a worker's copy, with workers)
-                    self.skipped.append(str(path))
-                    print(f"reslab: skipping corrupt image: {e}", file=sys.stderr)
-        else:
-            raise ReslabError(f"none of the {len(self.images)} images in {self.folder} could be decoded")
-        target = {k: v.clone() if torch.is_tensor(v) else v for k, v in self.targets[im["id"]].items()}
-        if flip:
-            img, target["boxes"] = hflip(img, target["boxes"])
-        return img.float().div_(255), target
+    def check_scorer(self) -> None:
+        from .coco_eval import require_pycocotools
+        require_pycocotools()
+
+    def score(self, detections: list[dict], image_ids: list[int]) -> dict:
+        from .coco_eval import coco_metrics, to_coco_results
+        return coco_metrics(self.ann_file, to_coco_results(detections, self.categories), image_ids)
 
 
 def read_rgb(path, upright: bool = False) -> torch.Tensor:
@@ -269,7 +311,7 @@ class TrainStream(EpochCursor):
     """Training batches one epoch per iteration, resumable: state = {epoch, batch within the epoch}.
     Resuming asks the sampler to skip the used items, so they are not even decoded again."""
 
-    def __init__(self, dataset: CocoDetection, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, dataset: DetectionSet, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  workers: int = 2):
         self.sampler = FlipSampler(len(dataset), seed, rank, world_size)
         if len(self.sampler) < batch_size:
@@ -290,7 +332,7 @@ class TrainStream(EpochCursor):
         self.epoch, self.batch = self.epoch + 1, 0
 
 
-def eval_loader(dataset: CocoDetection, batch_size: int, rank: int = 0, world_size: int = 1,
+def eval_loader(dataset: DetectionSet, batch_size: int, rank: int = 0, world_size: int = 1,
                 workers: int = 2) -> DataLoader:
     """Every image once, in id order; rank r gets the contiguous r-th slice (no padding, no duplicates)."""
     from ..data.folder import ShardSampler

@@ -5,9 +5,9 @@ step, loader position (epoch, batch), RNG — then repeats: lr = lr_at(step) -> 
 losses -> backward -> SGD step. Every `log_every` steps one "train" line goes to RUN/metrics.jsonl; every
 `save_every` steps, at each evaluation and at the end, rank 0 writes RUN/last.pt atomically — but only
 after checking that every step's loss since the last save was finite, so a checkpoint on disk never holds
-weights that a NaN/Inf step touched. Every `eval_every` steps (0: only at the end) COCO metrics are
-logged as an "eval" line. Resuming restores all of it: on the CPU a resumed run equals the uninterrupted one
-bit for bit.
+weights that a NaN/Inf step touched. Every `eval_every` steps (0: only at the end) the validation split's
+metrics (COCO's or PASCAL VOC's, by the data's format) are logged as an "eval" line. Resuming restores all
+of it: on the CPU a resumed run equals the uninterrupted one bit for bit.
 
 One process, or several under torchrun (DistributedDataParallel; the batch is the global batch):
     reslab detect train --data-dir /data/coco --arch resnet101 --head c4 --out runs/det-r101 --weights r101.pt
@@ -26,9 +26,10 @@ from .. import checkpoint as ckpt
 from .. import dist
 from ..errors import ReslabError, bad_batch_advice, described
 from ..logs import MetricsLog, Progress, environment, truncate_metrics, write_json
-from .coco_eval import evaluate
 from .config import DetectorConfig, DetectRecipe, lr_at
-from .data import Categories, CocoDetection, TrainStream, eval_loader
+from .data import Categories, DetectionSet, TrainStream, eval_loader
+from .evaluate import evaluate
+from .formats import default_splits, open_split
 from .model import build_detector, create_detector
 
 
@@ -68,8 +69,8 @@ class DetectRun:
     resume: bool = False
     device: str = "auto"
     workers: int = 2
-    train_split: str = "train2017"
-    val_split: str = "val2017"
+    train_split: str | None = None           # default: the format's (COCO train2017; VOC 07+12 trainval)
+    val_split: str | None = None             # default: COCO val2017; VOC 2007 test
     eval_batch: int = 8
     stop_at: int | None = None               # stop (resumable) after this step: budgets and tests
     progress: bool = True
@@ -219,7 +220,7 @@ def _resumed_recipe(base: DetectRecipe, seed: int, run: DetectRun, path: Path) -
     return replace(recipe, iters=run.extend_to, lr_steps=fractions)
 
 
-def build_state(run: DetectRun, d: dist.DistInfo) -> tuple[TrainState, CocoDetection, dict | None]:
+def build_state(run: DetectRun, d: dist.DistInfo) -> tuple[TrainState, DetectionSet, dict | None]:
     """(state, validation set, checkpoint resumed from or None), everything on d.device."""
     out = Path(run.out)
     ck = _resume_checkpoint(run, out)
@@ -230,9 +231,10 @@ def build_state(run: DetectRun, d: dist.DistInfo) -> tuple[TrainState, CocoDetec
     recipe = _resumed_recipe(base, ck["seed"], run, out / ckpt.LAST) if ck else base.with_overrides(**run.recipe)
     seed = ck["seed"] if ck else run.seed if run.seed is not None else 0
     seed_everything(seed + d.rank)
-    train_ds = CocoDetection(run.data_dir, run.train_split, train=True, on_corrupt=run.on_corrupt)
+    train_ds = open_split(run.data_dir, run.train_split, train=True, on_corrupt=run.on_corrupt)
     cats = train_ds.categories
-    val_ds = CocoDetection(run.data_dir, run.val_split, train=False, categories=cats)
+    val_ds = open_split(run.data_dir, run.val_split, train=False, categories=cats)
+    val_ds.check_scorer()  # the run ends with an evaluation: fail now, not after hours of training
     if recipe.batch_size % d.world_size:
         raise ReslabError(f"the global batch ({recipe.batch_size}) must be a multiple of the number of processes "
                           f"({d.world_size})")
@@ -247,8 +249,7 @@ def build_state(run: DetectRun, d: dist.DistInfo) -> tuple[TrainState, CocoDetec
 
 def train(run: DetectRun) -> dict:
     """Train (or resume) one detector; returns the metrics of the evaluation at the step it ends on ({} if none)."""
-    from .coco_eval import require_pycocotools
-    require_pycocotools()  # the run ends with a COCO evaluation: fail now, not after hours of training
+    run = _with_splits(run)
     d = dist.init(run.device)
     try:
         state, val_ds, ck = build_state(run, d)
@@ -274,6 +275,18 @@ def train(run: DetectRun) -> dict:
         dist.shutdown()
 
 
+def _with_splits(run: DetectRun) -> DetectRun:
+    """Splits not named: a resumed run's own (as its config.json recorded them), else the format's defaults."""
+    if run.train_split and run.val_split:
+        return run
+    first = (_recorded_request(Path(run.out)) or {}) if run.resume else {}
+    train_split, val_split = run.train_split or first.get("train_split"), run.val_split or first.get("val_split")
+    if not (train_split and val_split):
+        train_default, val_default = default_splits(run.data_dir)
+        train_split, val_split = train_split or train_default, val_split or val_default
+    return replace(run, train_split=train_split, val_split=val_split)
+
+
 def _recorded_request(out: Path) -> dict | None:
     """The "run" record of the command that started the run in `out` (None: unreadable or absent)."""
     import json
@@ -285,7 +298,7 @@ def _recorded_request(out: Path) -> dict | None:
 
 
 # ------------------------------------------------------------------ the loop
-def _loop(state: TrainState, net: nn.Module, val_ds: CocoDetection, run: DetectRun, d, out: Path,
+def _loop(state: TrainState, net: nn.Module, val_ds: DetectionSet, run: DetectRun, d, out: Path,
           saved_step: int | None) -> dict:
     r = state.recipe
     log = MetricsLog(out) if d.is_main else None
@@ -363,13 +376,13 @@ def _eval_due(step: int, r: DetectRecipe) -> bool:
     return step == r.iters or bool(r.eval_every and step % r.eval_every == 0)
 
 
-def _evaluate_and_save(state: TrainState, val_ds: CocoDetection, run: DetectRun, d, log, t_start: float,
+def _evaluate_and_save(state: TrainState, val_ds: DetectionSet, run: DetectRun, d, log, t_start: float,
                        out: Path) -> None:
     """Evaluate, save again with the metrics (the checkpoint records them: a resume that finds a due
     evaluation without them, one that failed on its data or pycocotools, runs it before training on), then
     log it: a kill between the save and the log write has its line written back on resume."""
     loader = eval_loader(val_ds, run.eval_batch, d.rank, d.world_size, run.workers)
-    m = evaluate(state.model, loader, state.categories, val_ds.ann_file, d.device)
+    m = evaluate(state.model, loader, val_ds, d.device)
     if m is None:  # not rank 0
         return
     state.metrics = {"kind": "eval", "step": state.step, **m, "elapsed_s": time.time() - t_start}
