@@ -9,6 +9,9 @@ import pytest
 import torch
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
+# PyTorch reads this once, at the process's first cuBLAS call: a deterministic CUDA test (which sets it for
+# its run) that came after any other CUDA test would fail. Set before any test runs; no effect on the CPU.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @pytest.fixture(autouse=True)

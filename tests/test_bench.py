@@ -120,3 +120,13 @@ def test_the_step_profile_groups_every_operator_once(capsys):
     assert lines[0].startswith("resnet20, batch 8, fp32+channels_last, cpu")
     shares = {ln[:30].strip(): float(ln[30:].strip(" %")) for ln in lines[1:]}
     assert {"convolution", "batch norm", "relu"} <= set(shares) and sum(shares.values()) == pytest.approx(100, abs=0.5)
+
+
+def test_no_compile_leaves_out_the_compiled_settings(tmp_path):
+    """The GPU session's bench phase skips the torch.compile rows, which an earlier session measured and
+    whose warm-up costs a minute of device time; the CPU plan has one, which this leaves out."""
+    from reslab.bench.plans import SETTINGS, run
+    assert any(s.compile for s in SETTINGS["cpu"]) and any(s.compile for s in SETTINGS["cuda"])
+    r = run(device="cpu", archs=["resnet8"], only=["cifar"], rounds=1, compile=False, out=str(tmp_path / "b.json"))
+    settings = [row["setting"] for row in r["rows"]]
+    assert settings and not any("compile" in s for s in settings) and any("channels_last" in s for s in settings)

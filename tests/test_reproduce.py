@@ -1,6 +1,7 @@
 """Experiments as data, the runner, the report and the layer-response hooks."""
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,22 @@ def test_tiny_end_to_end_reproduce(tmp_path, capsys):
     assert main(["reproduce", "layer-responses", "--data-dir", str(d), "--out", str(out), "--budget", "smoke",
                  "--dry-run"]) == 0
     assert capsys.readouterr().out.count(" done ") == 4  # finished runs are skipped
+    # ... on the data they were trained on: the data folder is free (it may move), the data is not. Other data
+    # into the same --out counted those runs as done, and the manifest said they were trained on it
+    other = tmp_path / "other"
+    make_cifar_archive(other / "cifar-10-python.tar.gz", n_train=200, n_test=40, seed=1)
+    assert main(["reproduce", "layer-responses", "--data-dir", str(other), "--out", str(out), "--budget", "smoke",
+                 "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert said.count(" refused ") == 4 and "was trained on other data than --data-dir" in said
+    assert main(["reproduce", "layer-responses", "--data-dir", str(other), "--out", str(out), "--budget",
+                 "smoke"]) == 2
+    assert "was trained on other data" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    shutil.copytree(d, moved)
+    assert main(["reproduce", "layer-responses", "--data-dir", str(moved), "--out", str(out), "--budget", "smoke",
+                 "--dry-run"]) == 0
+    assert capsys.readouterr().out.count(" done ") == 4
 
     # a finished run kept as its record only (checkpoints not copied along with the results): Table 6 needs
     # no more than the record, so it is not trained again; the layer responses need the weights

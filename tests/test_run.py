@@ -480,6 +480,41 @@ def test_graphed_training_follows_the_eager_trajectory(data_dir, tmp_path, monke
     assert tl == pytest.approx(te, rel=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_graphed_run_set_on_cuda_streams_matches_its_runs_alone_and_a_graphed_resume(data_dir, tmp_path,
+                                                                                     monkeypatch):
+    """What the table6/seeds phases train: K graphs replayed on K streams. Each run of a set of two must
+    follow the same run trained alone (graphed, deterministic fp32: the same kernels), and a graphed run
+    stopped at step 30 and resumed (momentum buffers loaded before the capture's warm-up) must follow the
+    run that never stopped. Written before any GPU ran it: the tolerances are the graphed-vs-eager test's."""
+    from dataclasses import replace
+    from reslab.runset import train_set
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    r = get_recipe("cifar-paper").with_overrides(batch_size=32, iters=60, eval_every=60, log_every=10)
+
+    def cfg(name, seed):
+        return RunConfig.build(tmp_path / name, "resnet8", r, data_dir=data_dir, progress=False, device="cuda",
+                               precision="fp32", graphs=True, deterministic=True, seed=seed)
+    alone = [cfg(f"alone{s}", s) for s in (0, 1)]
+    for c in alone:
+        train(c)
+    together = [replace(c, out=str(tmp_path / f"set{c.seed}")) for c in alone]
+    train_set(together)
+    stopped = replace(alone[0], out=str(tmp_path / "stopped"))
+    train(stopped, stop_at=30)
+    assert ckpt.read_status(stopped.out)["step"] == 30
+    train(stopped, resume=True)
+
+    def losses(c):
+        return [m["loss"] for m in read_metrics(c.out) if m["kind"] == "train"]
+    for a, b in [*zip(alone, together), (alone[0], stopped)]:
+        assert len(losses(b)) == 6 and losses(b) == pytest.approx(losses(a), rel=1e-3), b.out
+        ma, mb = ckpt.load(a.out)["model"], ckpt.load(b.out)["model"]
+        for k, v in ma.items():
+            if v.is_floating_point():
+                torch.testing.assert_close(mb[k], v, rtol=1e-3, atol=1e-4, msg=f"{b.out}: {k}")
+
+
 def test_graph_warmup_is_undone_exactly():
     """GraphedStep's warm-up steps (needed before a capture) leave no trace: after snapshot, three steps and
     restore, training continues bitwise as if they had never run — checked here with the eager step."""

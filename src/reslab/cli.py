@@ -231,7 +231,7 @@ def cmd_bench(a) -> int:
     from .bench import markdown, run
     out = a.out or f"benchmarks/results/{'quick' if a.quick else 'latest'}.json"
     result = run(device=a.device, quick=a.quick, out=out, archs=a.arch, imagenet_archs=a.imagenet_arch,
-                 rounds=a.rounds, only=a.only, keep_going=a.keep_going)
+                 rounds=a.rounds, only=a.only, keep_going=a.keep_going, compile=not a.no_compile)
     print(markdown(result))
     for e in result.get("errors", []):
         print(f"failed group: {e}", file=sys.stderr)
@@ -255,6 +255,8 @@ def _register_bench(sub) -> None:
                         "narrows the ratio on a noisy machine)")
     p.add_argument("--keep-going", action="store_true",
                    help="a group that fails is reported (result's `errors`, exit status 1) and the others still run")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out the torch.compile settings (their warm-up compiles for a minute or more)")
     p.set_defaults(func=cmd_bench)
 
 

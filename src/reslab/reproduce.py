@@ -25,6 +25,7 @@ from .logs import last_evaluation, read_metrics, truncate_metrics
 from .flags import to_cli_args
 from .fusedset import fusion_key, train_fused
 from .runset import train_set
+from .state import data_difference
 from .step import resolve_runtime
 from .zoo import create_model
 
@@ -103,7 +104,40 @@ def _check_is_ours(cfg: RunConfig, experiment: str) -> None:
                           "--out") from None
 
 
-def _obstacle(cfg: RunConfig, name: str, status: str, post: str | None) -> str | None:
+def _other_data(cfg: RunConfig, identify) -> str | None:
+    """Why the run in cfg.out was trained on other data than cfg's --data-dir holds (None: the same, or no
+    record to tell: runs from before data was recorded, or data that cannot be read now). The data folder is
+    a free field of a run's config, so without this a run trained on a subset counted as done for the full
+    data, and the manifest said it was trained on it."""
+    try:
+        saved = json.loads((Path(cfg.out) / "config.json").read_text()).get("data_info")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(saved, dict) or not saved:
+        return None
+    try:
+        now = identify(cfg)
+    except (ReslabError, OSError):
+        return None
+    why = data_difference(saved, now)
+    return why and (f"{cfg.out} was trained on other data than --data-dir {cfg.data.dir} holds ({why}); give "
+                    "reproduce the data it was trained on, or another --out")
+
+
+def _identifier():
+    """identify(cfg): the data a config names, as a run records it; each data folder read once."""
+    from .data.build import identify
+    seen: dict = {}
+
+    def of(cfg: RunConfig) -> dict:
+        key = (cfg.data.name, cfg.data.dir, cfg.recipe.val_split)
+        if key not in seen:
+            seen[key] = identify(*key)
+        return seen[key]
+    return of
+
+
+def _obstacle(cfg: RunConfig, name: str, status: str, post: str | None, identify=None) -> str | None:
     """Why the run folder of `cfg` would stop `reproduce name` before anything trains (None: it would not):
     shown by --dry-run, raised by the real run."""
     if status == "unusable":
@@ -111,11 +145,13 @@ def _obstacle(cfg: RunConfig, name: str, status: str, post: str | None) -> str |
             ckpt.read_status(cfg.out)
         except ReslabError as e:  # unreadable, or from an earlier reslab: say which, and what to do
             return f"{e}; move {Path(cfg.out) / ckpt.LAST} away to restart that run"
-    if status != "new":  # a run found on disk, finished or to resume, must be this experiment's run
+    if status != "new":  # a run found on disk, finished or to resume, must be this experiment's run, on this data
         try:
             _check_is_ours(cfg, name)
         except ReslabError as e:
             return str(e)
+        if identify is not None and (why := _other_data(cfg, identify)):
+            return why
     if status.startswith("lost@"):
         return (f"{cfg.out} holds the log of a run evaluated up to step {status[5:]} of {cfg.recipe.iters} but not "
                 f"its checkpoint ({ckpt.LAST}), so it cannot be continued; bring that checkpoint back, or move the "
@@ -146,10 +182,10 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
     dev = pick_device(device)
     total = 0.0
     print(f"{name} ({exp.paper}) at budget {budget}: {BUDGETS[budget].description}; {len(configs)} runs on {dev.type}")
-    refused = 0
+    refused, identify = 0, _identifier()
     for cfg in configs:
         status = run_status(Path(cfg.out))
-        why = _obstacle(cfg, name, status, exp.post)
+        why = _obstacle(cfg, name, status, exp.post, identify)
         refused += why is not None
         est = 0.0 if why or status in ("done", "logged") or status.startswith("diverged@") \
             else estimate_seconds(cfg, dev.type)
@@ -174,7 +210,7 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
     for cfg in configs:
         status = run_status(Path(cfg.out))
         # every folder checked before any run trains: a stranger in the last one would stop the sweep hours in
-        if why := _obstacle(cfg, name, status, exp.post):
+        if why := _obstacle(cfg, name, status, exp.post, identify):
             raise ReslabError(why)
         if status == "done":  # a kill between its final save and log write lost the line the report reads
             st = ckpt.read_status(cfg.out)

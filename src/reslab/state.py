@@ -87,25 +87,31 @@ class TrainingState:
 
 def _check_same_data(saved: dict, now: dict, source: str) -> None:
     """--data-dir may move between sessions; the data itself may not change."""
+    why = data_difference(saved, now)
+    if why:
+        raise ReslabError(f"{source}: {why}; resume with the data the run was trained on")
+
+
+def data_difference(saved: dict, now: dict) -> str | None:
+    """How the data a run recorded (`saved`, RunData.info) differs from `now`, in words (None: the same, as far
+    as both records tell)."""
     for k in ("name", "eval_split", "train_size", "eval_size"):
         if saved.get(k) != now.get(k):
-            raise ReslabError(f"{source}: the data differs from the run's ({k} {saved.get(k)!r} then, {now.get(k)!r} "
-                              "now); resume with the data the run was trained on")
+            return f"the data differs from the run's ({k} {saved.get(k)!r} then, {now.get(k)!r} now)"
+    ids = [d.get("identity") or {} for d in (saved, now)]
     # by pixels where both runs recorded them (the same data pickled again is the same data), else by file
-    key = "pixels_md5" if all((d.get("identity") or {}).get("pixels_md5") for d in (saved, now)) else "md5"
-    a, b = (saved.get("identity") or {}).get(key), (now.get("identity") or {}).get(key)
+    key = "pixels_md5" if all(i.get("pixels_md5") for i in ids) else "md5"
+    a, b = (i.get(key) for i in ids)
     if a and b and a != b:
-        raise ReslabError(f"{source}: the data has checksum {b}, the run was trained on {a} "
-                          f"({saved['identity'].get('description')}); resume with that data")
+        return f"the data has checksum {b}, the run was trained on {a} ({ids[0].get('description')})"
     # the training split's own fingerprint, where both sessions recorded it (runs from 2026-12-06 on)
-    a, b = ((d.get("identity") or {}).get("train_pixels_md5") for d in (saved, now))
+    a, b = (i.get("train_pixels_md5") for i in ids)
     if a and b and a != b:
-        raise ReslabError(f"{source}: the training images differ from the run's (MD5 {b} now, {a} then) though "
-                          "the test set is the same; resume with the data the run was trained on")
+        return f"the training images differ from the run's (MD5 {b} now, {a} then) though the test set is the same"
     # an image folder's file lists (runs from 2026-12-06 on): the loader's saved position indexes them
     for key, split in (("train_files_md5", "training"), ("eval_files_md5", "evaluation")):
-        a, b = ((d.get("identity") or {}).get(key) for d in (saved, now))
+        a, b = (i.get(key) for i in ids)
         if a and b and a != b:
-            raise ReslabError(f"{source}: the {split} split's files differ from the run's (a file added, removed "
-                              f"or renamed; file-list MD5 {b} now, {a} then); resume with the folder the run was "
-                              "trained on")
+            return (f"the {split} split's files differ from the run's (a file added, removed or renamed; "
+                    f"file-list MD5 {b} now, {a} then)")
+    return None

@@ -58,10 +58,11 @@ def _with_rounds(plan: Plan | None, rounds: int | None) -> Plan | None:
 
 
 def run(device: str = "auto", quick: bool = False, out: str | None = None, archs=None,
-        imagenet_archs=None, rounds: int | None = None, only=None, keep_going: bool = False) -> dict:
+        imagenet_archs=None, rounds: int | None = None, only=None, keep_going: bool = False,
+        compile: bool = True) -> dict:
     """The whole benchmark; `rounds` overrides the number of interleaved rounds of every group, `only` keeps
     the groups of those names (GROUPS); `keep_going` records a failing group's error in the result's
-    `errors` and goes on with the next."""
+    `errors` and goes on with the next; `compile=False` leaves out the torch.compile settings."""
     from ..dist import pick_device
     from ..logs import environment, hardware_line
     if rounds is not None and rounds < 1:
@@ -69,12 +70,17 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
     if out:  # checked before measuring: a bench takes minutes to hours, and its result must have a place
         _check_out(Path(out))
     dev = pick_device(device)
+    # the switches `reslab train` sets (cuDNN autotuning, TF32 matmuls): the rows time the code as it trains,
+    # and the run-set vs fused comparison that gpu_session.sh acts on must see what training will see. The
+    # baselines run under them too (global switches cannot differ between interleaved candidates).
+    from ..engine import configure_backends
+    configure_backends(False)
     env = environment(dev)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else env["cpu"]
     gpu = dev.type == "cuda"
     kind = "quick" if quick else dev.type if dev.type in PLANS else "cpu"
     plan, plan224, plan_data = (_with_rounds(p, rounds) for p in PLANS[kind])
-    settings = list(SETTINGS[kind])
+    settings = [s for s in SETTINGS[kind] if compile or not s.compile]
     b32, b32_infer, b224 = BATCH[kind]
     groups = [("data", "data", lambda: bench_data(dev, 128, plan_data))]  # (name, what, group): --only picks by name
     for a in archs if archs is not None else CIFAR_ARCHS["quick" if quick else "full"]:
@@ -92,7 +98,7 @@ def run(device: str = "auto", quick: bool = False, out: str | None = None, archs
         # 224x224 step copies each whole batch into the graph's buffers (as image folders would with --graphs)
         s224 = [s for s in settings if gpu or not s.compile]
         infer224 = [s for s in s224 if not s.graphs]
-        extra = list(EXTRA_224.get(kind, ()))
+        extra = [s for s in EXTRA_224.get(kind, ()) if compile or not s.compile]
         for a in IMAGENET_ARCHS if imagenet_archs is None else imagenet_archs:
             groups.append(("imagenet", a, lambda a=a: bench_imagenet(a, dev, b224, s224, plan224, dev_name)))
             groups.append(("infer", f"{a} 224",

@@ -134,12 +134,36 @@ def build(data: str, data_dir, *, batch_size: int, device, seed: int = 0, rank: 
                            rank=rank, world_size=world_size, channels_last=channels_last) if with_train else None
     evl = ResidentLoader(ev.images, ev.labels, per_rank_eval, norm, train=False, device=device, rank=rank,
                          world_size=world_size, channels_last=channels_last)
-    # the training split is fingerprinted too (the test set's MD5 alone let a changed training set pass for
-    # the same data on resume): its pixels and labels, hashed where they lie
+    return RunData(train, evl, norm, tr.classes, eval_split, len(tr), len(ev), _cifar_identity(loc, tr))
+
+
+def _cifar_identity(loc, tr) -> dict:
+    """The test set's checksums (loc.identity) and the training split's: its pixels and labels, hashed where
+    they lie (the test set's MD5 alone let a changed training set pass for the same data on resume)."""
     h = hashlib.md5(tr.images.contiguous().numpy())
     h.update(tr.labels.contiguous().numpy())
-    return RunData(train, evl, norm, tr.classes, eval_split, len(tr), len(ev),
-                   {**loc.identity, "train_pixels_md5": h.hexdigest()})
+    return {**loc.identity, "train_pixels_md5": h.hexdigest()}
+
+
+def _folder_identity(train_ds, val_ds) -> dict:
+    """No checksum names a folder, but its file lists fingerprint it: a resume refuses a changed one."""
+    return {"train_files_md5": train_ds.files_md5(), "eval_files_md5": val_ds.files_md5()}
+
+
+def identify(data: str, data_dir, val_split: bool = False) -> dict:
+    """What a run on this data records as its data (RunData.info), read without loaders or a normaliser:
+    `reslab reproduce` compares it with the record of each run it finds already trained."""
+    if data not in DATASETS:
+        raise ReslabError(f"unknown dataset {data!r}; valid choices: {', '.join(DATASETS)}")
+    if data == "folder":
+        from .folder import ImageFolderSplit
+        tr, ev = ImageFolderSplit(data_dir, "train"), ImageFolderSplit(data_dir, "val")
+        ev.label_as(tr.classes)
+        return RunData(None, None, None, tr.classes, "val", len(tr), len(ev), _folder_identity(tr, ev)).info(data)
+    loc = cifar.locate(data, data_dir)
+    train_split, eval_split = ("train45k", "val5k") if val_split else ("train", "test")
+    tr, ev = cifar.load(data, train_split, located=loc), cifar.load(data, eval_split, located=loc)
+    return RunData(None, None, None, tr.classes, eval_split, len(tr), len(ev), _cifar_identity(loc, tr)).info(data)
 
 
 def _build_folder(root, *, batch_size: int, device, seed: int, rank: int, world_size: int, normalization: str,
@@ -177,6 +201,5 @@ def _build_folder(root, *, batch_size: int, device, seed: int, rank: int, world_
     evl = FolderStream(folder.make_loader(val_ds, per_rank, train=False, workers=workers, rank=rank,
                                           world_size=world_size, multiscale=view == "multiscale"),
                        folder.Finisher(val_ds, device, normalizer, transform))
-    # no checksum names a folder, but its file lists fingerprint it: a resume refuses a changed one
     return RunData(train, evl, normalizer, train_ds.classes, "val", len(train_ds), len(val_ds),
-                   {"train_files_md5": train_ds.files_md5(), "eval_files_md5": val_ds.files_md5()})
+                   _folder_identity(train_ds, val_ds))

@@ -9,9 +9,9 @@ Two places to decode (`decode`):
   device  workers only read the files' bytes (and a JPEG's size from its header, to draw its crop); the main
           process decodes the whole batch on the run's device (nvJPEG on a GPU, via torchvision), crops
           and resizes there, and finishes as above. Files that are not JPEGs are decoded in the workers.
-Both crop the same boxes of the same images: on the CPU the batches are bitwise equal; on a GPU the decoders'
-pixels, and the resampling filters (RoIAlign there, torchvision's resize of the box rounded to whole pixels
-on the CPU), differ by a level or two.
+Both crop the same boxes of the same images: on the CPU the batches are bitwise equal. On a GPU the decoders'
+pixels differ by a level or so, and the resampling filters (RoIAlign on the exact box there, torchvision's
+resize of the box rounded to whole pixels on the CPU) by about 2 levels on average, up to about 9.
 
 Evaluation views (paper §3.4 and §4.1), for a crop size of 224:
   center      resize shorter side to 256, centre 224 crop                   -> (C, 224, 224)
