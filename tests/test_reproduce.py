@@ -289,7 +289,6 @@ def test_report_never_averages_across_budgets_precisions_or_data(tmp_path):
     assert "| resnet20 (lr=0.9) | x1 | 100 | bf16 | cpu | TestCPU (2 cores) | 50.00 ± - (1) |" in text
     assert "1.00" not in text.split("## Table 6")[1].split("## ")[0]  # the val5k run
     for folder in ("paper2", "lr", "val"):
-        import shutil
         shutil.rmtree(tmp_path / folder)
     # runs on another copy of the data: their own row, named by the copy
     run("other", "resnet20-s0", 1.0, "bf16", 0.30, data="copy B")
