@@ -209,6 +209,12 @@ def test_channels_last_output_and_normalizer_modes():
     assert torch.allclose(z.std((0, 2, 3)), torch.ones(3), atol=1e-2)
     back = Normalizer.from_state_dict(ch.state_dict())
     assert torch.equal(back.mean, ch.mean) and back.mode == "channel"
+    # a float batch in [0, 1] (ToTensor's) was divided by 255 again, in the caller's own tensor: refused
+    f = x[:4].float() / 255
+    kept = f.clone()
+    with pytest.raises(ReslabError, match="takes uint8 images"):
+        ch(f)
+    assert torch.equal(f, kept)
 
 
 def test_folder_views_have_the_right_count_and_sizes(jpeg_dir):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import ReslabError
+
 MODES = ("pixel", "channel")
 
 
@@ -68,7 +70,11 @@ class Normalizer:
         return F.interpolate(self.mean[None], size=(h, w), mode="bilinear", align_corners=False)[0]
 
     def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> normalised float32."""
+        """uint8 (N, C, H, W) -> normalised float32. Anything else is refused: a float batch already in [0, 1]
+        (what ToTensor gives) would be divided by 255 again, and silently, in the caller's own tensor."""
+        if x_uint8.dtype != torch.uint8:
+            raise ReslabError(f"the normaliser takes uint8 images (0-255), got {x_uint8.dtype}; for a float batch in "
+                              "[0, 1] pass (x * 255).round().to(torch.uint8)")
         x = x_uint8.float().div_(255)
         mean = self.mean_at(*x.shape[-2:]).to(x.device)
         return x.sub_(mean).div_(self.std.to(x.device))
