@@ -342,7 +342,7 @@ def _half_batch_reference(data_dir, recipe, seed=0):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_at_the_same_global_batch(data_dir, tmp_path):
+def test_two_process_ddp_equals_one_process_at_the_same_global_batch(data_dir, tmp_path, capsys):
     out = tmp_path / "ddp"
     r = _torchrun(2, "train", "--arch", "resnet8", "--data-dir", str(data_dir), "--batch-size", "32",
                   "--iters", "12", "--eval-every", "12", "--log-every", "4", "--out", str(out), "--no-compile",
@@ -365,6 +365,17 @@ def test_two_process_ddp_equals_one_process_at_the_same_global_batch(data_dir, t
                             text=True, timeout=300)
     one = json.loads(single.stdout)
     assert one["n"] == 101 and one["top1_err"] == pytest.approx(ev["top1_err"])
+    # resumed in one process: BN now sees 32 images, not 16 per rank. Said once, and recorded, so the report
+    # does not average it with runs trained one way (it did: config.json kept only the last session's ranks)
+    import shutil
+    from reslab.cli import main
+    shutil.copytree(out, tmp_path / "one")
+    assert main(["train", "--out", str(tmp_path / "one"), "--resume", "--extend-to", "16", "--no-progress"]) == 0
+    assert "trained on 2 rank(s) so far and goes on with 1" in capsys.readouterr().err
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["world_sizes"] == [2, 1]
+    from reslab.tables import _setting
+    from reslab.runrecord import summarize
+    assert "ranks 2 then 1" in _setting(summarize(tmp_path / "one"))
 
 
 @pytest.mark.slow

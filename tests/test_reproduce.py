@@ -260,6 +260,9 @@ def test_report_never_averages_across_budgets_precisions_or_data(tmp_path):
     run("paper", "resnet20-s0", 1.0, "bf16", 0.08)
     run("paper", "resnet20-s1", 1.0, "bf16", 0.10, seed=1)
     run("fp32", "resnet20-s0", 1.0, "fp32", 0.09)
+    run("c100", "resnet20-s0", 1.0, "bf16", 0.33)  # a CIFAR-100 run: listed with the runs, not in Table 6
+    c100 = tmp_path / "c100" / "resnet20-s0" / "config.json"
+    c100.write_text(json.dumps({**json.loads(c100.read_text()), "data_name": "cifar100"}))
     for folder, std in (("quick", [1.0, 2.0]), ("paper", [1.0, 1.5])):
         (tmp_path / folder / "layer_responses.json").write_text(json.dumps({"resnet20-s0": {
             "arch": "resnet20", "step": 100, "std": std}}))

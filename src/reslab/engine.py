@@ -154,9 +154,11 @@ class Trainer:
         self.state = st = TrainingState(cfg, model, opt, scaler, ema, data, data.info(cfg.data.name))
         st.schedule.in_warmup_rule = warmup_rule_applies(r, model.cfg.depth)
         self.saved_step = None          # the step of RUN/last.pt on disk (None: nothing saved yet)
+        self.world_sizes = [d.world_size]  # the ranks of each session that trained the run, where they changed
         if ck is not None:
             st.load_state_dict(ck, str(out / ckpt.LAST))
             self.saved_step = st.step
+            self.world_sizes = self._ranks_so_far(ck, out, d, r.batch_size)
         if d.is_main:
             out.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(out)
@@ -188,6 +190,25 @@ class Trainer:
         self._log = self._bar = None     # opened by begin()
 
     @staticmethod
+    def _ranks_so_far(ck: dict, out: Path, d, batch: int) -> list[int]:
+        """The ranks of the sessions so far, then this one's where it differs, said once: each rank's BN
+        normalises batch / ranks images, so a run resumed on another number of ranks trained two ways (the
+        report gives it a row of its own)."""
+        try:
+            before = json.loads((out / "config.json").read_text()).get("world_sizes")
+        except (OSError, ValueError, AttributeError):
+            before = None
+        if not (isinstance(before, list) and before and all(isinstance(n, int) for n in before)):
+            before = [int(ck.get("world_size") or 1)]  # checkpoints before 2026-12 say nothing: one rank
+        if before[-1] == d.world_size:
+            return before
+        if d.is_main:
+            print(f"reslab: warning: {out} trained on {before[-1]} rank(s) so far and goes on with {d.world_size}: "
+                  f"each rank's BN now normalises {batch // d.world_size} images instead of {batch // before[-1]}; "
+                  "the report gives such a run a row of its own", file=sys.stderr)
+        return before + [d.world_size]
+
+    @staticmethod
     def _net(model: nn.Module, rt, d) -> nn.Module:
         """What runs forward: the model, under SyncBN and DDP with torchrun, compiled on request."""
         net = model
@@ -215,7 +236,8 @@ class Trainer:
     def config_record(self) -> dict:
         """config.json: the run's config, the model it built, the data it found, the command to rerun it."""
         return {**self.cfg.to_dict(), "model_config": self.model.metadata, "data_info": self.state.data_info,
-                "world_size": self.d.world_size, "command": shlex.join(["reslab", *to_cli_args(self.cfg)])}
+                "world_size": self.d.world_size, "world_sizes": self.world_sizes,
+                "command": shlex.join(["reslab", *to_cli_args(self.cfg)])}
 
     # ------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> dict:

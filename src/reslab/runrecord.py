@@ -58,7 +58,7 @@ def _flat_config(cfg: dict) -> dict:
                 "eval_split": info.get("eval_split"), "data": ident.get("description"),
                 "data_md5": ident.get("pixels_md5") or ident.get("md5"),
                 "data_name": info.get("name"), "data_dir": (cfg.get("data") or {}).get("dir"),
-                "implementation": "reslab", "device": rt.get("device"), "world_size": cfg.get("world_size", 1),
+                "implementation": "reslab", "device": rt.get("device"), "world_size": cfg.get("world_size", 1), "world_sizes": cfg.get("world_sizes"),
                 "precise_bn": rt.get("precise_bn", 0), "sync_bn": rt.get("sync_bn", False)}
     # earlier versions kept the model's switches (width, shortcut, ...) in model_overrides; the control script
     # writes its data's fingerprint as test_pixels_md5
@@ -123,7 +123,7 @@ def summarize(run: Path) -> dict:
         "train_err": 100 * sum(r["train_err"] for r in tail) / len(tail) if tail else None,
         "eval_split": cfg.get("eval_split"), "wall_min": (last_eval or (train[-1] if train else {})).get("elapsed_s", 0) / 60,
         "hardware": _hardware(env), "torch": env.get("torch"), "git": env.get("git"),
-        "device": _device_type(cfg, env), "world_size": cfg.get("world_size", 1),
+        "device": _device_type(cfg, env), "world_size": cfg.get("world_size", 1), "world_sizes": cfg.get("world_sizes"),
         "precise_bn": cfg.get("precise_bn", 0), "sync_bn": cfg.get("sync_bn", False),
         "precision": cfg.get("precision"), "implementation": cfg["implementation"], "data": cfg["data"],
         "data_md5": cfg.get("data_md5"), "data_dir": cfg.get("data_dir"), "data_name": cfg.get("data_name"),

@@ -69,8 +69,11 @@ def _setting(r: dict) -> str:
     """How a run trained beyond recipe and precision, where that changes its number: the device type (fp32
     on CUDA is TF32), the ranks (BN sees a rank's share of the batch), synchronised and precise BN."""
     parts = [r.get("device") or "?"]
-    if (r.get("world_size") or 1) > 1:
-        parts.append(f"{r['world_size']} ranks" + (", sync BN" if r.get("sync_bn") else ""))
+    sessions = r.get("world_sizes") or [r.get("world_size") or 1]
+    if len(sessions) > 1:  # resumed on another number of ranks: trained two ways, a row of its own
+        parts.append(f"ranks {' then '.join(map(str, sessions))}" + (", sync BN" if r.get("sync_bn") else ""))
+    elif sessions[0] > 1:
+        parts.append(f"{sessions[0]} ranks" + (", sync BN" if r.get("sync_bn") else ""))
     if r.get("precise_bn"):
         parts.append(f"precise BN {r['precise_bn']}")
     return ", ".join(parts)
@@ -115,7 +118,8 @@ def table6(runs: list[dict]) -> list[dict]:
     out = []
     runs = [r for r in runs if r["implementation"] == "reslab" and not r.get("variant") and r["residual"]
             and r["arch"] in PAPER_TABLE6 and r["shortcut"] == "A"
-            and r.get("eval_split") in (None, "test")]  # Table 6 is test error; a val5k run is not in it
+            and r.get("eval_split") in (None, "test")  # Table 6 is test error; a val5k run is not in it
+            and r.get("data_name") in (None, "cifar10")]  # and CIFAR-10's (records before names: CIFAR-10 only)
 
     def key(r):
         return (r["arch"], r["budget"], r["iters"], r["recipe_key"], r["precision"], _data_key(r), _setting(r),
