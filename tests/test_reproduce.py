@@ -106,6 +106,14 @@ def test_report_from_synthetic_logs(tmp_path):
     assert summarize(tmp_path / "plain20-s0")["test_err"] == pytest.approx(25.0)
     csv_text = (tmp_path / "results.csv").read_text()
     assert csv_text.splitlines()[0].startswith("run,") and len(csv_text.splitlines()) == 4
+    # runs gathered into a folder by symbolic links (rglob did not follow them), a link back up not looping
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in ("resnet20-s0", "resnet20-s1"):
+        (linked / name).symlink_to(tmp_path / name, target_is_directory=True)
+    (linked / "up").symlink_to(linked, target_is_directory=True)
+    write_report(linked)
+    assert {r["arch"]: r["n"] for r in json.loads((linked / "results.json").read_text())["table6"]} == {"resnet20": 2}
 
 
 def test_tiny_end_to_end_reproduce(tmp_path, capsys):

@@ -168,15 +168,20 @@ def cmd_train(a) -> int:
         configs = [cfg]
         finals = [train(cfg, resume=a.resume, explicit=explicit, extend_to=a.extend_to, stop_at=a.stop_at)]
     for c, final in zip(configs, finals):
-        if final and int(os.environ.get("RANK", "0")) == 0:
-            from . import checkpoint as ckpt
+        if int(os.environ.get("RANK", "0")) != 0:
+            continue
+        from . import checkpoint as ckpt
+        from .errors import ReslabError
+        try:
             st = ckpt.read_status(c.out)
-            errs = f"{final['split']} {_errors(final)}, n={final['n']}"
-            if st["finished"]:
-                print(f"done: {c.out} step {final['step']} {errs}")
-            else:  # --stop-at: the evaluation shown is the last one made, not the step stopped at
-                print(f"stopped: {c.out} at step {st['step']} of {st['iters']} (--resume continues it); "
-                      f"last evaluation at step {final['step']}: {errs}")
+        except (FileNotFoundError, ReslabError):  # stopped before its first save: nothing to continue
+            continue
+        errs = f"{final['split']} {_errors(final)}, n={final['n']}" if final else ""
+        if st["finished"] and final:
+            print(f"done: {c.out} step {final['step']} {errs}")
+        elif not st["finished"]:  # --stop-at: the evaluation shown is the last one made, not the step stopped at
+            print(f"stopped: {c.out} at step {st['step']} of {st['iters']} (--resume continues it)"
+                  + (f"; last evaluation at step {final['step']}: {errs}" if final else "; not evaluated yet"))
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import ReslabError, described
 from .figures import plot_degradation, plot_responses, response_claims
-from .runrecord import depth, find_runs, summarize, without_record
+from .runrecord import depth, files_named, find_runs, summarize, without_record
 from .tables import control_section, experiment_section, fmt, table6, table6_section
 
 
@@ -97,7 +97,7 @@ def write_report(root) -> Path:
                   + "; ".join(f"`{u['path']}`: {u['reason']}" for u in unread) + "."]
     lines += table6_section(t6)
     lines += control_section(runs)
-    resp_files = sorted(root.rglob("layer_responses.json"))
+    resp_files = sorted(files_named(root, "layer_responses.json"))
     for resp_file in resp_files:  # one per budget folder (reproduce writes ROOT/BUDGET/layer_responses.json)
         resp = json.loads(resp_file.read_text())
         where = resp_file.parent.relative_to(root)
@@ -110,7 +110,7 @@ def write_report(root) -> Path:
             lines.append(f"| {name} (step {r['step']}) | {len(r['std'])} | {statistics.mean(r['std']):.3f} | "
                          f"{max(r['std']):.3f} |")
         lines += [""] + response_claims(resp)
-    manifests = sorted(root.rglob("manifest-*.json"))
+    manifests = sorted(files_named(root, keep=lambda f: f.startswith("manifest-") and f.endswith(".json")))
     for m in manifests:
         lines += experiment_section(json.loads(m.read_text()), runs, root, m.parent)
     if manifests:

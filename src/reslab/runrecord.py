@@ -5,15 +5,32 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from .logs import hardware_line, read_metrics
 
 
+def files_named(root: Path, *names: str, keep=None) -> list[Path]:
+    """Files with one of `names` (or whose name `keep` accepts) under root, following symbolic links to folders
+    (a report gathered from runs linked into one folder), each real folder visited once (a link to an
+    ancestor does not loop)."""
+    keep = keep or (lambda f: f in names)
+    found, seen = [], set()
+    for here, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(here) / f for f in files if keep(f)]
+    return found
+
+
 def find_runs(root: Path) -> list[Path]:
     """The classification run folders under root (config.json + metrics.jsonl); detection runs are left to
     `reslab detect eval`."""
-    return sorted({p.parent for p in Path(root).rglob("metrics.jsonl")
+    return sorted({p.parent for p in files_named(root, "metrics.jsonl")
                    if (p.parent / "config.json").is_file() and not _is_detection(p.parent)})
 
 
@@ -24,7 +41,7 @@ def without_record(root: Path, runs: list[Path]) -> list[tuple[Path, str]]:
     from . import checkpoint as ckpt
     found = set(runs)
     out = []
-    for folder in sorted({p.parent for name in (ckpt.LAST, ckpt.BEST) for p in Path(root).rglob(name)} - found):
+    for folder in sorted({p.parent for p in files_named(root, ckpt.LAST, ckpt.BEST)} - found):
         if _is_detection(folder):
             continue
         try:
