@@ -316,6 +316,18 @@ def test_sigterm_stops_a_run_set_with_every_run_saved(data_dir, tmp_path):
     assert all(ckpt.read_status(c.out)["finished"] for c in configs)
 
 
+def test_likely_mistakes_are_said_when_a_run_starts(data_dir, tmp_path, capsys):
+    """An ImageNet net on 32x32 images (its last stage 1x1) and fp16 on the CPU run, but are said once."""
+    assert _train("--arch", "resnet50", "--width", "0.125", "--iters", 1, "--data-dir", data_dir,
+                  "--out", tmp_path / "a") == 0
+    err = capsys.readouterr().err
+    assert "resnet50 is the ImageNet net" in err and "cifar_resnet50 at this depth" in err
+    assert _train("--arch", "resnet8", "--precision", "fp16", "--iters", 1, "--data-dir", data_dir,
+                  "--out", tmp_path / "b") == 0
+    err = capsys.readouterr().err
+    assert "fp16 training on the CPU is very slow" in err and "ImageNet net" not in err
+
+
 def test_old_checkpoints_convert_and_are_refused_for_resume(tmp_path, capsys):
     """State dicts as PyTorch < 0.4.1 wrote them: no num_batches_tracked, no _metadata, legacy serialisation."""
     from reslab import create_model

@@ -47,7 +47,8 @@ class ShortcutA(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, pad: str = "end"):
         super().__init__()
         if cout < cin:
-            raise ValueError(f"option A cannot shrink channels ({cin} -> {cout}); use shortcut='B' or 'C'")
+            raise ValueError(f"option A cannot shrink channels ({cin} -> {cout}; a width below 1 makes the first stage "
+                             "narrower than the stem); use shortcut='B' or 'C', or a width of 1 or more")
         if pad not in ("end", "both"):
             raise ValueError(f"ShortcutA pad must be 'end' or 'both', got {pad!r}")
         self.cin, self.cout, self.stride, self.pad = cin, cout, stride, pad

@@ -82,7 +82,8 @@ def cmd_info(a) -> int:
         print_json(d)
         return 0
     print(f"{d['name']}: {d['family']} family, depth {d['depth']} ({d['layers_weighted']} weighted layers), "
-          f"{d['block']} blocks {d['layers']}, shortcut {d['shortcut']}, stride variant {d['stride_variant']}")
+          f"{d['block']} blocks {d['layers']}, shortcut {d['shortcut'] if d.get('residual', True) else 'none (plain)'}, "
+          f"stride variant {d['stride_variant']}")
     shown = {"name", "family", "depth", "block", "layers", "shortcut", "stride_variant", "num_classes",
              "in_channels", "input_size", "layers_weighted", "params", "macs", "stage_shapes", "stride_in_1x1"}
     print("  " + " ".join(f"{k}={v}" for k, v in d.items() if k not in shown)
@@ -423,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("reslab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `reslab info ... | head`: the reader has what it wanted; no traceback
+        if argv is None:  # stdout is the pipe: point it at /dev/null so the interpreter's final flush is quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell tool killed by the signal reports it
 
 
 if __name__ == "__main__":

@@ -154,7 +154,8 @@ def extend(cfg: RunConfig, iters: int) -> RunConfig:
     if iters <= r.iters:
         raise ReslabError(f"--extend-to {iters} must be more than the run's {r.iters} iterations")
     if r.schedule != "step":
-        raise ReslabError(f"--extend-to lengthens step schedules only: a {r.schedule} schedule's lr depends on "
-                          "the total (cosine) or on the evaluations made (plateau), so the part already trained "
-                          "would not belong to the longer run")
+        why = ("a cosine schedule's lr depends on the total number of iterations, so the part already trained "
+               "would not belong to the longer run" if r.schedule == "cosine" else
+               f"lengthening a {r.schedule} schedule (its lr follows the evaluations made) is not supported yet")
+        raise ReslabError(f"--extend-to lengthens step schedules only: {why}")
     return replace(cfg, recipe=replace(r, iters=iters))

@@ -80,6 +80,24 @@ def configure_backends(deterministic: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores (cuDNN's default too)
 
 
+def _mismatch_notes(cfg: RunConfig, model, device) -> list[str]:
+    """Choices that run but are very likely not what was meant (said once, when a run starts)."""
+    notes = []
+    family, data = model.cfg.family, cfg.data.name
+    if family == "imagenet" and data != "folder":
+        same_depth = f", cifar_{cfg.model.arch} at this depth" if (model.cfg.depth - 2) % 6 == 0 else ""
+        notes.append(f"{cfg.model.arch} is the ImageNet net (7x7/2 stem and max pool): on {data}'s 32x32 images its "
+                     f"last stage is 1x1; the CIFAR family's nets are resnet20 ... resnet110 (any depth 6n+2"
+                     f"{same_depth})")
+    elif family == "cifar" and data == "folder" and cfg.recipe.crop_size >= 96:
+        notes.append(f"{cfg.model.arch} is a CIFAR net (16-64 filters, made for 32x32) and trains here on "
+                     f"{cfg.recipe.crop_size}x{cfg.recipe.crop_size} crops; the ImageNet family is resnet18 ... resnet152")
+    if cfg.runtime.precision == "fp16" and device.type == "cpu":
+        notes.append("fp16 training on the CPU is very slow (about 100x slower than fp32 on a 2-core Intel Xeon, "
+                     "2026-12-06); use --precision fp32 or bf16")
+    return notes
+
+
 def init_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     """The run's network, initialised from the run's seed alone (the global generator is left as it was)."""
     with torch.random.fork_rng(devices=[]):
@@ -146,6 +164,9 @@ class Trainer:
         if ck is not None:
             data_build.check_classes(ck.get("classes"), data, f"resuming {out}")
         model = init_model(cfg, len(data.classes))
+        if d.is_main and ck is None:
+            for note in _mismatch_notes(cfg, model, d.device):
+                print(f"reslab: warning: {note}", file=sys.stderr)
         model = model.to(d.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
         self.model = model
         opt = make_optimizer(model, r)

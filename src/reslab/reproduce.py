@@ -83,6 +83,17 @@ def groups_of(pending: list[RunConfig], k: int, fused: bool) -> list[list[RunCon
     return [runs[i:i + k] for runs in by_kind.values() for i in range(0, len(runs), k)]
 
 
+def budget_text(budget: str, configs: list[RunConfig]) -> str:
+    """What a budget means for this experiment's recipe (BUDGETS' descriptions are the CIFAR recipe's):
+    its iterations, batch and lr schedule."""
+    if not configs:
+        return BUDGETS[budget].description
+    r = configs[0].recipe
+    lr = {"step": f"lr x{r.gamma:g} at {'/'.join(f'{m:,}' for m in r.milestones)}" if r.milestones else "constant lr",
+          "plateau": f"lr x{r.gamma:g} when the validation error plateaus", "cosine": "cosine lr"}.get(r.schedule, r.schedule)
+    return f"x{BUDGETS[budget].scale:g} of the {r.name} recipe's schedule: {r.iters:,} iterations at batch {r.batch_size}, {lr}"
+
+
 def _recorded_config(run: Path) -> RunConfig:
     """The config a run folder's config.json records (a run logged without its checkpoint has no other)."""
     try:
@@ -181,7 +192,7 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
     root = Path(out) / budget
     dev = pick_device(device)
     total = 0.0
-    print(f"{name} ({exp.paper}) at budget {budget}: {BUDGETS[budget].description}; {len(configs)} runs on {dev.type}")
+    print(f"{name} ({exp.paper}) at budget {budget}: {budget_text(budget, configs)}; {len(configs)} runs on {dev.type}")
     refused, identify = 0, _identifier()
     for cfg in configs:
         status = run_status(Path(cfg.out))
@@ -203,7 +214,7 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
         return dirs
     root.mkdir(parents=True, exist_ok=True)
     manifest = {"experiment": name, "paper": exp.paper, "budget": budget,
-                "budget_description": BUDGETS[budget].description, "data": exp.data,
+                "budget_description": budget_text(budget, configs), "data": exp.data,
                 "runs": [{"name": Path(c.out).name, "config": c.to_dict(), "command": command(c)} for c in configs]}
     (root / f"manifest-{name}.json").write_text(json.dumps(manifest, indent=2))
     pending = []
