@@ -405,6 +405,7 @@ def test_data_info_cli_json(cifar_dir, capsys):
     assert main(["data", "info", "--data-dir", str(cifar_dir), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["train"] == 500 and d["test"] == 100 and len(d["classes"]) == 10 and d["checksum_official"] is False
+    assert d["copy"].startswith("an unrecognised copy of cifar10")  # a known copy is named (report, config.json)
 
 
 @pytest.mark.real_data

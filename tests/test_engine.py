@@ -348,6 +348,7 @@ def test_two_process_ddp_equals_one_process_at_the_same_global_batch(data_dir, t
                   "--iters", "12", "--eval-every", "12", "--log-every", "4", "--out", str(out), "--no-compile",
                   "--no-channels-last")  # the reference below is contiguous; formats differ in rounding
     assert r.returncode == 0, _why(r.stderr)
+    assert r.stderr.count("2 ranks (gloo), global batch 32 = 16 per rank") == 1
     recipe = get_recipe("cifar-paper").with_overrides(batch_size=32, iters=12, eval_every=12, log_every=4)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1): a convolution's sums follow the thread count
@@ -365,6 +366,8 @@ def test_two_process_ddp_equals_one_process_at_the_same_global_batch(data_dir, t
                             text=True, timeout=300)
     one = json.loads(single.stdout)
     assert one["n"] == 101 and one["top1_err"] == pytest.approx(ev["top1_err"])
+    both = _torchrun(2, "eval", str(out), "--json")  # one JSON document, not one per rank
+    assert both.returncode == 0 and json.loads(both.stdout)["top1_err"] == one["top1_err"], _why(both.stderr)
     # resumed in one process: BN now sees 32 images, not 16 per rank. Said once, and recorded, so the report
     # does not average it with runs trained one way (it did: config.json kept only the last session's ranks)
     import shutil

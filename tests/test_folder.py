@@ -373,6 +373,9 @@ def test_a_split_without_one_class_keeps_the_training_labels(tmp_path, capsys):
     assert main(["data", "info", "--data", "folder", "--data-dir", str(root), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["test_per_class"] == [0, 2, 2] and d["mean_pixel_images"] == 6  # cat: none in val/
+    assert d["eval_split"] == "val"
+    assert main(["data", "info", "--data", "folder", "--data-dir", str(root)]) == 0
+    assert "  val 4  classes 3  first image (3, " in capsys.readouterr().out  # not "test", not the data's shape
     (root / "val" / "truck").mkdir()
     shutil.copy(root / "val" / "dog" / "0.JPEG", root / "val" / "truck" / "0.JPEG")
     with pytest.raises(ReslabError, match=r"val: class folder\(s\) truck are not among the training classes"):

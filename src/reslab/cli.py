@@ -124,13 +124,15 @@ def cmd_data_info(a) -> int:
         print_json(d)
         return 0
     print(f"{d['dataset']} from {d['source']}")
-    print(f"  train {d['train']:,}  test {d['test']:,}  classes {len(d['classes'])}  image {tuple(d['image_shape'])}")
+    shape = ("first image" if a.data == "folder" else "image") + f" {tuple(d['image_shape'])}"
+    print(f"  train {d['train']:,}  {d.get('eval_split', 'test')} {d['test']:,}  classes {len(d['classes'])}  {shape}")
     sampled = f" (over {d['mean_pixel_images']:,} images at the 224 centre view)" if "mean_pixel_images" in d else ""
     print(f"  mean pixel (RGB, [0,1]) {d['mean_pixel']}{sampled}")
     per = d["train_per_class"]
     print(f"  train per class: min {min(per):,} max {max(per):,}")
     ok = d["checksum_official"]
-    print("  checksum: " + ("official" if ok else "n/a (folder)" if ok is None else "differs from the official files"))
+    print("  checksum: " + ("official" if ok else "n/a (folder)" if ok is None else "differs from the official files"
+                            + (f": {d['copy']}" if d.get("copy") else "")))
     return 0
 
 
@@ -188,6 +190,10 @@ def cmd_train(a) -> int:
 
 def cmd_eval(a) -> int:
     from .predict import evaluate_checkpoint
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one evaluation (and one JSON document)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+        print("reslab: eval runs in one process; under torchrun rank 0 evaluates alone", file=sys.stderr)
     m = evaluate_checkpoint(a.path, data_dir=a.data_dir, view=a.views, device=a.device,
                             precise_bn_batches=a.precise_bn, batch_size=a.batch_size, workers=a.workers,
                             decode=a.decode)

@@ -167,6 +167,10 @@ class Trainer:
         if d.is_main and ck is None:
             for note in _mismatch_notes(cfg, model, d.device):
                 print(f"reslab: warning: {note}", file=sys.stderr)
+        if d.is_main and d.enabled:  # what torchrun made of the run: said once, by rank 0
+            import torch.distributed as tdist
+            print(f"reslab: {d.world_size} ranks ({tdist.get_backend()}), global batch {r.batch_size} = "
+                  f"{r.batch_size // d.world_size} per rank", file=sys.stderr)
         model = model.to(d.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
         self.model = model
         opt = make_optimizer(model, r)

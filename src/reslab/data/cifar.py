@@ -342,7 +342,8 @@ def info(name: str, data_dir=None) -> dict:
     """What `reslab data info` reports for a CIFAR dataset."""
     loc = locate(name, data_dir)
     spec = get_spec(name)
-    out = {"dataset": name, "source": loc.source, "folder": str(loc.folder), "checksum_official": loc.official}
+    out = {"dataset": name, "source": loc.source, "folder": str(loc.folder), "checksum_official": loc.official,
+           "copy": loc.identity.get("description")}
     for split in ("train", "test"):
         arr = load(name, split, located=loc)
         out[split] = len(arr)
