@@ -445,8 +445,8 @@ def info(root) -> dict:
             out["classes"] = ds.classes
             first = decode(ds.samples[0][0])
             out["image_shape"] = list(first.shape)  # the first file's: a folder's images differ in size
-        else:
-            out["eval_split"] = ds.folder.name  # val, or test where the tree has no val/
             out["mean_pixel"] = [round(float(v), 4) for v in fit_normalizer(ds, "channel", 224, 1000).mean.flatten()]
             out["mean_pixel_images"] = min(len(ds), 1000)  # a sample of the split, at the 224 centre view
+        else:
+            out["eval_split"] = ds.folder.name  # val, or test where the tree has no val/
     return out
