@@ -172,6 +172,9 @@ def test_any_6n_plus_2_depth_and_cifar_prefix():
     (dict(name="resnet22"), "6n+2"),
     (dict(name="resnet20", shortcut="D"), "A, B, C"),
     (dict(name="resnet20", colour="red"), "shortcut"),
+    (dict(name="resnet20", residual="False"), "residual must be True or False"),  # a truthy string
+    (dict(name="resnet20", block_layers=True), "whole numbers"),
+    (dict(name="resnet20", layers=(-1, 2, 2)), "at least 1 per stage"),
 ])
 def test_bad_input_is_a_value_error_listing_choices(bad, needle):
     with pytest.raises(ValueError, match=needle.replace("+", r"\+")):

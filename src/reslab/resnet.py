@@ -54,6 +54,15 @@ class ResNetConfig:
                              f"got layers={self.layers}")
         if self.zero_pad not in ("end", "both"):
             raise ValueError(f"unknown zero_pad {self.zero_pad!r}; valid choices: end, both")
+        # types first: residual="False" (a string) is truthy and built a residual net that its config called
+        # 'False'; block_layers=True counted as 1; a negative stage length built a net its depth misdescribed
+        for f in ("residual", "stride_in_1x1", "preact", "relu_after_add", "bn_after_add", "zero_init_last"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{f} must be True or False, got {getattr(self, f)!r}")
+        counts = (self.block_layers, self.num_classes, self.in_channels, *self.layers)
+        if any(isinstance(n, bool) or not isinstance(n, int) for n in counts) or min(self.layers) < 1:
+            raise ValueError(f"block_layers, num_classes, in_channels and layers must be whole numbers (layers at "
+                             f"least 1 per stage), got block_layers={self.block_layers!r}, layers={self.layers!r}")
         if self.width <= 0 or self.num_classes < 1 or self.in_channels < 1:
             raise ValueError("width, num_classes and in_channels must be positive")
         check_options(self.block, self.shortcut, self.residual, self.preact, self.block_layers, self.bn_after_add)
