@@ -186,6 +186,10 @@ def test_none_overrides_are_ignored_and_duplicates_refused():
     assert m.cfg.shortcut == "B" and m.cfg.stride_in_1x1 and m.cfg.num_classes == 1000
     with pytest.raises(ValueError, match="already registered"):
         register_model("resnet20")(lambda: None)
+    # a builder that returns a model, not a config, is refused at once (registered, it broke list_models())
+    with pytest.raises(ValueError, match="must return a ResNetConfig"):
+        register_model("badreg")(lambda: reslab.create_model("resnet8"))
+    assert "badreg" not in reslab.list_models()
 
 
 @torch.no_grad()

@@ -38,10 +38,16 @@ _REGISTRY: dict[str, Callable[..., ResNetConfig]] = {}
 
 
 def register_model(name: str):
-    """Decorator: register a config builder under `name`; a duplicate name is an error."""
+    """Decorator: register a builder of a ResNetConfig (no arguments) under `name`, for this process (a run of
+    it resumed in another process needs it registered there too). A duplicate name, or a builder that does not
+    return a ResNetConfig, is an error here: once registered, a bad one broke list_models() for the process."""
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
+        got = fn()
+        if not isinstance(got, ResNetConfig):
+            raise ValueError(f"register_model({name!r}): the builder must return a ResNetConfig (e.g. "
+                             f"resolve_config('resnet14', shortcut='B')), got {type(got).__name__}")
         _REGISTRY[name] = fn
         return fn
     return deco
