@@ -365,8 +365,14 @@ def test_a_split_without_one_class_keeps_the_training_labels(tmp_path, capsys):
     from reslab.data import build as data_build
     root = make_jpeg_folder(tmp_path / "imgs", classes=("cat", "dog", "ship"), per_class=2, size=(40, 56))
     shutil.rmtree(root / "val" / "cat")
+    # files ImageFolder leaves out for their suffix are counted aloud (a .jfif is a JPEG); hidden ones are not data
+    shutil.copy(root / "val" / "dog" / "0.JPEG", root / "val" / "dog" / "9.jfif")
+    (root / "val" / "dog" / "notes.txt").write_text("x")
+    (root / "val" / "dog" / ".DS_Store").write_text("x")
+    capsys.readouterr()
     data = data_build.build("folder", root, batch_size=2, device="cpu", workers=0, normalization="channel",
                             augment=Augment.for_size("scale", 32))
+    assert f"2 file(s) in {root / 'val'} left out for their suffix (.jfif, .txt;" in capsys.readouterr().err
     assert data.classes == ["cat", "dog", "ship"]
     assert sorted(int(t) for _, y in data.eval for t in y) == [1, 1, 2, 2]  # dog, ship: their training labels
     capsys.readouterr()

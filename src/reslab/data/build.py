@@ -6,6 +6,7 @@ wrapped to offer the same interface (iterate one epoch; `state_dict()` = {epoch,
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -197,6 +198,12 @@ def _build_folder(root, *, batch_size: int, device, seed: int, rank: int, world_
     transform = folder.eval_transform(normalizer, view, size=augment.size)
     val_ds = folder.ImageFolderSplit(root, "val", None if encoded else transform, encoded=encoded)
     val_ds.label_as(train_ds.classes)
+    if rank == 0:
+        for ds in (train_ds, val_ds):
+            if ds.other_files:
+                kinds = sorted({Path(p).suffix.lower() or "(none)" for p in ds.other_files})
+                print(f"reslab: note: {len(ds.other_files)} file(s) in {ds.folder} left out for their suffix "
+                      f"({', '.join(kinds[:5])}; images are {', '.join(folder.FOLDER_SUFFIXES)})", file=sys.stderr)
     per_rank = max(1, eval_batch // world_size // (10 if view == "10crop" else 1))
     evl = FolderStream(folder.make_loader(val_ds, per_rank, train=False, workers=workers, rank=rank,
                                           world_size=world_size, multiscale=view == "multiscale"),

@@ -156,10 +156,17 @@ class ImageFolderSplit(Dataset):
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} not found: an ImageNet-style folder has train/<class>/ and val/<class>/"
                                     + (" (or test/<class>/)" if split == "val" else ""))
+        other: list[str] = []  # files left out for their suffix (.jfif, .heic, .txt, ...); hidden ones are not data
+
+        def keep(p: str) -> bool:
+            ok = is_image_file(p, folder)
+            if not ok and not any(part.startswith(".") for part in Path(os.path.relpath(p, folder)).parts):
+                other.append(p)
+            return ok
         try:  # empty class folders are let through here and judged below (a missing one is fine in val/)
             # not kept: its lambdas would not pickle, and spawned workers (macOS, Windows) get the dataset pickled
             found = Classes(str(folder), loader=lambda p: p, allow_empty=True,  # we decode
-                            is_valid_file=lambda p: is_image_file(p, folder))
+                            is_valid_file=keep)
         except FileNotFoundError as e:
             raise ReslabError(f"{folder}: {e}") from None
         if not found.samples:
@@ -172,6 +179,7 @@ class ImageFolderSplit(Dataset):
         self.classes, self.samples, self.targets = found.classes, found.samples, found.targets
         self.transform, self.on_corrupt, self.augment, self.encoded = transform, on_corrupt, augment, encoded
         self.skipped: list[str] = []
+        self.other_files = sorted(other)  # a run says how many (build), as ImageFolder would not
 
     def files_md5(self) -> str:
         """The MD5 of the split's file list: each path under the split folder and its label, in the loader's
