@@ -712,6 +712,10 @@ def test_voc_folder_targets_splits_and_errors(voc, coco, tmp_path):
     assert ref.images[0]["file_name"] == "0000.jpg" and len(tr) == len(ref) - (len(first_ref["boxes"]) == 1)
     val = VocDetection(voc, "2007-test", train=False, categories=tr.categories)
     assert len(val) == 32 and val.eleven_point and not val.targets[0]["difficult"].any()
+    # the VOC2007 folder given itself: its sets by name, still VOC 2007 (11-point AP)
+    year = voc / "VOCdevkit" / "VOC2007"
+    assert format_of(year) == "voc" and default_splits(year) == ("trainval", "test")
+    assert VocDetection(year, "test", train=False, categories=tr.categories).eleven_point
     hard = VocDetection(voc, "2007-trainval", train=False, categories=tr.categories)
     assert hard.targets[0]["difficult"].tolist()[0] and len(hard.targets[0]["boxes"]) == len(first_ref["boxes"])
     # 07+12: a second year joins the default training split; a non-2007 part makes AP the area metric
@@ -776,4 +780,7 @@ def test_detect_train_on_a_voc_folder_and_resume_with_its_splits(coco_small, tmp
     assert [r["step"] for r in ev] == [4] and ev[0]["protocol"] == "voc" and ev[0]["ap_metric"] == "11-point"
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["run"]["train_split"] == "2007-train" and cfg["resumed_with"]["val_split"] == "2007-val"
+    # detect eval without --split: the run's own validation split (the format's default, 2007-test, is absent)
+    assert main(["detect", "eval", str(run), "--data-dir", str(tmp_path), "--workers", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "2007-val"
     assert [c["name"] for c in cfg["categories"]] == ["disc", "square", "triangle"]

@@ -227,9 +227,11 @@ def test_corrupt_files_on_the_device_path_stop_with_their_name_or_are_skipped(tm
 
 @cuda
 def test_corrupt_and_cmyk_jpegs_on_the_gpu_decoder():
-    """nvJPEG refuses a file that is not a JPEG and may refuse a CMYK one: the batch falls back to decoding
-    image by image, the corrupt file is skipped under on_corrupt="skip" (stops with its name under "stop"),
-    and the CMYK photograph arrives as RGB, as the CPU path decodes it."""
+    """The device-decode path with odd files: a file that is not a JPEG is caught when its header is read
+    (in the loader, before nvJPEG) and skipped under on_corrupt="skip" (stops with its name under "stop");
+    nvJPEG may refuse a CMYK JPEG, and the batch then falls back to decoding image by image. Both batches
+    come out alike on the CPU and the GPU: the same labels, and pixels within the resampling filters'
+    difference (test_the_gpu_path_matches_the_cpu_path)."""
     import tempfile
     from PIL import Image
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,8 +251,10 @@ def test_corrupt_and_cmyk_jpegs_on_the_gpu_decoder():
                              fold.Finisher(ds, device, fold.imagenet_normalizer()))
             outs[device] = [(x.cpu(), y.cpu()) for x, y in s]
             assert sum(len(y) for _, y in outs[device]) == 8 and ds.skipped == [str(bad)]
+        std = fold.imagenet_normalizer().std.view(1, 3, 1, 1)
         for (xa, ya), (xb, yb) in zip(outs["cpu"], outs["cuda"], strict=True):
-            assert torch.equal(ya, yb) and torch.isfinite(xb).all()
+            levels = (xa - xb).abs() * std * 255
+            assert torch.equal(ya, yb) and torch.isfinite(xb).all() and levels.mean() < 3.0, levels.mean()
 
 
 @cuda

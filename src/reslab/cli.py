@@ -285,7 +285,7 @@ def cmd_reproduce(a) -> int:
     from .reproduce import reproduce
     try:
         reproduce(a.name, a.data_dir, a.out, a.budget, a.seeds, a.dry_run, a.device, report=not a.no_report,
-                  concurrent=a.concurrent, fused=a.fused)
+                  concurrent=a.concurrent, fused=a.fused, graphs=False if a.no_graphs else None)
     except Interrupted as e:  # its runs continue where they stopped when the same command runs again
         raise e.continued_by("the same `reslab reproduce` command") from None
     return 0
@@ -311,6 +311,8 @@ def _register_reproduce(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the runs, their status and estimated cost")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="train with the eager step, never capturing it as a CUDA graph (a free setting of each run)")
     p.add_argument("--concurrent", type=int, default=1, metavar="K",
                    help="train K runs at a time in one process (a run set; for GPUs, where one small net leaves "
                         "the device mostly idle)")

@@ -183,7 +183,7 @@ class Trainer:
         if ck is not None:
             st.load_state_dict(ck, str(out / ckpt.LAST))
             self.saved_step = st.step
-            self.world_sizes = self._ranks_so_far(ck, out, d, r.batch_size)
+            self.world_sizes = st.world_sizes = self._ranks_so_far(ck, out, d, r.batch_size)
         if d.is_main:
             out.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(out)
@@ -216,13 +216,11 @@ class Trainer:
 
     @staticmethod
     def _ranks_so_far(ck: dict, out: Path, d, batch: int) -> list[int]:
-        """The ranks of the sessions so far, then this one's where it differs, said once: each rank's BN
-        normalises batch / ranks images, so a run resumed on another number of ranks trained two ways (the
-        report gives it a row of its own)."""
-        try:
-            before = json.loads((out / "config.json").read_text()).get("world_sizes")
-        except (OSError, ValueError, AttributeError):
-            before = None
+        """The ranks of the sessions so far (as the checkpoint holds them: a session that saved nothing
+        trained nothing), then this one's where it differs, said once: each rank's BN normalises batch / ranks
+        images, so a run resumed on another number of ranks trained two ways (the report gives it a row of its
+        own)."""
+        before = ck.get("world_sizes")
         if not (isinstance(before, list) and before and all(isinstance(n, int) for n in before)):
             before = [int(ck.get("world_size") or 1)]  # checkpoints before 2026-12 say nothing: one rank
         if before[-1] == d.world_size:

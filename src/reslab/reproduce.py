@@ -174,7 +174,8 @@ def _obstacle(cfg: RunConfig, name: str, status: str, post: str | None, identify
 
 
 def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None = None, dry_run: bool = False,
-              device: str = "auto", report: bool = True, concurrent: int = 1, fused: bool = False) -> list[Path]:
+              device: str = "auto", report: bool = True, concurrent: int = 1, fused: bool = False,
+              graphs: bool | None = None) -> list[Path]:
     """Train what is missing of experiment `name` at `budget` (`concurrent` runs at a time in one process, as a
     RunSet, or with `fused` as fused sets of runs that differ only in seed), then the analysis and the
     report."""
@@ -188,7 +189,8 @@ def reproduce(name: str, data_dir, out, budget: str = "quick", seeds: int | None
         raise ReslabError("--fused trains --concurrent K runs as one model: give K of 2 or more")
     if exp.needs and not data_dir:
         raise ReslabError(f"{name} needs {exp.needs}")
-    configs = [replace(c, runtime=replace(c.runtime, device=device)) for c in exp.configs(budget, out, data_dir, seeds)]
+    configs = [replace(c, runtime=replace(c.runtime, device=device, graphs=graphs))
+               for c in exp.configs(budget, out, data_dir, seeds)]
     root = Path(out) / budget
     dev = pick_device(device)
     total = 0.0

@@ -20,6 +20,7 @@ class TrainingState:
     def __init__(self, cfg: RunConfig, model, optimizer, scaler, ema, data, data_info: dict):
         self.cfg, self.model, self.optimizer, self.scaler, self.ema = cfg, model, optimizer, scaler, ema
         self.data, self.data_info = data, data_info
+        self.world_sizes = [dist.world_size()]  # the engine sets the sessions' list on resume
         self.schedule = ScheduleState()
         self.step = 0
         self.best_err = math.inf
@@ -53,8 +54,9 @@ class TrainingState:
             "normalizer": self.data.normalizer.state_dict(), "classes": self.data.classes, "data": self.data_info,
             "step": self.step, "finished": self.finished, "best_err": self.best_err, "metrics": self.metrics,
             "eval_pending": self.eval_pending,
-            # the ranks it trained on: each rank's BN saw batch / world_size images (reslab eval --precise-bn)
-            "world_size": dist.world_size(),
+            # the ranks it trained on: each rank's BN saw batch / world_size images (reslab eval --precise-bn);
+            # and those of every session whose steps it holds, where they changed (the report's setting)
+            "world_size": dist.world_size(), "world_sizes": list(self.world_sizes),
             "train": {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                       "ema": self.ema.module.state_dict() if self.ema is not None else None,
                       # how many updates the EMA has seen: at 0 the next update copies the weights over it

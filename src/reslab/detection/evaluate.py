@@ -45,14 +45,24 @@ def evaluate(model, loader, dataset: DetectionSet, device="cpu") -> dict | None:
 def evaluate_run(path, data_dir, split: str | None = None, batch_size: int = 8, device: str = "auto",
                  workers: int = 2) -> dict:
     """The metrics of a trained detector (checkpoint or run folder) on one split of a COCO- or VOC-format
-    folder (`split` None: the format's validation split)."""
+    folder (`split` None: the validation split its run recorded, where this folder has it, else the
+    format's)."""
+    import json
+    from pathlib import Path
+
     from ..dist import pick_device
     from .data import Categories, eval_loader
-    from .formats import open_split, default_splits
+    from .formats import default_splits, has_split, open_split
     from .model import load_detector
     model = load_detector(path)
     cats = Categories.from_coco(model.reslab["categories"])
-    split = split or default_splits(data_dir)[1]
+    if split is None:
+        try:
+            rec = json.loads((Path(model.reslab["checkpoint"]).parent / "config.json").read_text())
+            recorded = (rec.get("resumed_with") or rec.get("run") or {}).get("val_split")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        split = recorded if recorded and has_split(data_dir, recorded) else default_splits(data_dir)[1]
     ds = open_split(data_dir, split, train=False, categories=cats)
     ds.check_scorer()
     dev = pick_device(device)

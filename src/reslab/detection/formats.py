@@ -14,10 +14,14 @@ COCO_SPLITS = ("train2017", "val2017")
 def format_of(root) -> str:
     """"coco" or "voc", from the folder's layout."""
     root = Path(root)
-    if (root / "annotations").is_dir():
+    # COCO's instances files first: on a case-insensitive file system a VOC year folder's Annotations/ is
+    # also "annotations/"
+    if any((root / "annotations").glob("instances_*.json")):
         return "coco"
     if voc.is_voc(root):
         return "voc"
+    if (root / "annotations").is_dir():
+        return "coco"  # an incomplete COCO folder: its own error names the missing file
     if not root.is_dir():
         raise ReslabError(f"--data-dir {root} {'is a file' if root.exists() else 'does not exist'}: give the folder "
                           "of a COCO-format or VOC-format dataset")
@@ -35,3 +39,14 @@ def open_split(root, split: str, train: bool, categories: Categories | None = No
                on_corrupt: str = "stop") -> DetectionSet:
     cls = CocoDetection if format_of(root) == "coco" else voc.VocDetection
     return cls(root, split, train=train, categories=categories, on_corrupt=on_corrupt)
+
+
+def has_split(root, split: str) -> bool:
+    """Whether `split` names a split of this folder (a run's recorded split, on the data it is evaluated on)."""
+    if format_of(root) == "coco":
+        return (Path(root) / "annotations" / f"instances_{split}.json").is_file()
+    try:
+        voc.split_parts(root, split)
+    except ReslabError:
+        return False
+    return True

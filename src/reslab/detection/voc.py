@@ -16,15 +16,16 @@ xmin..xmax covers [xmin - 1, xmax) in the continuous coordinates torchvision use
 `difficult` are left out of training (as Faster R-CNN's code does by default) and, in evaluation, neither
 count as objects to find nor make a detection of them a false positive (the devkit's rule).
 
-Evaluation is the devkit's: per class, detections sorted by score, each matched to the unmatched
-ground-truth box of its image with the highest IoU above 0.5 (a second detection of a box is a false
-positive); AP is the 11-point interpolated one of VOC 2007 where every part of the split is VOC2007 (how the
-paper's VOC 2007 numbers were computed), else the area under the interpolated precision-recall curve (VOC
-2010 on). IoU is computed on continuous coordinates, which equals the devkit's "+1" arithmetic on its pixel
+Evaluation is the devkit's: per class, detections sorted by score, each compared with the ground-truth box
+of its image that it overlaps most (matched or not); above 0.5 IoU it finds that box, unless an earlier
+detection found it (then it is a false positive, even if another box was free). AP is VOC 2007's 11-point
+interpolated one where every part of the split is VOC2007 (how the paper's VOC 2007 numbers were computed),
+else the area under the interpolated precision-recall curve (VOC 2010 on). IoU is computed on continuous coordinates, which equals the devkit's "+1" arithmetic on its pixel
 indices. mAP averages the classes that have an object to find in the evaluated images.
 """
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -56,14 +57,23 @@ def is_voc(root) -> bool:
     return devkit_root(root) is not None
 
 
+def _year_of(folder: Path) -> str:
+    """A year folder's year from its name (VOC2007 -> "2007"; "" for a dataset's own name)."""
+    m = re.fullmatch(r"VOC(\d{4})", folder.name)
+    return m.group(1) if m else ""
+
+
 def default_splits(root) -> tuple[str, str]:
     """The paper's 07+12 setting where the folders allow it: train on every VOC2007/VOC2012 trainval present,
-    evaluate on VOC 2007 test; a folder laid out as one year's: train / val."""
+    evaluate on VOC 2007 test; a folder laid out as one year's: trainval / test where it has both lists (as
+    VOC2007/ itself does), else train / val."""
     base = devkit_root(root)
     if base is None:
         raise ReslabError(f"{root}: {LAYOUT}")
     if _is_year_folder(base) and not any(_is_year_folder(p) for p in base.glob("VOC*")):
-        return "train", "val"
+        lists = base / "ImageSets" / "Main"
+        return ("trainval", "test") if all((lists / f"{n}.txt").is_file() for n in ("trainval", "test")) \
+            else ("train", "val")
     years = [y for y in ("2007", "2012") if (base / f"VOC{y}" / "ImageSets" / "Main" / "trainval.txt").is_file()]
     if not years:
         raise ReslabError(f"{base}: neither VOC2007 nor VOC2012 has ImageSets/Main/trainval.txt; name the splits "
@@ -79,8 +89,8 @@ def split_parts(root, split: str) -> list[tuple[Path, str, str]]:
     flat = _is_year_folder(base) and not any(_is_year_folder(p) for p in base.glob("VOC*"))
     parts = []
     for part in split.split("+"):
-        if flat:
-            folder, year, name = base, "", part
+        if flat:  # a year's folder given itself (VOC2007/) keeps its year: VOC 2007 test is scored 11-point
+            folder, year, name = base, _year_of(base), part
         else:
             year, sep, name = part.partition("-")
             if not sep or not year or not name:
