@@ -212,7 +212,8 @@ def test_checkpoint_contents_load_with_weights_only(data_dir, tmp_path):
     train(settings(data_dir, tmp_path / "r"))
     ck = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
     assert {"format", "config", "model", "model_config", "normalizer", "classes", "data", "step", "finished",
-            "best_err", "metrics", "eval_pending", "world_size", "train"} == set(ck)
+            "best_err", "metrics", "eval_pending", "world_size", "world_sizes", "train"} == set(ck)
+    assert ck["world_sizes"] == [1]
     assert {"optimizer", "scaler", "ema", "ema_n", "schedule", "loader", "elapsed", "counters"} == set(ck["train"])
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
     assert ck["config"]["recipe"]["name"] == "cifar-paper" and ck["model_config"]["name"] == "resnet8"

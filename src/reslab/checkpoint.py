@@ -10,6 +10,7 @@ it. The layout (FORMAT) is `TrainingState.state_dict()` (state.py):
   normalizer, classes, data     what evaluation and prediction need (data: name, split, sizes, identity)
   step, finished, best_err, metrics      the run's status, read by `read_status` without the rest
   world_size        the number of ranks it trained on (from 2026-12; earlier runs say it in config.json)
+  world_sizes       the ranks of each session whose steps it holds, where they changed (from 2026-12-06)
   eval_pending      saved before an evaluation that failed: the resume evaluates `step` first (finished is
                     false until it has)
   train             what only resuming needs: optimizer, scaler, ema, schedule, loader position, elapsed,
