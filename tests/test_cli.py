@@ -30,6 +30,22 @@ def test_info_text_shows_stage_shapes(capsys):
     assert main(["info", "resnet20"]) == 0
     out = capsys.readouterr().out
     assert "(64, 8, 8)" in out and "269,722" in out
+    assert main(["info", "plain20"]) == 0  # its shortcut option builds nothing: `reslab models` says "none" too
+    assert "shortcut none (plain)" in capsys.readouterr().out
+
+
+def test_a_pipe_closed_early_ends_without_a_traceback(monkeypatch, capsys):
+    """`reslab info ... | head -1`: the reader went away; 141 (128 + SIGPIPE), no traceback."""
+    import builtins
+    real = builtins.print
+
+    def closed(*a, **k):
+        if k.get("file") is None:
+            raise BrokenPipeError(32, "Broken pipe")
+        return real(*a, **k)
+    monkeypatch.setattr(builtins, "print", closed)
+    assert main(["info", "resnet20"]) == 141
+    assert "Traceback" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, needle", [

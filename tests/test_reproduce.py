@@ -57,9 +57,14 @@ def test_every_recorded_command_rebuilds_its_config(budget):
             assert parse_train_args(cmd[1:]) == cfg, (name, cmd)
 
 
-def test_imagenet_experiment_says_what_it_needs(capsys):
+def test_imagenet_experiment_says_what_it_needs(capsys, tmp_path):
     assert main(["reproduce", "imagenet-degradation"]) == 2
     assert "ImageNet-style folder" in capsys.readouterr().err
+    # its budgets in its own recipe's terms (they were described as the CIFAR recipe's: "32 iterations")
+    assert main(["reproduce", "imagenet-degradation", "--data-dir", str(tmp_path), "--budget", "smoke", "--dry-run",
+                 "--out", str(tmp_path / "r")]) == 0
+    assert "x0.0005 of the imagenet-paper recipe's schedule: 300 iterations at batch 16, lr x0.1 when the " \
+           "validation error plateaus" in capsys.readouterr().out
 
 
 def test_layer_responses_one_value_per_3x3_layer():

@@ -123,6 +123,8 @@ def test_resume_refuses_changed_training_images_under_the_same_test_set(tmp_path
     data = make_cifar_batches(tmp_path / "batches", n_train=160, n_test=40)
     out = tmp_path / "r"
     assert _train("--iters", 4, "--data-dir", data, "--out", out, "--stop-at", 2) == 0
+    # stopped before any evaluation: it still says where, and how to go on (it said nothing)
+    assert f"stopped: {out} at step 2 of 4 (--resume continues it); not evaluated yet" in capsys.readouterr().out
     info = json.loads((out / "config.json").read_text())["data_info"]["identity"]
     assert len(info["train_pixels_md5"]) == 32 and info["pixels_md5"] != info["train_pixels_md5"]
     batch = pickle.loads((data / "data_batch_3").read_bytes())

@@ -91,7 +91,8 @@ def _mismatch_notes(cfg: RunConfig, model, device) -> list[str]:
                      f"{same_depth})")
     elif family == "cifar" and data == "folder" and cfg.recipe.crop_size >= 96:
         notes.append(f"{cfg.model.arch} is a CIFAR net (16-64 filters, made for 32x32) and trains here on "
-                     f"{cfg.recipe.crop_size}x{cfg.recipe.crop_size} crops; the ImageNet family is resnet18 ... resnet152")
+                     f"{cfg.recipe.crop_size}x{cfg.recipe.crop_size} crops; the ImageNet family is resnet18 ... "
+                     "resnet152")
     if cfg.runtime.precision == "fp16" and device.type == "cpu":
         notes.append("fp16 training on the CPU is very slow (about 100x slower than fp32 on a 2-core Intel Xeon, "
                      "2026-12-06); use --precision fp32 or bf16")

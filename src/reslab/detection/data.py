@@ -161,7 +161,6 @@ class DetectionSet(Dataset):
     images: list[dict]
     targets: dict[int, dict]
     categories: Categories
-    protocol: str = ""
 
     def __init__(self, train: bool, on_corrupt: str):
         """on_corrupt="skip" (training only): an undecodable image is reported once on stderr and the next
@@ -169,7 +168,7 @@ class DetectionSet(Dataset):
         batches; evaluation always stops, as a skipped image would change what is measured."""
         if on_corrupt not in ("stop", "skip"):
             raise ReslabError(f"on_corrupt must be 'stop' or 'skip', got {on_corrupt!r}")
-        self.train, self.on_corrupt, self.skipped = train, on_corrupt if train else "stop", []
+        self.on_corrupt, self.skipped = on_corrupt if train else "stop", []
 
     def path_of(self, im: dict) -> Path:
         raise NotImplementedError
@@ -217,7 +216,6 @@ class DetectionSet(Dataset):
 
 class CocoDetection(DetectionSet):
     """One split of a COCO-format folder. `train=True` drops crowd boxes and images without a box."""
-    protocol = "coco"
 
     def __init__(self, root, split: str, train: bool, categories: Categories | None = None,
                  on_corrupt: str = "stop"):

@@ -17,7 +17,8 @@ def detect_all(model, loader, device) -> tuple[list[dict], list[int]]:
     for images, targets in loader:
         outs = model([im.to(device, non_blocking=True) for im in images])
         for out, t in zip(outs, targets):
-            dets.append({"image_id": int(t["image_id"]), **{k: out[k].detach().cpu() for k in ("boxes", "scores", "labels")}})
+            dets.append({"image_id": int(t["image_id"]),
+                         **{k: out[k].detach().cpu() for k in ("boxes", "scores", "labels")}})
             ids.append(int(t["image_id"]))
     return dets, ids
 
@@ -64,7 +65,6 @@ def evaluate_run(path, data_dir, split: str | None = None, batch_size: int = 8, 
             recorded = None
         split = recorded if recorded and has_split(data_dir, recorded) else default_splits(data_dir)[1]
     ds = open_split(data_dir, split, train=False, categories=cats)
-    ds.check_scorer()
     dev = pick_device(device)
     m = evaluate(model.to(dev), eval_loader(ds, batch_size, workers=workers), ds, dev)
     cfg = model.config

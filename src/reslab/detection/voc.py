@@ -20,8 +20,9 @@ Evaluation is the devkit's: per class, detections sorted by score, each compared
 of its image that it overlaps most (matched or not); above 0.5 IoU it finds that box, unless an earlier
 detection found it (then it is a false positive, even if another box was free). AP is VOC 2007's 11-point
 interpolated one where every part of the split is VOC2007 (how the paper's VOC 2007 numbers were computed),
-else the area under the interpolated precision-recall curve (VOC 2010 on). IoU is computed on continuous coordinates, which equals the devkit's "+1" arithmetic on its pixel
-indices. mAP averages the classes that have an object to find in the evaluated images.
+else the area under the interpolated precision-recall curve (VOC 2010 on). IoU is computed on continuous
+coordinates, which equals the devkit's "+1" arithmetic on its pixel indices. mAP averages the classes that have
+an object to find in the evaluated images.
 """
 from __future__ import annotations
 
@@ -129,7 +130,6 @@ def read_objects(xml_path: Path) -> list[dict]:
 
 class VocDetection(DetectionSet):
     """One split (possibly several image sets joined) of a VOC-format folder."""
-    protocol = "voc"
 
     def __init__(self, root, split: str, train: bool, categories: Categories | None = None,
                  on_corrupt: str = "stop"):
@@ -220,7 +220,8 @@ def voc_ap50(detections: list[dict], gt: dict[int, dict], num_classes: int, elev
             continue
         found = {i: np.zeros(len(b), dtype=bool) for i, b in boxes.items()}
         cand = [(float(s), d["image_id"], b) for d in detections if d["image_id"] in gt
-                for s, b, lab in zip(d["scores"].tolist(), d["boxes"].double().numpy(), d["labels"].tolist()) if lab == c]
+                for s, b, lab in zip(d["scores"].tolist(), d["boxes"].double().numpy(), d["labels"].tolist())
+                if lab == c]
         cand.sort(key=lambda x: -x[0])  # stable: ties keep image order
         tp, fp = np.zeros(len(cand)), np.zeros(len(cand))
         for k, (_, i, b) in enumerate(cand):
